@@ -1,0 +1,1 @@
+"""StealGuard's lab and lifecycle: datasets, victims, surrogates, attacks, evaluation, sweeps, registry, packaging."""

@@ -1,0 +1,109 @@
+"""The defense contract: what every defense takes, returns and guarantees.
+
+A defense maps a batch of victim probabilities ``y`` (B x K, rows on the simplex) to perturbed probabilities
+``y~`` (B x K, rows on the simplex). Defenses that need the query itself (MAD needs the surrogate's view of x)
+also receive the batch of inputs. Subclasses implement :meth:`Defense.perturb` on a float64 batch that
+:meth:`Defense.__call__` has already checked; the base class restores the caller's dtype.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+SIMPLEX_TOL = 1e-4  # how far an incoming row may be from summing to 1 before it is refused
+
+
+class DefenseConfig(BaseModel):
+    """Base of every defense's validated configuration. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The distance budget a defense guarantees for every row.
+
+    ``space="probs"``: ``dist(y~, y) <= epsilon`` on the returned probabilities (l1, l2, linf or KL(y || y~)).
+    ``space="logits"``: the noise added to the log-probabilities has ``||n||_norm <= epsilon``.
+    """
+
+    norm: Literal["l1", "l2", "linf", "kl"]
+    epsilon: float
+    space: Literal["probs", "logits"] = "probs"
+
+
+@dataclass(frozen=True)
+class DefenseOutput:
+    """What a defense returns: the perturbed batch and, for the MAD family, the achieved angular deviation."""
+
+    probs: torch.Tensor
+    angular_deviation: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] | None = None
+
+
+class Defense(ABC):
+    """A batched perturbation of probability vectors. One subclass per defense, registered by ``name``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[DefenseConfig]]
+    needs_inputs: ClassVar[bool] = False
+    needs_surrogate: ClassVar[bool] = False
+
+    def __init__(self, config: DefenseConfig, **resources: Any) -> None:
+        self.config = config
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget this defense guarantees, or None when it declares none."""
+        return None
+
+    def __call__(self, probs: torch.Tensor, inputs: Any = None) -> DefenseOutput:
+        y = check_probs(probs)
+        if self.needs_inputs and inputs is None:
+            raise ValueError(f"defense '{self.name}' needs the batch of inputs the victim saw; got inputs=None")
+        out = self.perturb(y.to(torch.float64), inputs)
+        tilde = out.probs.to(y.dtype)
+        deviation = out.angular_deviation
+        return DefenseOutput(probs=tilde, angular_deviation=deviation, extras=out.extras)
+
+    @abstractmethod
+    def perturb(self, y: torch.Tensor, inputs: Any) -> DefenseOutput:
+        """Perturb a checked float64 batch ``y`` (B x K). Must return rows on the simplex within the budget."""
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as a plain dict (what MLflow logs and the server reports)."""
+        return self.config.model_dump()
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({params})"
+
+
+def check_probs(probs: Any) -> torch.Tensor:
+    """Return ``probs`` as a floating B x K tensor whose rows lie on the simplex, or raise ValueError."""
+    if not isinstance(probs, torch.Tensor):
+        probs = torch.as_tensor(probs)
+    if not torch.is_floating_point(probs):
+        raise ValueError(f"probabilities must be a floating-point tensor; got dtype {probs.dtype}")
+    if probs.dim() != 2:
+        raise ValueError(f"probabilities must be a B x K batch (2 dimensions); got shape {tuple(probs.shape)}")
+    if probs.shape[1] < 2:
+        raise ValueError(f"probabilities need at least 2 classes; got K={probs.shape[1]}")
+    if probs.shape[0] == 0:
+        return probs
+    if not torch.isfinite(probs).all():
+        raise ValueError("probabilities contain NaN or inf")
+    if (probs < 0).any():
+        raise ValueError(f"probabilities must be non-negative; smallest value {probs.min().item():.3g}")
+    sums = probs.to(torch.float64).sum(dim=1)
+    worst = (sums - 1).abs().max().item()
+    if worst > SIMPLEX_TOL:
+        raise ValueError(f"each row of probabilities must sum to 1 (within {SIMPLEX_TOL}); worst row is off by {worst:.3g}")
+    return probs

@@ -1,0 +1,50 @@
+"""Per-row measures of what a defense cost: pure functions shared by the server's metrics and the lab."""
+
+from __future__ import annotations
+
+import torch
+
+from plugins.simplex import LOG_FLOOR
+
+MEASURE_NAMES = ("l1", "l2", "linf", "kl", "top1_flip", "top1_confidence_drop")
+
+
+def kl_divergence(y: torch.Tensor, y_tilde: torch.Tensor) -> torch.Tensor:
+    """KL(y || y~) per row, finite even where y~ has zeros (y~ is floored at LOG_FLOOR; 0 log 0 = 0)."""
+    y64, t64 = y.to(torch.float64), y_tilde.to(torch.float64)
+    kl = torch.xlogy(y64, y64) - torch.xlogy(y64, t64.clamp_min(LOG_FLOOR))
+    return kl.sum(dim=1).clamp_min(0)
+
+
+def distance(y: torch.Tensor, y_tilde: torch.Tensor, norm: str) -> torch.Tensor:
+    """dist(y~, y) per row for norm in l1, l2, linf, kl (KL(y || y~))."""
+    if norm == "kl":
+        return kl_divergence(y, y_tilde)
+    diff = (y_tilde.to(torch.float64) - y.to(torch.float64)).abs()
+    if norm == "l1":
+        return diff.sum(dim=1)
+    if norm == "l2":
+        return diff.pow(2).sum(dim=1).sqrt()
+    if norm == "linf":
+        return diff.amax(dim=1)
+    raise ValueError(f"norm: unknown {norm!r}; allowed: l1, l2, linf, kl")
+
+
+def measures(y: torch.Tensor, y_tilde: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row (B,) float64 measures between victim probabilities ``y`` and perturbed ``y_tilde``.
+
+    l1, l2, linf: distances; kl: KL(y || y~); top1_flip: 1.0 where the top-1 class changed;
+    top1_confidence_drop: y[c] - y~[c] for the victim's top class c (negative when the defense raised it).
+    """
+    if y.shape != y_tilde.shape or y.dim() != 2:
+        raise ValueError(f"measures needs two B x K tensors of one shape; got {tuple(y.shape)} and {tuple(y_tilde.shape)}")
+    y64, t64 = y.to(torch.float64), y_tilde.to(torch.float64)
+    top = y64.argmax(dim=1, keepdim=True)
+    return {
+        "l1": distance(y64, t64, "l1"),
+        "l2": distance(y64, t64, "l2"),
+        "linf": distance(y64, t64, "linf"),
+        "kl": kl_divergence(y64, t64),
+        "top1_flip": (t64.argmax(dim=1, keepdim=True) != top).squeeze(1).to(torch.float64),
+        "top1_confidence_drop": (y64.gather(1, top) - t64.gather(1, top)).squeeze(1),
+    }
