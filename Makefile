@@ -22,7 +22,6 @@ setup: $(STAMP) debs
 # torch first, from the pinned CPU wheel (an unpinned torch would pull a multi-GB CUDA build), then the rest.
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$$(grep -E '^torch==' requirements.txt)"
 	$(PIP) install --quiet -r requirements.txt
 	$(PY) -c "import torch; assert not torch.version.cuda, 'a CUDA build of torch was installed'; print('torch', torch.__version__)"

@@ -105,5 +105,7 @@ def check_probs(probs: Any) -> torch.Tensor:
     sums = probs.to(torch.float64).sum(dim=1)
     worst = (sums - 1).abs().max().item()
     if worst > SIMPLEX_TOL:
-        raise ValueError(f"each row of probabilities must sum to 1 (within {SIMPLEX_TOL}); worst row is off by {worst:.3g}")
+        raise ValueError(
+            f"each row of probabilities must sum to 1 (within {SIMPLEX_TOL}); worst row is off by {worst:.3g}"
+        )
     return probs

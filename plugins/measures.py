@@ -37,7 +37,8 @@ def measures(y: torch.Tensor, y_tilde: torch.Tensor) -> dict[str, torch.Tensor]:
     top1_confidence_drop: y[c] - y~[c] for the victim's top class c (negative when the defense raised it).
     """
     if y.shape != y_tilde.shape or y.dim() != 2:
-        raise ValueError(f"measures needs two B x K tensors of one shape; got {tuple(y.shape)} and {tuple(y_tilde.shape)}")
+        shapes = f"{tuple(y.shape)} and {tuple(y_tilde.shape)}"
+        raise ValueError(f"measures needs two B x K tensors of one shape; got {shapes}")
     y64, t64 = y.to(torch.float64), y_tilde.to(torch.float64)
     top = y64.argmax(dim=1, keepdim=True)
     return {

@@ -42,7 +42,8 @@ def register(cls: type[Defense]) -> type[Defense]:
         raise ValueError(f"defense '{name}' must set 'Config' to a subclass of plugins.DefenseConfig")
     existing = _REGISTRY.get(name)
     if existing is not None and existing is not cls:
-        raise ValueError(f"defense name '{name}' is already registered by {existing.__module__}.{existing.__qualname__}")
+        owner = f"{existing.__module__}.{existing.__qualname__}"
+        raise ValueError(f"defense name '{name}' is already registered by {owner}")
     _REGISTRY[name] = cls
     return cls
 

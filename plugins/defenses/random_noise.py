@@ -20,7 +20,7 @@ from plugins.simplex import project_l1_ball, project_l2_ball, safe_log
 
 class RandomNoiseConfig(DefenseConfig):
     name: Literal["random_noise"] = "random_noise"
-    epsilon: float = Field(default=0.5, ge=0, le=1000, description="radius of the logit-noise ball (0 <= epsilon <= 1000)")
+    epsilon: float = Field(default=0.5, ge=0, le=1000, description="logit-noise ball radius (0 <= epsilon <= 1000)")
     norm: Literal["l1", "l2"] = Field(default="l2", description="norm of the logit-noise ball: l1 or l2")
     scale: float = Field(default=1.0, gt=0, le=1000, description="std of the Gaussian drawn before projection (> 0)")
     secret: str = Field(default="stealguard", min_length=1, description="server secret keying the per-query seed")

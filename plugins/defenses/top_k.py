@@ -33,8 +33,10 @@ class TopK(Defense):
     def perturb(self, y: torch.Tensor, inputs: Any) -> DefenseOutput:
         k = self.config.k
         check_k_fits(k, y.shape[1])
-        values, index = y.topk(k, dim=1)  # per row: each row keeps its own top-k (and so its own top-1)
-        kept = torch.zeros_like(y).scatter_(1, index, values)
+        # Per row: each row keeps its own top-k. A stable sort breaks ties toward the lower class index, as
+        # argmax does, so every row keeps exactly the class that argmax calls its top-1.
+        index = y.argsort(dim=1, descending=True, stable=True)[:, :k]
+        kept = torch.zeros_like(y).scatter_(1, index, y.gather(1, index))
         total = kept.sum(dim=1, keepdim=True)
         # A row whose top-k mass is 0 cannot exist (its top-1 is >= 1/K), so the division is safe.
         return DefenseOutput(probs=kept / total)
