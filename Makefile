@@ -16,6 +16,10 @@ help:
 	@echo "make setup   create .venv, install pinned packages and the Debian packages the tests need"
 	@echo "make test    setup, then ruff and the whole test suite (what CI runs)"
 	@echo "make bench   run the benchmarks in bench/ and print their ratios"
+	@echo "make archive build model_store/\$$(ARCHIVE_NAME).mar (ARCHIVE_VICTIM, ARCHIVE_DEFENSE, ARCHIVE_ARGS)"
+	@echo "make serve   start TorchServe on 127.0.0.1 with model_store/*.mar (TS_CONFIG); make stop stops it"
+	@echo "make monitor start Prometheus on 127.0.0.1:9090 with deploy/alerts.yml (make monitor-stop)"
+	@echo "make reliability  60 s load, worker kill, lab averaging attack; figures into RELIABILITY.md"
 
 setup: $(STAMP) debs
 
@@ -49,3 +53,102 @@ test: setup lint
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# --- serving (issue 6): archives in model_store/, TorchServe on loopback. The resolved config, pid file, logs,
+# TMPDIR (worker sockets) and key_file.json (token auth) live in the git-ignored .run/serve/.
+ARCHIVE_NAME ?= fashion_mnist_mad_argmax
+ARCHIVE_VICTIM ?= artifacts/victims/fashion_mnist_lenet
+ARCHIVE_DEFENSE ?= {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
+ARCHIVE_ARGS ?=
+TS_CONFIG ?= deploy/config.properties
+MODEL_STORE ?= model_store
+SERVE_DIR := .run/serve
+SERVE_PID := $(SERVE_DIR)/torchserve.pid
+
+.PHONY: archive serve stop
+
+archive: $(STAMP)
+	$(PY) -m mlflow_project.package --name $(ARCHIVE_NAME) --victim $(ARCHIVE_VICTIM) \
+		--defense '$(ARCHIVE_DEFENSE)' --export-path $(MODEL_STORE) $(ARCHIVE_ARGS)
+
+serve: $(STAMP)
+	@mkdir -p $(SERVE_DIR)/tmp $(SERVE_DIR)/logs
+	@if [ -f $(SERVE_PID) ] && kill -0 "$$(cat $(SERVE_PID))" 2>/dev/null; then \
+		echo "TorchServe already running (pid $$(cat $(SERVE_PID))); run make stop first"; exit 1; fi; \
+	ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "no archives in $(MODEL_STORE)/: run make archive first"; exit 1; }; \
+	root="$(CURDIR)"; run="$$root/$(SERVE_DIR)"; store="$$(cd $(MODEL_STORE) && pwd)"; \
+	sed -e "s#^model_store=.*#model_store=$$store#" -e "s#^metrics_config=.*#metrics_config=$$root/deploy/metrics.yaml#" \
+		$(TS_CONFIG) > "$$run/config.properties"; \
+	echo "vmargs=-Xmx1g -Djava.io.tmpdir=$$run/tmp" >> "$$run/config.properties"; \
+	(cd "$$run" && exec env TMPDIR="$$run/tmp" LOG_LOCATION="$$run/logs" METRICS_LOCATION="$$run/logs" \
+		setsid "$$root/$(VENV)/bin/torchserve" --start --foreground --ncs --ts-config "$$run/config.properties" \
+		--model-store "$$store" >"$$run/torchserve.out" 2>&1) & echo $$! > $(SERVE_PID); \
+	addr="$$(sed -n 's/^inference_address=//p' $(TS_CONFIG))"; \
+	for i in $$(seq 1 240); do \
+		auth=(); key="$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' \
+			"$$run/key_file.json" 2>/dev/null)"; [ -n "$$key" ] && auth=(-H "Authorization: Bearer $$key"); \
+		if curl -fsS "$${auth[@]}" "$$addr/ping" >/dev/null 2>&1; then \
+			echo "TorchServe ready on $$addr (pid $$(cat $(SERVE_PID)), logs $(SERVE_DIR)/logs/)"; \
+			if grep -q '^disable_token_authorization=false' $(TS_CONFIG); then \
+				echo "token auth ON: send -H \"Authorization: Bearer <inference key>\" (keys: $(SERVE_DIR)/key_file.json)"; fi; \
+			echo "stop it with: make stop"; exit 0; fi; \
+		kill -0 "$$(cat $(SERVE_PID))" 2>/dev/null || { echo "TorchServe exited:"; tail -30 "$$run/torchserve.out"; \
+			rm -f $(SERVE_PID); exit 1; }; \
+		sleep 0.5; done; \
+	echo "TorchServe not healthy after 120s (still running as pid $$(cat $(SERVE_PID))): see $(SERVE_DIR)/logs/, make stop"; exit 1
+
+stop:
+	@if [ -f $(SERVE_PID) ]; then \
+		pid="$$(cat $(SERVE_PID))"; \
+		if kill -0 "$$pid" 2>/dev/null; then kill -TERM -- "-$$pid"; \
+			for i in $$(seq 1 60); do kill -0 -- "-$$pid" 2>/dev/null || break; sleep 0.5; done; \
+			kill -0 -- "-$$pid" 2>/dev/null && kill -KILL -- "-$$pid"; echo "TorchServe (pid $$pid) stopped"; \
+		else echo "TorchServe (pid $$pid) was not running"; fi; \
+		rm -f $(SERVE_PID); \
+	else echo "TorchServe is not running (no $(SERVE_PID))"; fi
+
+# --- monitoring (issue 8): Prometheus on 127.0.0.1:9090 scraping the local TorchServe (127.0.0.1:8082) and
+# loading deploy/alerts.yml. Data, log and pid file live in the git-ignored .run/.
+MONITOR_DIR := .run/prometheus
+MONITOR_PID := .run/prometheus.pid
+MONITOR_ADDR ?= 127.0.0.1:9090
+
+.PHONY: monitor monitor-stop
+
+monitor: debs
+	@mkdir -p $(MONITOR_DIR)
+	@if [ -f $(MONITOR_PID) ] && kill -0 "$$(cat $(MONITOR_PID))" 2>/dev/null; then \
+		echo "Prometheus already running (pid $$(cat $(MONITOR_PID))) on http://$(MONITOR_ADDR)"; exit 0; fi; \
+	promtool check config deploy/prometheus.yml >/dev/null || exit 1; \
+	setsid prometheus --config.file=deploy/prometheus.yml --storage.tsdb.path=$(MONITOR_DIR)/data \
+		--web.listen-address=$(MONITOR_ADDR) --storage.tsdb.retention.time=2d \
+		>$(MONITOR_DIR)/prometheus.log 2>&1 & echo $$! > $(MONITOR_PID); \
+	for i in $$(seq 1 60); do \
+		if curl -fsS http://$(MONITOR_ADDR)/-/ready >/dev/null 2>&1; then \
+			echo "Prometheus ready on http://$(MONITOR_ADDR) (pid $$(cat $(MONITOR_PID)), log $(MONITOR_DIR)/prometheus.log)"; exit 0; fi; \
+		kill -0 "$$(cat $(MONITOR_PID))" 2>/dev/null || { echo "Prometheus exited:"; tail -20 $(MONITOR_DIR)/prometheus.log; rm -f $(MONITOR_PID); exit 1; }; \
+		sleep 0.5; done; \
+	echo "Prometheus not ready after 30s: see $(MONITOR_DIR)/prometheus.log"; exit 1
+
+monitor-stop:
+	@if [ -f $(MONITOR_PID) ]; then \
+		pid="$$(cat $(MONITOR_PID))"; \
+		if kill -0 "$$pid" 2>/dev/null; then kill "$$pid"; \
+			for i in $$(seq 1 20); do kill -0 "$$pid" 2>/dev/null || break; sleep 0.5; done; \
+			kill -0 "$$pid" 2>/dev/null && kill -9 "$$pid"; echo "Prometheus (pid $$pid) stopped"; fi; \
+		rm -f $(MONITOR_PID); \
+	else echo "Prometheus is not running (no $(MONITOR_PID))"; fi
+
+# --- reliability (issue 10): a defended archive with 2 workers under 16 clients for 60 s, a worker SIGKILLed
+# mid-load, and the lab's averaging attack (trains the Fashion-MNIST victim first if it is not there yet).
+# Prints the figures and writes them into RELIABILITY.md (between its reliability:begin/end markers).
+RELIABILITY_VICTIM ?= artifacts/victims/fashion_mnist_lenet
+RELIABILITY_ARGS ?= --seconds 60 --clients 16 --workers 2 --kill-seconds 30
+
+.PHONY: reliability
+
+reliability: setup
+	@test -f $(RELIABILITY_VICTIM)/state_dict.pt || $(PY) -m mlflow_project.train_victim --dataset fashion_mnist \
+		--arch lenet --output-dir $(RELIABILITY_VICTIM) --no-progress
+	$(PY) bench/reliability.py $(RELIABILITY_ARGS) --averaging --victim $(RELIABILITY_VICTIM) \
+		--markdown RELIABILITY.md --json .run/reliability.json

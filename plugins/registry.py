@@ -26,6 +26,8 @@ BUILTIN_MODULES = (
     "plugins.defenses.random_noise",
     "plugins.defenses.mad",
     "plugins.defenses.mad_argmax",
+    "plugins.defenses.adaptive_misinformation",
+    "plugins.defenses.gradient_redirection",
 )
 
 log = logging.getLogger(__name__)

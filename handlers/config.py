@@ -1,0 +1,236 @@
+"""The ``stealguard:`` section of an archive's model-config.yaml, validated when the worker initialises.
+
+    stealguard:
+      defense: {name: mad_argmax, epsilon: 0.5, norm: l1, jacobian: last_layer}
+      version: {name: fmnist-defense, version: "3", run_id: ..., alias: production}   # optional (see VersionSpec)
+      victim: {runtime: eager, file: victim/state_dict.pt, model_file: victim/models.py, class: LeNet,
+               kwargs: {num_classes: 10}, output: logits}
+      surrogate: {runtime: onnx, file: surrogate/model.onnx}  # required when the defense needs one
+      input:
+        shape: [1, 28, 28]                                   # one row, without the batch dimension
+        max_rows: 64                                         # rows per request
+        image: {size: [28, 28], mode: L, mean: [0.286], std: [0.353], max_bytes: 1000000}
+      threads: {intra_op: 1, inter_op: 1}
+      labels: index_to_name.json                             # optional; used when the file is shipped
+
+Every failure is a :class:`ConfigError` whose message names the field (``stealguard.<path>``) and what is
+allowed. File paths are relative to the archive's directory and must stay inside it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from handlers.errors import ConfigError
+from plugins import defense_class, validate_config
+
+SECTION = "stealguard"
+RUNTIMES = ("eager", "export", "torchscript", "onnx")
+TORCH_RUNTIMES = ("eager", "export", "torchscript")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RuntimeSpec(_Strict):
+    """How to load a network (victim or surrogate) from the archive."""
+
+    runtime: Literal["eager", "export", "torchscript", "onnx"]
+    file: str = Field(
+        min_length=1, description="state dict (eager), .pt2 (export), TorchScript or .onnx file"
+    )
+    model_file: str | None = Field(default=None, description="eager only: the .py file defining the class")
+    class_name: str | None = Field(default=None, alias="class", description="eager only: the nn.Module class")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="eager only: constructor arguments")
+    output: Literal["logits", "probabilities"] = "logits"
+
+    @model_validator(mode="after")
+    def _eager_needs_class(self) -> RuntimeSpec:
+        if self.runtime == "eager" and not (self.model_file and self.class_name):
+            raise ValueError(
+                "runtime 'eager' needs 'model_file' (a .py file) and 'class' (the nn.Module name)"
+            )
+        if self.runtime != "eager" and (self.model_file or self.class_name or self.kwargs):
+            raise ValueError(
+                f"'model_file', 'class' and 'kwargs' apply to runtime 'eager' only, not {self.runtime!r}"
+            )
+        return self
+
+
+class ImageSpec(_Strict):
+    """Preprocessing for PNG/JPEG request bodies: decode, convert, resize, scale to [0, 1], normalise."""
+
+    size: tuple[int, int] = Field(description="[height, width] the image is resized to")
+    mode: Literal["L", "RGB"] = "L"
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+    max_bytes: int = Field(default=2_000_000, gt=0, description="largest accepted encoded image, in bytes")
+    max_pixels: int = Field(default=16_000_000, gt=0, description="largest accepted decoded width x height")
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageSpec:
+        if min(self.size) < 1:
+            raise ValueError(f"size must be two positive integers [height, width]; got {list(self.size)}")
+        channels = 1 if self.mode == "L" else 3
+        for field in ("mean", "std"):
+            if len(getattr(self, field)) not in (1, channels):
+                raise ValueError(
+                    f"{field} needs 1 or {channels} values for mode {self.mode}; got {getattr(self, field)}"
+                )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be > 0; got {self.std}")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+
+class InputSpec(_Strict):
+    shape: tuple[int, ...] = Field(min_length=1, description="shape of one row, without the batch dimension")
+    max_rows: int = Field(default=256, ge=1, le=100_000, description="most rows one request may carry")
+    image: ImageSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"shape must be positive integers; got {list(self.shape)}")
+        if self.image is not None:
+            numel = self.image.channels * self.image.size[0] * self.image.size[1]
+            want = 1
+            for d in self.shape:
+                want *= d
+            if numel != want:
+                raise ValueError(
+                    f"image {self.image.mode} {self.image.size[0]}x{self.image.size[1]} has {numel} values "
+                    f"but the input shape {list(self.shape)} has {want}"
+                )
+        return self
+
+
+class VersionSpec(BaseModel):
+    """Where the defense config came from. ``package --defense models:/<name>@<alias>`` fills name, version,
+    run_id, alias and source; other keys (e.g. the victim's registered version) are kept as they are.
+
+    ``resolve_at_start: true`` makes the worker ask the MLflow server in MLFLOW_TRACKING_URI, once at start,
+    which version ``alias`` points to and use that version's bundle if it is not the embedded one
+    (handlers/registry.py); ``fallback`` says what happens when that fails: ``embedded`` serves the embedded
+    version, ``fail`` makes the worker fail to load.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str | None = None
+    version: str | int | None = None
+    run_id: str | None = None
+    alias: str | None = None
+    resolve_at_start: bool = False
+    fallback: Literal["embedded", "fail"] = "fail"
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> VersionSpec:
+        if self.resolve_at_start and not (self.name and self.alias):
+            raise ValueError(
+                "resolve_at_start needs 'name' (the registered model) and 'alias' (e.g. production); "
+                f"got name={self.name!r}, alias={self.alias!r}"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """``<registered name>/<version>``, ``<version>`` without a name, ``unversioned`` without a version."""
+        if self.version is None:
+            return "unversioned"
+        return f"{self.name}/{self.version}" if self.name else str(self.version)
+
+
+class Threads(_Strict):
+    intra_op: int = Field(default=1, ge=1, le=256)
+    inter_op: int = Field(default=1, ge=1, le=256)
+
+
+class ServeConfig(_Strict):
+    defense: dict[str, Any]
+    victim: RuntimeSpec
+    surrogate: RuntimeSpec | None = None
+    input: InputSpec
+    version: VersionSpec | None = None
+    threads: Threads = Field(default_factory=Threads)
+    labels: str | None = "index_to_name.json"
+
+    @property
+    def defense_name(self) -> str:
+        return str(self.defense["name"])
+
+    @property
+    def version_label(self) -> str:
+        """What the X-StealGuard-Defense header says after the '@' (and the metrics' defense_version label):
+        ``<registered name>/<version>``, ``<version>`` when the version has no name, else ``unversioned``."""
+        return "unversioned" if self.version is None else self.version.label
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in (SECTION, *err["loc"]))
+        if err["type"] == "missing":
+            parts.append(f"{field}: missing")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown key")
+        else:
+            parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid stealguard config: " + "; ".join(parts)
+
+
+def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeConfig:
+    """Validate the ``stealguard`` section (defense included) and check that every named file exists."""
+    section = (model_yaml_config or {}).get(SECTION)
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            f"model-config.yaml has no '{SECTION}:' mapping (got {type(section).__name__}); an archive "
+            "without a defense config is never served"
+        )
+    try:
+        cfg = ServeConfig.model_validate(dict(section))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    try:
+        defense_cfg = validate_config(cfg.defense)
+    except ValueError as exc:
+        raise ConfigError(f"{SECTION}.defense: {exc}") from None
+    cls = defense_class(defense_cfg.name)
+    if cls.needs_surrogate and cfg.surrogate is None:
+        raise ConfigError(
+            f"{SECTION}.surrogate: missing; defense '{cls.name}' needs a surrogate shipped in the archive"
+        )
+    jacobian = getattr(defense_cfg, "jacobian", None)
+    if jacobian == "all" and cfg.surrogate is not None and cfg.surrogate.runtime not in TORCH_RUNTIMES:
+        raise ConfigError(
+            f"{SECTION}.surrogate.runtime: jacobian 'all' needs gradients, so a torch runtime "
+            f"({', '.join(TORCH_RUNTIMES)}); got {cfg.surrogate.runtime!r}"
+        )
+    for role in ("victim", "surrogate"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        for key in ("file", "model_file"):
+            rel = getattr(spec, key)
+            if rel is not None:
+                resolve(model_dir, rel, f"{SECTION}.{role}.{key}")
+    return cfg
+
+
+def resolve(model_dir: str, rel: str, field: str, must_exist: bool = True) -> str:
+    """The absolute path of ``rel`` inside ``model_dir``; refuse paths that leave it or do not exist."""
+    root = os.path.realpath(model_dir)
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, path]) != root:
+        raise ConfigError(f"{field}: {rel!r} points outside the archive directory")
+    if must_exist and not os.path.isfile(path):
+        raise ConfigError(f"{field}: file {rel!r} is not in the archive ({root})")
+    return path

@@ -1,0 +1,125 @@
+"""The defended model, framework-free: victim runtime -> probabilities -> defense -> checked perturbed output.
+
+:class:`DefendedModel` is what the handler class wraps. It loads everything at start-up and runs the whole
+pipeline once on a warm-up batch, so a victim, surrogate or defense that cannot work makes the worker fail to
+load instead of failing (or worse, answering undefended) later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from handlers.codec import Codec, load_labels
+from handlers.config import ServeConfig, resolve
+from handlers.errors import ConfigError
+from handlers.runtimes import Runtime, load_runtime
+from plugins import Defense, DefenseOutput, build_defense, check_probs, distance
+
+log = logging.getLogger(__name__)
+
+BUDGET_TOLERANCE = 1e-5  # slack for float rounding when the handler re-checks a probs-space budget
+
+
+class DefenseFailed(RuntimeError):
+    """The defense raised or returned something that is not a valid defended batch."""
+
+
+@dataclass(frozen=True)
+class Defended:
+    y: torch.Tensor  # B x K victim probabilities (never leave the worker)
+    out: DefenseOutput  # the defense's output, checked
+    latency_s: float  # wall time of the defense call
+
+
+class DefendedModel:
+    def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
+        self.cfg = cfg
+        self.model_dir = model_dir
+        threads = cfg.threads
+        self.victim: Runtime = load_runtime(
+            cfg.victim, model_dir, "stealguard.victim", threads.intra_op, threads.inter_op
+        )
+        self.surrogate: Runtime | None = None
+        resources: dict[str, object] = {}
+        x0 = torch.zeros((2, *cfg.input.shape), dtype=torch.float32)
+        try:
+            y0 = check_probs(self.victim.probabilities(x0))
+        except Exception as exc:
+            raise ConfigError(
+                f"stealguard.victim: a warm-up batch of shape {list(x0.shape)} (stealguard.input.shape "
+                f"{list(cfg.input.shape)}) does not run: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.num_classes = int(y0.shape[1])
+        resources["num_classes"] = self.num_classes
+        if cfg.surrogate is not None:
+            self.surrogate = load_runtime(
+                cfg.surrogate, model_dir, "stealguard.surrogate", threads.intra_op, threads.inter_op
+            )
+            jacobian = cfg.defense.get("jacobian", "last_layer")
+            resources["surrogate"] = self.surrogate.as_surrogate(self.num_classes, jacobian)
+        try:
+            self.defense: Defense = build_defense(cfg.defense, **resources)
+        except ValueError as exc:
+            raise ConfigError(f"stealguard.defense: {exc}") from exc
+        try:
+            self.defend(x0)
+        except Exception as exc:
+            raise ConfigError(
+                f"stealguard.defense: '{self.defense.name}' fails on a warm-up batch "
+                f"(is the surrogate compatible with the victim?): {exc}"
+            ) from exc
+        labels = None
+        if cfg.labels is not None:
+            default = cfg.labels == "index_to_name.json"
+            path = resolve(model_dir, cfg.labels, "stealguard.labels", must_exist=False)
+            if os.path.isfile(path):
+                try:
+                    labels = load_labels(path, self.num_classes)
+                except (ValueError, OSError) as exc:
+                    raise ConfigError(f"stealguard.labels: {cfg.labels}: {exc}") from exc
+            elif not default:
+                raise ConfigError(f"stealguard.labels: file {cfg.labels!r} is not in the archive")
+        self.codec = Codec(cfg.input, labels)
+
+    @property
+    def header(self) -> str:
+        """``<defense name>@<version>`` for the X-StealGuard-Defense response header."""
+        return f"{self.cfg.defense_name}@{self.cfg.version_label}"
+
+    def defend(self, x: torch.Tensor) -> Defended:
+        """Victim probabilities for ``x`` and the defense's checked output. Raises DefenseFailed if the
+        defense raises or returns anything but a B x K batch on the simplex within its probs-space budget."""
+        y = self.victim.probabilities(x)
+        start = time.perf_counter()
+        try:
+            out = self.defense(y, x)
+        except Exception as exc:
+            raise DefenseFailed(f"defense '{self.defense.name}' raised {type(exc).__name__}: {exc}") from exc
+        latency = time.perf_counter() - start
+        self.check(y, out)
+        return Defended(y=y, out=out, latency_s=latency)
+
+    def check(self, y: torch.Tensor, out: DefenseOutput) -> None:
+        probs = out.probs
+        if not isinstance(probs, torch.Tensor) or probs.shape != y.shape:
+            got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise DefenseFailed(f"defense '{self.defense.name}' returned {got}; expected {tuple(y.shape)}")
+        try:
+            check_probs(probs)
+        except ValueError as exc:
+            raise DefenseFailed(
+                f"defense '{self.defense.name}' returned rows off the simplex: {exc}"
+            ) from exc
+        budget = self.defense.budget
+        if budget is not None and budget.space == "probs":
+            worst = distance(y, probs, budget.norm).max().item()
+            if worst > budget.epsilon + BUDGET_TOLERANCE:
+                raise DefenseFailed(
+                    f"defense '{self.defense.name}' exceeded its budget: {budget.norm} distance {worst:.6g}"
+                    f" > epsilon {budget.epsilon:g}"
+                )

@@ -1,0 +1,183 @@
+"""StealGuard's TorchServe handler: the one class TorchServe loads from this file.
+
+It is thin: :mod:`handlers.config` validates the archive's ``stealguard:`` section, :mod:`handlers.service`
+loads the victim, surrogate and defense (``handlers.runtimes``) and defends batches, :mod:`handlers.codec`
+decodes requests and encodes responses, :mod:`handlers.metrics` emits metrics. This class maps TorchServe's
+batch of requests onto one defended batch and sets each request's status code and headers.
+
+Fail closed: a request whose rows cannot be defended gets a 5xx and an error message, never probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# In a .mar this file sits at the archive root next to handlers/ and plugins/; in the repository it is
+# handlers/stealguard_handler.py. Either way, the directory holding handlers/ and plugins/ goes first on
+# sys.path.
+_ROOT = os.path.dirname(_HERE) if os.path.basename(_HERE) == "handlers" else _HERE
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+
+from handlers import config as sg_config  # noqa: E402
+from handlers import registry as sg_registry  # noqa: E402
+from handlers.codec import error_body  # noqa: E402
+from handlers.errors import REASONS, RequestError  # noqa: E402
+from handlers.metrics import DefenseMetrics  # noqa: E402
+from handlers.service import DefendedModel, DefenseFailed  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+HEADER = "X-StealGuard-Defense"
+JSON = "application/json"
+BODY_KEYS = ("body", "data")
+
+
+class StealGuardHandler:
+    """TorchServe entry point: ``initialize(context)`` once per worker, ``handle(data, context)`` a batch."""
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.model: DefendedModel | None = None
+        self.metrics: DefenseMetrics | None = None
+
+    def initialize(self, context) -> None:
+        model_dir = context.system_properties.get("model_dir") or _ROOT
+        if model_dir not in sys.path:
+            sys.path.insert(0, model_dir)
+        try:
+            cfg = sg_config.parse(context.model_yaml_config, model_dir)
+            torch.set_num_threads(cfg.threads.intra_op)
+            try:
+                torch.set_num_interop_threads(cfg.threads.inter_op)
+            except RuntimeError:  # only settable before the first parallel work in this process
+                pass
+            cfg, self.model, origin = sg_registry.load(cfg, model_dir, lambda c: DefendedModel(c, model_dir))
+        except Exception as exc:
+            log.error(
+                "StealGuard: model %r NOT loaded, so it is never served undefended: %s",
+                getattr(context, "model_name", "?"),
+                exc,
+            )
+            raise
+        defense = self.model.defense
+        self.metrics = DefenseMetrics(
+            context.metrics,
+            model_name=context.model_name,
+            defense_name=defense.name,
+            defense_version=cfg.version_label,
+            budget=defense.budget,
+            extra_norm=getattr(defense.config, "norm", None),
+        )
+        self.metrics.record_info()
+        self.initialized = True
+        v = cfg.version
+        log.info(
+            "StealGuard: serving %r with %s [version: %s; run_id %s, alias %s] "
+            "(victim %s, surrogate %s, K=%d, max_rows=%d; code from %s)",
+            context.model_name,
+            self.model.header,
+            origin,
+            (v.run_id if v else None) or "-",
+            (v.alias if v else None) or "-",
+            cfg.victim.runtime,
+            cfg.surrogate.runtime if cfg.surrogate else "none",
+            self.model.num_classes,
+            cfg.input.max_rows,
+            os.path.dirname(os.path.dirname(os.path.abspath(sg_config.__file__))),
+        )
+
+    def handle(self, data, context) -> list:
+        if not self.initialized:
+            raise RuntimeError("StealGuard handler used before initialize()")
+        responses: list = [None] * len(data)
+        rows: list[torch.Tensor] = []
+        owners: list[int] = []
+        for idx, request in enumerate(data):
+            context.set_response_header(idx, HEADER, self.model.header)
+            try:
+                body, content_type = _body(request, context, idx)
+                rows.append(self.model.codec.decode(body, content_type))
+                owners.append(idx)
+            except RequestError as exc:
+                kind = exc.reason.replace(" ", "")
+                responses[idx] = self._refuse(context, idx, exc.status, kind, exc.message)
+                self.metrics.record_error("bad_input", 1)
+        if rows:
+            self._defend(rows, owners, responses, context)
+        return responses
+
+    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> None:
+        """Defend the rows of several requests in one batched call; split the answer back per request.
+        If the batch fails, each request is retried alone so one bad request cannot fail the others."""
+        try:
+            result = self.model.defend(torch.cat(rows) if len(rows) > 1 else rows[0])
+        except Exception as exc:
+            if len(rows) > 1:
+                log.warning(
+                    "StealGuard: defended batch of %d requests failed (%s); retrying each alone",
+                    len(rows),
+                    exc,
+                )
+                for x, idx in zip(rows, owners, strict=True):
+                    self._defend([x], [idx], responses, context)
+                return
+            kind = "defense_failed" if isinstance(exc, DefenseFailed) else "model_failed"
+            log.error("StealGuard: request %s refused, %s: %s", context.get_request_id(owners[0]), kind, exc)
+            self.metrics.record_error(kind, 1)
+            responses[owners[0]] = self._refuse(
+                context,
+                owners[0],
+                500,
+                "DefenseFailed",
+                "the defense could not run on this request; no prediction",
+            )
+            return
+        self.metrics.record_batch(result.y, result.out.probs, result.out.angular_deviation, result.latency_s)
+        probs = result.out.probs
+        start = 0
+        for x, idx in zip(rows, owners, strict=True):
+            n = x.shape[0]
+            responses[idx] = self.model.codec.encode(probs[start : start + n])
+            context.set_response_content_type(idx, JSON)
+            start += n
+
+    @staticmethod
+    def _refuse(context, idx: int, status: int, kind: str, message: str) -> bytes:
+        context.set_response_status(status, REASONS.get(status, "Error"), idx)
+        context.set_response_content_type(idx, JSON)
+        return error_body(status, kind, message)
+
+
+def _body(request, context, idx: int):
+    """The request's body and its content type (TorchServe passes the body as parameter 'body' or 'data')."""
+    if not isinstance(request, dict):
+        return request, None
+    name = next((k for k in BODY_KEYS if k in request), None)
+    if name is None:
+        if len(request) != 1:
+            raise RequestError(400, f"send one request body; got form fields {sorted(map(str, request))}")
+        name = next(iter(request))
+    return request[name], _content_type(context, idx, name)
+
+
+def _content_type(context, idx: int, name: str) -> str | None:
+    try:
+        param = context.get_request_header(idx, name)
+    except (TypeError, IndexError, AttributeError):
+        return None
+    if isinstance(param, dict) and param.get("content-type"):
+        return param["content-type"]
+    try:
+        headers = context.get_all_request_header(idx)
+    except (TypeError, IndexError, AttributeError):
+        return None
+    for key, value in headers.items():
+        if key.lower() == "content-type" and isinstance(value, str):
+            return value
+    return None

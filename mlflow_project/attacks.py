@@ -1,0 +1,227 @@
+"""Model-stealing attacks from the paper's protocol (Orekondy et al. 2020, Sec. 5): Knockoff, JBDA, JB-self,
+JB-top3, and the argmax variant of each.
+
+Every attack queries a black-box oracle (:mod:`mlflow_project.oracles`) within a query budget and trains a
+clone (the victim's architecture by default) on what came back, with the soft cross-entropy and SGD with
+momentum (:mod:`mlflow_project.training`).
+
+- ``knockoff``: Knockoff Nets, random strategy: ``budget`` images drawn without replacement from the query
+  set (if the pool is smaller than the budget, the whole pool: repeating a query teaches nothing).
+- ``jbda``: Papernot et al.'s Jacobian-based dataset augmentation. A seed of ``jb_seed_size`` (100) images
+  from the query set is labelled; then each round the substitute is retrained from scratch on everything
+  labelled so far and every image x gives a new query ``x + lambda * sign(grad_x F(x)[c])`` (c the oracle's
+  top-1 label), ``lambda = jb_step`` (0.1 in [0, 1] pixel units) with its sign flipped every ``jb_tau`` (5)
+  rounds, until the budget is spent (the last round is truncated to fit exactly).
+- ``jbself``: the same loop with ``x - lambda * sign(grad_x F(x)[c])`` (steps that lower the substitute's
+  confidence in the returned label).
+- ``jbtop3``: targeted steps ``x + lambda * sign(grad_x log F(x)[t])`` toward a class t drawn at random
+  from the substitute's top-3 classes other than c.
+- suffix ``_argmax`` (e.g. ``knockoff_argmax``): the attacker trains on one-hot rows of the returned top-1
+  labels (:class:`oracles.ArgmaxOracle`).
+
+Defaults are scaled to a 2-core CPU (the paper trains for more epochs on a GPU): clone training 10 epochs,
+batch 128, lr 0.05 (cosine), momentum 0.9, weight decay 5e-4; JB substitutes are retrained each round for
+``max(jb_round_epochs, enough epochs for jb_round_min_steps SGD steps)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mlflow_project.training import TrainConfig, train_classifier
+
+BASE_ATTACKS = ("knockoff", "jbda", "jbself", "jbtop3")
+ATTACKS = BASE_ATTACKS + tuple(f"{a}_argmax" for a in BASE_ATTACKS)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An attack and its settings. ``name`` is one of :data:`ATTACKS`."""
+
+    name: str = "knockoff"
+    budget: int = 1000
+    epochs: int = 10
+    lr: float = 0.05
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    query_batch_size: int = 256
+    jb_seed_size: int = 100
+    jb_step: float = 0.1
+    jb_tau: int = 5
+    jb_round_epochs: int = 10
+    jb_round_min_steps: int = 100
+    pixel_mean: float = 0.0  # the victim's normalisation, so JB steps and clipping happen in [0, 1] pixels
+    pixel_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACKS:
+            raise ValueError(f"attack: unknown {self.name!r}; allowed: {', '.join(ATTACKS)}")
+        if self.budget < 1:
+            raise ValueError(f"budget: must be >= 1 query; got {self.budget}")
+        if self.jb_seed_size < 1:
+            raise ValueError(f"jb_seed_size: must be >= 1; got {self.jb_seed_size}")
+        if self.jb_tau < 1:
+            raise ValueError(f"jb_tau: must be >= 1; got {self.jb_tau}")
+        if not self.pixel_std > 0:
+            raise ValueError(f"pixel_std: must be > 0; got {self.pixel_std}")
+
+    @property
+    def base(self) -> str:
+        return self.name.removesuffix("_argmax")
+
+    @property
+    def argmax(self) -> bool:
+        return self.name.endswith("_argmax")
+
+    def train_config(self, epochs: int | None = None, seed_offset: int = 0) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs if epochs is None else epochs, lr=self.lr, batch_size=self.batch_size,
+                           momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed + seed_offset)
+
+
+@dataclass
+class AttackResult:
+    clone: nn.Module
+    queries: int
+    transfer_x: torch.Tensor  # every input the attacker queried, in order
+    transfer_y: torch.Tensor  # what the attacker trained on (one-hot rows for the argmax attacker)
+    rounds: int = 1
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def run_attack(oracle, pool: torch.Tensor, make_clone: Callable[[], nn.Module], cfg: AttackConfig,
+               progress: bool = True) -> AttackResult:
+    """Run attack ``cfg`` against ``oracle`` with the query set ``pool`` (N x input shape).
+
+    ``make_clone()`` returns a freshly initialised clone (the victim's architecture by default). The oracle's
+    own budget, when set, must allow ``cfg.budget`` queries.
+    """
+    from mlflow_project.oracles import ArgmaxOracle
+
+    if len(pool) == 0:
+        raise ValueError("the query set is empty")
+    if oracle.remaining is not None and oracle.remaining < min(cfg.budget, len(pool)):
+        raise ValueError(f"budget: the attack wants {cfg.budget} queries but the oracle allows {oracle.remaining}")
+    if cfg.argmax:
+        oracle = ArgmaxOracle(oracle)
+    start = oracle.queries
+    t0 = time.perf_counter()
+    if cfg.base == "knockoff":
+        result = _knockoff(oracle, pool, make_clone, cfg, progress)
+    else:
+        result = _jacobian(oracle, pool, make_clone, cfg, progress)
+    result.queries = oracle.queries - start
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def query_in_batches(oracle, x: torch.Tensor, batch_size: int, progress: bool, desc: str) -> torch.Tensor:
+    outs = []
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
+        outs.append(oracle(x[i : i + batch_size]))
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def _knockoff(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.budget, len(pool))
+    idx = torch.randperm(len(pool), generator=gen)[:n]
+    x = pool[idx]
+    y = query_in_batches(oracle, x, cfg.query_batch_size, progress, f"{cfg.name}: querying")
+    torch.manual_seed(cfg.seed)
+    clone = make_clone()
+    losses = train_classifier(clone, x, y, cfg.train_config(), desc=f"{cfg.name}: clone", progress=progress)
+    return AttackResult(clone=clone, queries=0, transfer_x=x, transfer_y=y, rounds=1,
+                        history=[{"round": 0, "transfer_size": n, "loss": losses[-1] if losses else float("nan")}])
+
+
+def _to_pixels(x: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    return x * cfg.pixel_std + cfg.pixel_mean
+
+
+def _from_pixels(p: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    return (p - cfg.pixel_mean) / cfg.pixel_std
+
+
+def jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, round_: int,
+                  gen: torch.Generator, batch_size: int = 512) -> torch.Tensor:
+    """The JB-family augmentation of ``x`` (normalised inputs) for round ``round_``; returns new inputs."""
+    model.eval()
+    new = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].clone().requires_grad_(True)
+        cb = labels[i : i + batch_size]
+        logp = torch.log_softmax(model(xb), dim=1)
+        if cfg.base == "jbtop3":
+            ranked = logp.detach().clone()
+            ranked.scatter_(1, cb.unsqueeze(1), float("-inf"))
+            k = min(3, ranked.shape[1] - 1)
+            top = ranked.topk(k, dim=1).indices
+            pick = torch.randint(0, k, (len(xb),), generator=gen)
+            target = top.gather(1, pick.unsqueeze(1)).squeeze(1)
+            objective = logp.gather(1, target.unsqueeze(1)).sum()
+            direction = 1.0
+        else:
+            # sign(d F(x)[c] / dx), Papernot et al.'s Jacobian row of the returned label, taken through log F
+            # (same sign, since F > 0; no underflow to a zero gradient when the substitute is confident)
+            objective = logp.gather(1, cb.unsqueeze(1)).sum()
+            if cfg.base == "jbda":
+                direction = -1.0 if (round_ // cfg.jb_tau) % 2 == 1 else 1.0
+            else:  # jbself
+                direction = -1.0
+        (grad,) = torch.autograd.grad(objective, xb)
+        step = direction * cfg.jb_step * grad.sign()
+        pixels = (_to_pixels(xb.detach(), cfg) + step).clamp(0.0, 1.0)
+        new.append(_from_pixels(pixels, cfg))
+    return torch.cat(new)
+
+
+def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_seed = min(cfg.jb_seed_size, cfg.budget, len(pool))
+    x = pool[torch.randperm(len(pool), generator=gen)[:n_seed]]
+    y = oracle(x)
+    history = []
+    round_ = 0
+    bar = tqdm(total=cfg.budget, desc=f"{cfg.name}: queries", disable=not progress, leave=False, unit="q")
+    bar.update(len(x))
+    substitute = None
+    while True:
+        remaining = cfg.budget - len(x)
+        if remaining <= 0:
+            break
+        # retrain the substitute from scratch on everything labelled so far
+        torch.manual_seed(cfg.seed + round_)
+        substitute = make_clone()
+        steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+        epochs = max(cfg.jb_round_epochs, math.ceil(cfg.jb_round_min_steps / steps_per_epoch))
+        losses = train_classifier(substitute, x, y, cfg.train_config(epochs, seed_offset=round_),
+                                  desc=f"{cfg.name}: round {round_}", progress=False)
+        labels = y.argmax(dim=1)
+        take = min(remaining, len(x))
+        sel = torch.arange(take) if take == len(x) else torch.randperm(len(x), generator=gen)[:take].sort().values
+        x_new = jacobian_step(substitute, x[sel], labels[sel], cfg, round_, gen)
+        y_new = query_in_batches(oracle, x_new, cfg.query_batch_size, False, "")
+        x, y = torch.cat([x, x_new]), torch.cat([y, y_new])
+        history.append({"round": round_, "transfer_size": len(x), "loss": losses[-1] if losses else float("nan")})
+        bar.update(len(x_new))
+        round_ += 1
+    bar.close()
+    # the final clone: trained from scratch on the whole transfer set with the full clone settings
+    torch.manual_seed(cfg.seed)
+    clone = make_clone()
+    train_classifier(clone, x, y, cfg.train_config(), desc=f"{cfg.name}: clone", progress=progress)
+    return AttackResult(clone=clone, queries=0, transfer_x=x, transfer_y=y, rounds=round_ + 1, history=history)
+
+
+def with_pixel_stats(cfg: AttackConfig, mean: float, std: float) -> AttackConfig:
+    return replace(cfg, pixel_mean=mean, pixel_std=std)

@@ -1,0 +1,151 @@
+"""A defense bundle: everything a registered defense version is, in one directory.
+
+    defense.json              the defense config, the surrogate's recipe, the victim it was tuned for, provenance
+    surrogate_state_dict.pt   the fixed random surrogate's weights (saved, not re-derived, so every consumer
+                              of the version uses the very same surrogate)
+    victim/                   the victim's export directory as train_victim wrote it (state_dict.pt,
+                              input_spec.json, index_to_name.json, model.pt2, model.torchscript.pt, model.onnx)
+
+The bundle is the artifact of the registered MLflow model version (the pyfunc in defense_pyfunc.py loads it)
+and the source from which ``package`` builds a .mar. This module needs torch and plugins only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlflow_project.models import build_model
+from plugins import Defense, DefenseOutput, build_defense, defense_class, validate_config
+
+BUNDLE_FORMAT = 1
+BUNDLE_FILE = "defense.json"
+SURROGATE_FILE = "surrogate_state_dict.pt"
+VICTIM_DIR = "victim"
+VICTIM_REQUIRED = ("state_dict.pt", "input_spec.json")
+
+
+@dataclass
+class DefenseBundle:
+    """A bundle read back from disk (see :func:`read_bundle`)."""
+
+    root: Path
+    defense: dict[str, Any]
+    victim: dict[str, Any]
+    surrogate: dict[str, Any] | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def victim_dir(self) -> Path:
+        return self.root / VICTIM_DIR
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return json.loads((self.victim_dir / "input_spec.json").read_text())
+
+
+def _victim_doc(victim_dir: Path) -> dict[str, Any]:
+    missing = [name for name in VICTIM_REQUIRED if not (victim_dir / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"victim: {victim_dir} is not a victim export directory (missing {', '.join(missing)}); "
+            "expected the directory train_victim writes (state_dict.pt, input_spec.json, ...)"
+        )
+    return json.loads((victim_dir / "input_spec.json").read_text())
+
+
+def build_victim(victim_dir: Path) -> nn.Module:
+    """The eager victim from an export directory, in eval mode."""
+    doc = _victim_doc(victim_dir)
+    model = build_model(doc["arch"], num_classes=int(doc["num_classes"]))
+    model.load_state_dict(torch.load(victim_dir / "state_dict.pt", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def write_bundle(
+    out_dir: str | Path,
+    defense_config: dict[str, Any],
+    victim_dir: str | Path,
+    surrogate_seed: int = 0,
+    victim_source: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Validate ``defense_config``, build the fixed surrogate when the defense needs one, and write a bundle."""
+    from plugins.surrogate import make_surrogate
+
+    config = validate_config(defense_config).model_dump()
+    victim_dir = Path(victim_dir)
+    doc = _victim_doc(victim_dir)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(victim_dir, out / VICTIM_DIR)
+    surrogate = None
+    if defense_class(config["name"]).needs_surrogate:
+        net = make_surrogate(build_victim(victim_dir), seed=surrogate_seed)
+        torch.save(net.state_dict(), out / SURROGATE_FILE)
+        surrogate = {"arch": doc["arch"], "num_classes": int(doc["num_classes"]), "seed": surrogate_seed,
+                     "file": SURROGATE_FILE}
+    document = {
+        "format": BUNDLE_FORMAT,
+        "defense": config,
+        "victim": {"dir": VICTIM_DIR, "arch": doc["arch"], "num_classes": int(doc["num_classes"]),
+                   "dataset": doc.get("dataset"), "source": victim_source or str(victim_dir)},
+        "surrogate": surrogate,
+        "provenance": provenance or {},
+    }
+    (out / BUNDLE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_bundle(path: str | Path) -> DefenseBundle:
+    root = Path(path)
+    doc_path = root / BUNDLE_FILE
+    if not doc_path.is_file():
+        raise ValueError(f"{root}: not a defense bundle (no {BUNDLE_FILE})")
+    doc = json.loads(doc_path.read_text())
+    if doc.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{doc_path}: bundle format {doc.get('format')!r} is not supported (expected {BUNDLE_FORMAT})")
+    validate_config(doc["defense"])
+    return DefenseBundle(root=root, defense=doc["defense"], victim=doc["victim"], surrogate=doc.get("surrogate"),
+                         provenance=doc.get("provenance", {}))
+
+
+def build_surrogate(bundle: DefenseBundle) -> nn.Module | None:
+    if bundle.surrogate is None:
+        return None
+    spec = bundle.surrogate
+    net = build_model(spec["arch"], num_classes=int(spec["num_classes"]))
+    net.load_state_dict(torch.load(bundle.root / spec["file"], map_location="cpu", weights_only=True))
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class DefendedVictim:
+    """The victim and its defense, as the server runs them: the float64 softmax of the victim's logits, then the
+    defense on that batch and the inputs (the same computation as handlers/service.py, so the pyfunc and the
+    server give the same defended probabilities for the same x)."""
+
+    def __init__(self, bundle: DefenseBundle) -> None:
+        self.bundle = bundle
+        self.victim = build_victim(bundle.victim_dir)
+        self.surrogate = build_surrogate(bundle)
+        self.defense: Defense = build_defense(bundle.defense, surrogate=self.surrogate,
+                                              num_classes=int(bundle.victim["num_classes"]))
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.victim(x.to(torch.float32)).to(torch.float64), dim=1)
+
+    def __call__(self, x: torch.Tensor) -> DefenseOutput:
+        x = x.to(torch.float32)
+        return self.defense(self.probabilities(x), x)

@@ -1,0 +1,382 @@
+"""Attack a (defended) victim and measure both sides: the defender's utility and the attacker's clone.
+
+    python -m mlflow_project.evaluate --dataset fashion_mnist --victim artifacts/victims/fashion_mnist_lenet \
+        --defense '{"name": "mad_argmax", "epsilon": 0.5, "norm": "l1"}' --attack knockoff --queryset mnist5k \
+        --budget 5000 --epochs 10 --seed 0 --oracle local
+    mlflow run . -e evaluate -P dataset=digits -P victim=models:/digits_mlp/1 -P attack=jbda --env-manager local
+
+The core is :func:`evaluate` (no MLflow; the sweep calls it once per grid point); :func:`log_evaluation`
+logs a result to the active MLflow run; :func:`summary_text` is the one-screen summary. Metrics (accuracies
+in [0, 1]):
+
+- ``victim_accuracy``: the undefended victim's top-1 accuracy on its test set;
+- ``defender_accuracy``: top-1 accuracy of the defended (perturbed) outputs on the same test set;
+- ``perturbation_l1_mean``, ``perturbation_l1_max``, ``kl_mean`` (KL(y || y~)), ``top1_flip_rate``:
+  what the defense changed on the test set (plugins.measures); ``angular_deviation_mean`` for the MAD family;
+- ``attacker_accuracy``: the clone's top-1 accuracy on the victim's test set (``attacker_agreement``: how
+  often it agrees with the undefended victim); ``queries``: rows the attack spent (exact).
+
+Fixed seeds give identical runs in-process (CPU, fixed thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlflow_project import data
+from mlflow_project.attacks import ATTACKS, AttackConfig, run_attack
+from mlflow_project.models import build_model
+from mlflow_project.oracles import HTTPOracle, LocalOracle, build_victim_defense
+from mlflow_project.training import accuracy, predict_probs
+from plugins import measures
+
+METRICS = (
+    "victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
+    "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
+)
+ORACLES = ("local", "http")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    dataset: str = "fashion_mnist"
+    victim: str = ""  # export directory, or an MLflow model URI (models:/..., runs:/...)
+    defense: Mapping[str, Any] = field(default_factory=lambda: {"name": "identity"})
+    attack: str = "knockoff"
+    queryset: str = ""  # default: the victim's dataset (its train part)
+    budget: int = 1000
+    epochs: int = 10
+    seed: int = 0
+    oracle: str = "local"
+    url: str = ""  # the prediction URL when oracle=http
+    http_send: str = "normalised"
+    clone_arch: str = ""  # default: the victim's architecture
+    lr: float = 0.05
+    batch_size: int = 128
+    surrogate_seed: int = 0
+
+    def __post_init__(self) -> None:
+        data.check_dataset(self.dataset)
+        if self.queryset:
+            data.check_dataset(self.queryset)
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack: unknown {self.attack!r}; allowed: {', '.join(ATTACKS)}")
+        if self.oracle not in ORACLES:
+            raise ValueError(f"oracle: unknown {self.oracle!r}; allowed: {', '.join(ORACLES)}")
+        if self.oracle == "http" and not self.url:
+            raise ValueError("url: oracle=http needs the prediction URL (e.g. http://127.0.0.1:8080/predictions/m)")
+        if self.budget < 1:
+            raise ValueError(f"budget: must be >= 1; got {self.budget}")
+
+    def params(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["defense"] = json.dumps(dict(self.defense), sort_keys=True)
+        d["defense_name"] = self.defense.get("name", "")
+        d["queryset"] = self.queryset or self.dataset
+        return d
+
+
+@dataclass
+class Victim:
+    model: nn.Module
+    arch: str
+    spec: data.InputSpec
+    source: str
+
+
+@dataclass
+class EvalResult:
+    config: EvalConfig
+    metrics: dict[str, float]
+    seconds: dict[str, float]
+    victim: Victim
+    clone: nn.Module
+    per_row: dict[str, torch.Tensor]  # the defense's per-row measures on the test set
+    history: list[dict]
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_victim(ref: str | Path) -> Victim:
+    """A victim from an export directory (or its state_dict.pt), or an MLflow model URI."""
+    ref = str(ref)
+    if not ref:
+        raise ValueError("victim: empty; give an export directory written by train_victim "
+                         "(e.g. artifacts/victims/fashion_mnist_lenet) or an MLflow model URI (models:/name/1)")
+    if "://" not in ref and ":/" not in ref:
+        from mlflow_project.train_victim import load_exported
+
+        p = Path(ref)
+        if p.is_file():
+            p = p.parent
+        if not p.exists():
+            raise FileNotFoundError(f"victim: {ref} does not exist; expected an export directory or a model URI")
+        model, arch, spec = load_exported(p)
+        return Victim(model, arch, spec, str(p))
+    import mlflow
+
+    info = mlflow.models.get_model_info(ref)
+    doc = (info.metadata or {}).get("stealguard")
+    if not doc:
+        raise ValueError(f"victim: {ref} has no 'stealguard' metadata; log victims with train_victim")
+    spec = data.InputSpec.from_json(doc)
+    loaded = mlflow.pytorch.load_model(ref, map_location="cpu")
+    model = build_model(doc["arch"], num_classes=spec.num_classes)  # eager module whatever the MLflow format
+    model.load_state_dict(loaded.state_dict())
+    return Victim(model.eval(), doc["arch"], spec, ref)
+
+
+def parse_defense(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A defense config from a mapping, an inline JSON object, or a .json/.yaml file path."""
+    if value is None or value == "":
+        return {"name": "identity"}
+    if isinstance(value, Mapping):
+        return dict(value)
+    text = value.strip()
+    if not text.startswith("{"):
+        p = Path(text)
+        if not p.exists():
+            raise ValueError(f"defense: {text!r} is neither an inline JSON object nor an existing config file")
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+            if not isinstance(doc, Mapping):
+                raise ValueError(f"defense: {p} must hold a mapping with a 'name'")
+            return dict(doc)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"defense: not valid JSON ({exc}); e.g. '{{\"name\": \"top_k\", \"k\": 1}}'") from None
+    if not isinstance(doc, Mapping):
+        raise ValueError("defense: must be a JSON object with a 'name'")
+    return dict(doc)
+
+
+# --------------------------------------------------------------------------------------------------- the core
+
+
+def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = True,
+             observers: Sequence[Callable[[str, dict], None]] = ()) -> EvalResult:
+    """Run one evaluation (no MLflow).
+
+    ``observers(stage, payload)`` is the hook a metrics exporter attaches to. Stages: ``defense_batch`` for
+    every batch the in-process defense answers (payload: ``probs``, ``perturbed``, ``angular_deviation``,
+    ``latency_s``; the test-set pass and the attacker's queries alike), then ``defender`` and ``attacker``
+    with the metrics known so far (a dict of floats)."""
+    t_all = time.perf_counter()
+    victim = victim or load_victim(cfg.victim)
+    if victim.spec.dataset != cfg.dataset:
+        raise ValueError(f"dataset: the victim was trained on {victim.spec.dataset!r}, not {cfg.dataset!r}")
+    spec = victim.spec
+    test_x, test_y = data.load_raw(cfg.dataset, "test")
+    test_x = data.adapt(test_x, spec)
+    defense = build_victim_defense(victim.model, cfg.defense, spec.num_classes, cfg.surrogate_seed)
+    seconds: dict[str, float] = {}
+
+    # the defender's side: what the defense costs on the victim's test set
+    t0 = time.perf_counter()
+    probs = predict_probs(victim.model, test_x)
+
+    def on_batch(payload: dict) -> None:
+        for obs in observers:
+            obs("defense_batch", payload)
+
+    if cfg.oracle == "local":
+        t_def = time.perf_counter()
+        out = defense(probs, test_x)
+        tilde, deviation = out.probs, out.angular_deviation
+        on_batch({"probs": probs, "perturbed": tilde, "angular_deviation": deviation,
+                  "latency_s": time.perf_counter() - t_def})
+    else:
+        tilde = HTTPOracle(cfg.url, None, send=cfg.http_send, mean=spec.mean, std=spec.std)(test_x).double()
+        deviation = None
+    per_row = measures(probs, tilde.to(probs.dtype))
+    metrics: dict[str, float] = {
+        "victim_accuracy": (probs.argmax(1) == test_y).double().mean().item(),
+        "defender_accuracy": (tilde.argmax(1) == test_y).double().mean().item(),
+        "perturbation_l1_mean": per_row["l1"].mean().item(),
+        "perturbation_l1_max": per_row["l1"].max().item(),
+        "kl_mean": per_row["kl"].mean().item(),
+        "top1_flip_rate": per_row["top1_flip"].mean().item(),
+    }
+    if deviation is not None:
+        metrics["angular_deviation_mean"] = deviation.double().mean().item()
+    seconds["defender"] = time.perf_counter() - t0
+    for obs in observers:
+        obs("defender", dict(metrics))
+
+    # the attacker's side
+    t0 = time.perf_counter()
+    queryset = cfg.queryset or cfg.dataset
+    pool = data.query_set(queryset, spec, victim_dataset=cfg.dataset)
+    if cfg.oracle == "local":
+        oracle = LocalOracle(victim.model, defense, budget=cfg.budget, on_batch=on_batch if observers else None)
+    else:
+        oracle = HTTPOracle(cfg.url, budget=cfg.budget, send=cfg.http_send, mean=spec.mean, std=spec.std)
+    acfg = AttackConfig(name=cfg.attack, budget=cfg.budget, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                        seed=cfg.seed, pixel_mean=spec.mean, pixel_std=spec.std)
+    clone_arch = cfg.clone_arch or victim.arch
+
+    def make_clone() -> nn.Module:
+        return build_model(clone_arch, num_classes=spec.num_classes)
+
+    res = run_attack(oracle, pool, make_clone, acfg, progress=progress)
+    metrics["attacker_accuracy"] = accuracy(res.clone, test_x, test_y)
+    clone_pred = predict_probs(res.clone, test_x).argmax(1)
+    metrics["attacker_agreement"] = (clone_pred == probs.argmax(1)).double().mean().item()
+    metrics["queries"] = float(res.queries)
+    seconds["attacker"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+    for obs in observers:
+        obs("attacker", dict(metrics))
+    return EvalResult(cfg, metrics, seconds, victim, res.clone, per_row, res.history)
+
+
+# --------------------------------------------------------------------------------------------------- reporting
+
+
+def summary_text(r: EvalResult) -> str:
+    c, m = r.config, r.metrics
+
+    def pct(k: str) -> str:
+        return f"{100 * m[k]:6.2f}%" if k in m else "    n/a"
+
+    def num(k: str) -> str:
+        return f"{m[k]:.4f}" if k in m else "n/a"
+
+    lines = [
+        f"StealGuard evaluation  dataset={c.dataset}  victim={r.victim.source} ({r.victim.arch})",
+        f"defense  {json.dumps(dict(c.defense), sort_keys=True)}   oracle={c.oracle}",
+        f"attack   {c.attack}  queryset={c.queryset or c.dataset}  budget={c.budget}  epochs={c.epochs}  "
+        f"seed={c.seed}",
+        "-" * 78,
+        f"victim accuracy (undefended)   {pct('victim_accuracy')}",
+        f"defender accuracy (perturbed)  {pct('defender_accuracy')}   top-1 flips {pct('top1_flip_rate')}",
+        f"perturbation L1 mean / max     {num('perturbation_l1_mean')} / {num('perturbation_l1_max')}   "
+        f"KL mean {num('kl_mean')}",
+        f"angular deviation mean (rad)   {num('angular_deviation_mean')}",
+        f"attacker accuracy (clone)      {pct('attacker_accuracy')}   agreement with victim "
+        f"{pct('attacker_agreement')}",
+        f"queries spent                  {int(m['queries'])}",
+        f"wall time                      defender {r.seconds['defender']:.1f}s  attacker {r.seconds['attacker']:.1f}s"
+        f"  total {r.seconds['total']:.1f}s",
+    ]
+    return "\n".join(lines)
+
+
+def summary_figure(r: EvalResult):
+    """Accuracies side by side and the histogram of per-row L1 perturbation on the test set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = ["victim_accuracy", "defender_accuracy", "attacker_accuracy"]
+    vals = [100 * r.metrics[k] for k in keys]
+    bars = a1.bar(["victim", "defender", "attacker"], vals, color=["#4c72b0", "#55a868", "#c44e52"])
+    a1.bar_label(bars, fmt="%.1f")
+    a1.set_ylim(0, 105)
+    a1.set_ylabel("test accuracy (%)")
+    a1.set_title(f"{r.config.attack} / {r.config.defense.get('name')}, {int(r.metrics['queries'])} queries")
+    a2.hist(r.per_row["l1"].numpy(), bins=40, color="#8172b2")
+    a2.set_xlabel("||y~ - y||_1 per test image")
+    a2.set_ylabel("images")
+    a2.set_title("perturbation on the victim's test set")
+    fig.tight_layout()
+    return fig
+
+
+def log_evaluation(r: EvalResult) -> None:
+    """Log params, metrics, the summary, the defense config and the figure to the active MLflow run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_params(r.config.params())
+    mlflow.log_metrics(r.metrics)
+    mlflow.log_metrics({f"seconds_{k}": v for k, v in r.seconds.items()})
+    for h in r.history:
+        mlflow.log_metric("attack_transfer_size", h["transfer_size"], step=h["round"])
+    mlflow.log_dict(dict(r.config.defense), "defense.json")
+    mlflow.log_text(summary_text(r), "summary.txt")
+    fig = summary_figure(r)
+    mlflow.log_figure(fig, "evaluation.png")
+    plt.close(fig)
+    mlflow.set_tags({"stealguard.kind": "evaluation", "stealguard.defense": r.config.defense.get("name", "")})
+
+
+def metrics_observer(port: int, cfg: EvalConfig) -> Callable[[str, dict], None]:
+    """The ``--metrics-port`` hook: ``mlflow_project.metrics_exporter.evaluation_observer(port, cfg)`` returns an
+    observer (see :func:`evaluate`) that exposes the run's metrics with prometheus-client. That function is
+    the metrics issue's to write; until it exists the flag fails with this message."""
+    try:
+        from mlflow_project.metrics_exporter import evaluation_observer
+    except ImportError as exc:
+        raise SystemExit(f"--metrics-port needs mlflow_project.metrics_exporter.evaluation_observer, which is not "
+                         f"available ({exc}); run without --metrics-port") from None
+    return evaluation_observer(port, cfg)
+
+
+def _int(value: str) -> int:
+    """An integer parameter; MLproject may pass it as a float string ('12.0')."""
+    f = float(value)
+    if f != int(f):
+        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
+    return int(f)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="fashion_mnist", choices=data.DATASETS)
+    p.add_argument("--victim", required=True, help="export directory of train_victim, or an MLflow model URI")
+    p.add_argument("--defense", default='{"name": "identity"}', help="inline JSON or a .json/.yaml config file")
+    p.add_argument("--attack", default="knockoff", choices=ATTACKS)
+    p.add_argument("--queryset", default="", help="fashion_mnist, mnist5k or digits (default: the dataset)")
+    p.add_argument("--budget", type=_int, default=1000)
+    p.add_argument("--epochs", type=_int, default=10, help="clone training epochs")
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--oracle", default="local", choices=ORACLES)
+    p.add_argument("--url", default="", help="prediction URL for --oracle http")
+    p.add_argument("--http-send", default="normalised", choices=["normalised", "pixels"])
+    p.add_argument("--clone-arch", default="")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=_int, default=128)
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
+    p.add_argument("--metrics-port", type=_int, default=0, help="expose Prometheus metrics (metrics issue)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=_int, default=0,
+                   help="torch threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
+    a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    cfg = EvalConfig(
+        dataset=a.dataset, victim=a.victim, defense=parse_defense(a.defense), attack=a.attack, queryset=a.queryset,
+        budget=a.budget, epochs=a.epochs, seed=a.seed, oracle=a.oracle, url=a.url, http_send=a.http_send,
+        clone_arch=a.clone_arch, lr=a.lr, batch_size=a.batch_size,
+    )
+    observers = [metrics_observer(a.metrics_port, cfg)] if a.metrics_port else []
+
+    from mlflow_project import tracking
+
+    name = f"eval-{cfg.defense.get('name')}-{cfg.attack}-{cfg.queryset or cfg.dataset}-{cfg.budget}"
+    with tracking.start_run(name, a.tracking_uri):
+        result = evaluate(cfg, progress=not a.no_progress, observers=observers)
+        log_evaluation(result)
+    print(summary_text(result))
+    return result.metrics
+
+
+if __name__ == "__main__":
+    main()

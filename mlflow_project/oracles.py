@@ -1,0 +1,195 @@
+"""Black-box oracles the attacks query: the victim behind a defense, in-process or over HTTP.
+
+Every oracle takes a batch of inputs in the victim's input format (normalised tensors, N x shape) and returns
+the probabilities the defended API gives back (N x K rows on the simplex). It counts every row it answers and
+refuses to answer beyond its budget, so an attack's query count is exact.
+
+- :class:`LocalOracle`: victim module + defense (``plugins.build_defense``), in-process.
+- :class:`HTTPOracle`: a TorchServe prediction URL; ``POST {"instances": [...]}``, response
+  ``{"predictions": [{"label": ..., "probabilities": [...]}, ...]}``.
+- :class:`ArgmaxOracle`: wraps any oracle and returns one-hot rows of its top-1 outputs (the argmax attacker).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from plugins import DefenseOutput, build_defense, defense_class
+
+
+class BudgetExceeded(RuntimeError):
+    """An attack asked an oracle for more rows than its remaining query budget."""
+
+
+class Oracle:
+    """Base: counts answered rows against an optional budget. Subclasses implement :meth:`_answer`."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget: must be >= 0 (or None for unlimited); got {budget}")
+        self.budget = budget
+        self.queries = 0
+        self.num_classes: int | None = None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self.queries
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        if self.remaining is not None and n > self.remaining:
+            raise BudgetExceeded(f"query of {n} rows exceeds the remaining budget of {self.remaining} "
+                                 f"({self.queries} of {self.budget} spent)")
+        if n == 0:
+            return torch.empty(0, self.num_classes or 0)
+        probs = self._answer(x)
+        if probs.shape[0] != n:
+            raise RuntimeError(f"oracle answered {probs.shape[0]} rows for a query of {n}")
+        self.queries += n
+        self.num_classes = probs.shape[1]
+        return probs
+
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def make_surrogate_for(victim: nn.Module, seed: int = 0) -> nn.Module:
+    """The defender's fixed random surrogate of ``victim`` (plugins.surrogate.make_surrogate)."""
+    try:
+        from plugins.surrogate import make_surrogate
+    except ImportError as exc:
+        raise RuntimeError("this defense needs plugins.surrogate.make_surrogate, which is not installed yet") from exc
+    return make_surrogate(victim, seed)
+
+
+def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, num_classes: int,
+                         surrogate_seed: int = 0):
+    """Build the defense ``config`` for ``victim`` (a surrogate is built when the defense needs one)."""
+    config = dict(config or {"name": "identity"})
+    if "name" not in config:
+        raise ValueError("defense: the config needs a 'name' (e.g. {\"name\": \"identity\"})")
+    resources: dict[str, Any] = {"num_classes": num_classes}
+    if defense_class(config["name"]).needs_surrogate:
+        resources["surrogate"] = make_surrogate_for(victim, surrogate_seed)
+    return build_defense(config, **resources)
+
+
+class LocalOracle(Oracle):
+    """The victim behind a defense, in-process: ``defense(softmax(victim(x)), x).probs``."""
+
+    def __init__(self, victim: nn.Module, defense=None, budget: int | None = None, batch_size: int = 512,
+                 on_batch: Callable[[dict], None] | None = None) -> None:
+        super().__init__(budget)
+        self.victim = victim.eval()
+        self.defense = defense
+        self.batch_size = batch_size
+        self.on_batch = on_batch
+
+    @torch.no_grad()
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            xb = x[i : i + self.batch_size]
+            probs = torch.softmax(self.victim(xb), dim=1)
+            t0 = time.perf_counter()
+            out = self.defense(probs, xb) if self.defense is not None else DefenseOutput(probs=probs)
+            if self.on_batch is not None:
+                self.on_batch({"probs": probs, "perturbed": out.probs, "angular_deviation": out.angular_deviation,
+                               "latency_s": time.perf_counter() - t0})
+            outs.append(out.probs.float())
+        return torch.cat(outs)
+
+
+class HTTPOracle(Oracle):
+    """A served model: POST ``{"instances": x.tolist()}`` to ``url`` in batches of ``batch_size`` rows.
+
+    ``send``: ``"normalised"`` posts the model-input tensors as given; ``"pixels"`` posts them mapped back to
+    [0, 1] pixels with ``mean``/``std`` (for handlers that normalise themselves).
+    """
+
+    def __init__(self, url: str, budget: int | None = None, batch_size: int = 64, timeout: float = 30.0,
+                 send: str = "normalised", mean: float = 0.0, std: float = 1.0, session=None) -> None:
+        super().__init__(budget)
+        if send not in ("normalised", "pixels"):
+            raise ValueError(f"send: unknown {send!r}; allowed: normalised, pixels")
+        import requests
+
+        self.url = url
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.send = send
+        self.mean, self.std = mean, std
+        self.session = session or requests.Session()
+        self.last_headers: Mapping[str, str] = {}
+
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            xb = x[i : i + self.batch_size]
+            if self.send == "pixels":
+                xb = xb * self.std + self.mean
+            outs.append(self._post(xb))
+        return torch.cat(outs)
+
+    def _post(self, xb: torch.Tensor) -> torch.Tensor:
+        body = json.dumps({"instances": xb.tolist()})
+        r = self.session.post(self.url, data=body, headers={"Content-Type": "application/json"}, timeout=self.timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"oracle {self.url} answered HTTP {r.status_code}: {r.text[:300]}")
+        self.last_headers = r.headers
+        return parse_predictions(r.json(), expected_rows=len(xb), source=self.url)
+
+
+def parse_predictions(doc: Any, expected_rows: int, source: str = "response") -> torch.Tensor:
+    """The B x K probabilities of a ``{"predictions": [{"probabilities": [...]}, ...]}`` document."""
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("predictions"), list):
+        raise RuntimeError(f"{source}: expected a JSON object with a 'predictions' list; got {str(doc)[:200]}")
+    preds = doc["predictions"]
+    if len(preds) != expected_rows:
+        raise RuntimeError(f"{source}: {len(preds)} predictions for {expected_rows} instances")
+    try:
+        rows = [p["probabilities"] for p in preds]
+        probs = torch.tensor(rows, dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"{source}: every prediction needs a 'probabilities' list of equal length ({exc})") from None
+    if probs.dim() != 2 or not torch.isfinite(probs).all() or (probs < 0).any():
+        raise RuntimeError(f"{source}: probabilities must be finite, non-negative B x K rows")
+    return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class ArgmaxOracle:
+    """What the argmax attacker keeps of another oracle's answers: one-hot rows of their top-1 class.
+
+    Budget and query count are the inner oracle's.
+    """
+
+    def __init__(self, inner: Oracle) -> None:
+        self.inner = inner
+
+    @property
+    def queries(self) -> int:
+        return self.inner.queries
+
+    @property
+    def budget(self) -> int | None:
+        return self.inner.budget
+
+    @property
+    def remaining(self) -> int | None:
+        return self.inner.remaining
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.inner.num_classes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.inner(x)
+        if len(probs) == 0:
+            return probs
+        return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).float()

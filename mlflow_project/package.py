@@ -1,0 +1,633 @@
+"""``package`` entry point: build ``model_store/<name>.mar`` from a victim and a defense config.
+
+    python -m mlflow_project.package --name fmnist_mad --victim artifacts/victims/fashion_mnist_lenet \
+        --defense mad_argmax.yaml [--runtime onnx]
+
+The victim is given as files: a ``train_victim`` export directory (input_spec.json supplies the architecture,
+input shape, image normalisation and labels), a state dict with ``--arch`` (or ``--model-file`` and
+``--model-class``), a ``torch.export`` .pt2, a TorchScript file or an .onnx file (the runtime follows the
+extension unless ``--runtime`` says); or as an MLflow URI (``models:/name/3``, ``runs:/<id>/exports``)
+downloaded with ``mlflow.artifacts.download_artifacts``. The defense config is a YAML or JSON file (or inline
+JSON): a defense config (``{name: mad_argmax, epsilon: 0.5, ...}``) or ``{defense: {...}, version: {...}}``.
+A defense that needs a surrogate gets ``--surrogate FILE`` or, by default, a randomly initialised copy of the
+victim's architecture (``plugins.surrogate.make_surrogate``, seeded by ``--surrogate-seed``). The archive
+carries ``handlers/`` and ``plugins/`` and a ``model-config.yaml`` whose ``stealguard:`` section the handler
+validates when the worker starts. The undefended twin of an archive is the same victim packaged with
+``{name: identity}``.
+
+A registered defense (``--defense models:/<name>@<alias>`` or ``models:/<name>/<version>``, see register.py) is
+resolved now, when the archive is built: its bundle supplies the defense config, the surrogate's weights and,
+unless ``--victim`` is given, the victim it was tuned for, so ``package --name m --defense
+models:/digits_mlp-defense@production`` alone builds a complete archive. The registered name, version, run id
+and alias go into model-config.yaml (``stealguard.version``); the response header then reads
+``<defense>@<name>/<version>``. ``--resolve-at-start`` (with ``--fallback embedded|fail``) lets the worker
+re-resolve the alias once when it starts (handlers/registry.py). A registered victim (``--victim
+models:/<victim>@<alias>``) is taken from the export directory train_victim logged in its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("handlers", "plugins")
+HANDLER = REPO / "handlers" / "stealguard_handler.py"
+MODELS_PY = REPO / "mlflow_project" / "models.py"
+EXTENSIONS = {
+    ".pt2": "export",
+    ".onnx": "onnx",
+    ".ts": "torchscript",
+    ".torchscript": "torchscript",
+    ".pt": "eager",
+    ".pth": "eager",
+}
+_ARCHIVER_LOCK = threading.Lock()
+
+
+@dataclass
+class ModelFiles:
+    """A network given as files: what the handler's runtimes load."""
+
+    runtime: str
+    file: Path
+    model_file: Path | None = None
+    class_name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    output: str = "logits"
+
+    def __post_init__(self) -> None:
+        self.file = Path(self.file)
+        if self.runtime not in ("eager", "export", "torchscript", "onnx"):
+            raise ValueError(f"runtime: unknown {self.runtime!r}; allowed: eager, export, torchscript, onnx")
+        if not self.file.is_file():
+            raise ValueError(f"file: {self.file} does not exist")
+        if self.runtime == "eager" and not (self.model_file and self.class_name):
+            raise ValueError("an eager model needs model_file (a .py file) and class_name (or --arch)")
+        if self.model_file is not None:
+            self.model_file = Path(self.model_file)
+            if not self.model_file.is_file():
+                raise ValueError(f"model_file: {self.model_file} does not exist")
+
+    def stage(self, dest: Path) -> dict[str, Any]:
+        """Copy the files under ``dest`` (a folder inside the archive); return the ``stealguard`` spec."""
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.parent
+        shutil.copy2(self.file, dest / self.file.name)
+        sidecar = self.file.with_name(self.file.name + ".data")  # ONNX external data, when exported so
+        if self.runtime == "onnx" and sidecar.is_file():
+            shutil.copy2(sidecar, dest / sidecar.name)
+        spec: dict[str, Any] = {
+            "runtime": self.runtime,
+            "file": str((dest / self.file.name).relative_to(root)),
+        }
+        if self.runtime == "eager":
+            shutil.copy2(self.model_file, dest / self.model_file.name)
+            spec.update(
+                model_file=str((dest / self.model_file.name).relative_to(root)), **{"class": self.class_name}
+            )
+            if self.kwargs:
+                spec["kwargs"] = dict(self.kwargs)
+        if self.output != "logits":
+            spec["output"] = self.output
+        return spec
+
+
+def runtime_for(path: Path) -> str:
+    try:
+        return EXTENSIONS[path.suffix.lower()]
+    except KeyError:
+        raise ValueError(
+            f"cannot tell the runtime of {path.name} from its extension; pass --runtime "
+            f"(extensions: {', '.join(sorted(EXTENSIONS))})"
+        ) from None
+
+
+def read_defense_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(defense config, version info or None) from a YAML/JSON file; validated with plugins."""
+    from plugins import validate_config
+
+    if not Path(path).is_file() and str(path).lstrip().startswith("{"):
+        text = str(path)  # inline JSON, e.g. from `make archive ARCHIVE_DEFENSE='{"name": ...}'`
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a defense config file must hold a mapping; got {type(data).__name__}")
+    version = None
+    if "defense" in data:
+        unknown = set(data) - {"defense", "version"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: defense, version")
+        version, data = data.get("version"), data["defense"]
+    validate_config(data)
+    return dict(data), version
+
+
+def eager_from_arch(weights: Path, arch: str, num_classes: int) -> ModelFiles:
+    from mlflow_project.models import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch: unknown {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+    return ModelFiles("eager", weights, MODELS_PY, ARCHITECTURES[arch].__name__, {"num_classes": num_classes})
+
+
+def random_surrogate(victim: ModelFiles, seed: int, workdir: Path) -> ModelFiles:
+    """A randomly initialised network of the victim's (eager) architecture: the paper's MAD surrogate."""
+    if victim.runtime != "eager":
+        raise ValueError(
+            "the defense needs a surrogate: pass --surrogate FILE or --surrogate-arch (the victim's runtime "
+            f"{victim.runtime!r} does not carry its architecture)"
+        )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stealguard_package_model", victim.model_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    victim_net = getattr(module, victim.class_name)(**victim.kwargs)
+    from plugins.surrogate import make_surrogate
+
+    net = make_surrogate(victim_net, seed)
+    path = workdir / "surrogate_state_dict.pt"
+    torch.save(net.state_dict(), path)
+    return ModelFiles("eager", path, victim.model_file, victim.class_name, dict(victim.kwargs))
+
+
+def _load_eager(files: ModelFiles) -> torch.nn.Module:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stealguard_package_model", files.model_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = getattr(module, files.class_name)(**files.kwargs)
+    net.load_state_dict(torch.load(files.file, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Path) -> ModelFiles:
+    """An eager network re-saved for ``runtime`` (ONNX or torch.export, dynamic batch dimension). With
+    ``jacobian: last_layer`` MAD needs only the surrogate's softmax, so an ONNX surrogate defends the same and
+    runs faster (see BENCHMARKS.md, Serving)."""
+    if runtime == files.runtime:
+        return files
+    if files.runtime != "eager" or runtime not in ("onnx", "export"):
+        raise ValueError(
+            f"--surrogate-runtime: can convert an eager surrogate to onnx or export, not {runtime!r}"
+        )
+    net = _load_eager(files)
+    x = torch.zeros((2, *input_shape))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    if runtime == "export":
+        path = workdir / "surrogate.pt2"
+        torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), str(path))
+    else:
+        path = workdir / "surrogate.onnx"
+        torch.onnx.export(
+            net,
+            (x,),
+            str(path),
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    return ModelFiles(runtime, path)
+
+
+EXPORT_DIR_FILES = {
+    "eager": "state_dict.pt",
+    "export": "model.pt2",
+    "torchscript": "model.torchscript.pt",
+    "onnx": "model.onnx",
+}
+
+
+def apply_spec_document(args: argparse.Namespace, doc: dict[str, Any], directory: Path | None) -> None:
+    """Fill unset arguments from a victim's input_spec.json (written by train_victim): arch, classes, input
+    shape, image normalisation, labels (index_to_name.json next to it)."""
+    args.arch = args.arch or doc.get("arch")
+    args.num_classes = int(doc.get("num_classes", args.num_classes))
+    if not args.input_shape and doc.get("shape"):
+        args.input_shape = ",".join(str(int(d)) for d in doc["shape"])
+    if args.mean is None and "mean" in doc:
+        args.mean = str(doc["mean"])
+    if args.std is None and "std" in doc:
+        args.std = str(doc["std"])
+    shape = list(doc.get("shape", []))
+    if args.image is None and len(shape) == 3 and shape[0] in (1, 3):
+        args.image = True
+    if directory is not None and not args.labels and (directory / "index_to_name.json").is_file():
+        args.labels = str(directory / "index_to_name.json")
+    if doc.get("output") in ("logits", "probabilities"):
+        args.output = doc["output"]
+
+
+def _from_export_dir(directory: Path, args: argparse.Namespace) -> Path:
+    apply_spec_document(args, json.loads((directory / "input_spec.json").read_text()), directory)
+    runtime = args.runtime or "eager"
+    path = directory / EXPORT_DIR_FILES[runtime]
+    if not path.is_file():
+        raise ValueError(f"{directory}: no {path.name} for runtime {runtime!r}")
+    args.runtime = runtime
+    return path
+
+
+def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> ModelFiles:
+    """A randomly initialised ``arch`` from mlflow_project.models (``make_surrogate``), as eager files."""
+    import functools
+
+    from mlflow_project.models import ARCHITECTURES
+    from plugins.surrogate import make_surrogate
+
+    net = make_surrogate(functools.partial(ARCHITECTURES[arch], num_classes=num_classes), seed)
+    path = workdir / "surrogate_state_dict.pt"
+    torch.save(net.state_dict(), path)
+    return eager_from_arch(path, arch, num_classes)
+
+
+REGISTRY_MODELS = "registry_models.py"  # handlers/registry.py builds another version's networks from it
+
+
+def registered_defense(uri: str, workdir: Path) -> tuple[Any, dict[str, Any]]:
+    """The bundle of a registered defense version (``models:/<name>@<alias>`` or ``/<version>``), downloaded into
+    ``workdir``, and the ``stealguard.version`` record: registered name, version, run id, alias, source."""
+    import mlflow.artifacts
+
+    from mlflow_project.defense_bundle import BUNDLE_FILE, read_bundle
+    from mlflow_project.model_uris import resolve
+
+    try:
+        version = resolve(uri)
+    except ValueError as exc:
+        raise ValueError(f"--defense: {exc}") from None
+    except Exception as exc:  # MlflowException: unknown name, alias or version
+        raise ValueError(f"--defense: cannot resolve {uri}: {getattr(exc, 'message', exc)}") from None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=str(workdir / "defense")))
+    found = sorted(local.rglob(BUNDLE_FILE))
+    if not found:
+        raise ValueError(f"--defense: {uri} (version {version.version}) is not a StealGuard defense bundle "
+                         f"(no {BUNDLE_FILE}); register defenses with mlflow_project.register")
+    record = {"name": version.name, "version": version.version, "run_id": version.run_id or None,
+              "alias": version.alias, "source": uri}
+    return read_bundle(found[0].parent), record
+
+
+def resolve_victim(args: argparse.Namespace, workdir: Path) -> ModelFiles:
+    """The victim as files: a file, a train_victim export directory (input_spec.json + one file per runtime),
+    or an MLflow model/artifact URI downloaded into ``workdir`` (a registered victim: the export directory its
+    run logged, else its MLflow pytorch model)."""
+    source = args.victim
+    if source.startswith("models:/"):
+        from mlflow_project.model_uris import resolve, victim_export_dir
+
+        try:
+            registered = resolve(source)
+        except Exception as exc:  # a malformed URI (ValueError) or MlflowException: unknown name/alias/version
+            raise ValueError(f"--victim: cannot resolve {source}: {getattr(exc, 'message', exc)}") from None
+        args.victim_record = {k: v for k, v in registered.as_dict().items() if k != "source"}
+        try:
+            source = str(victim_export_dir(source, workdir / "victim-exports")[0])
+        except Exception:  # no exports logged in the version's run: use the registered model itself
+            source = args.victim
+    if source == args.victim and ("://" in source or source.startswith(("models:/", "runs:/"))):
+        import mlflow.artifacts
+
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir / "download"))
+        )
+        source = str(_pick_model_file(local, args, workdir))
+    path = Path(source)
+    if path.is_dir():
+        exports = path if (path / "input_spec.json").is_file() else path / "exports"
+        if not (exports / "input_spec.json").is_file():
+            raise ValueError(
+                f"{path}: a victim directory needs input_spec.json (a train_victim export directory)"
+            )
+        path = _from_export_dir(exports, args)
+    runtime = args.runtime or runtime_for(path)
+    if runtime == "eager":
+        if args.model_file:
+            kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+            return ModelFiles("eager", path, Path(args.model_file), args.model_class, kwargs)
+        if not args.arch:
+            raise ValueError(
+                "an eager state dict needs --arch (lenet, mlp) or --model-file and --model-class"
+            )
+        return eager_from_arch(path, args.arch, args.num_classes)
+    return ModelFiles(runtime, path, output=args.output)
+
+
+def _pick_model_file(local: Path, args: argparse.Namespace, workdir: Path) -> Path:
+    if local.is_file():
+        return local
+    if (local / "input_spec.json").is_file() or (local / "exports" / "input_spec.json").is_file():
+        return local  # a train_victim export directory (or a victim run's artifact root)
+    if (local / "MLmodel").is_file():  # an MLflow pytorch model: load it, keep its weights
+        import mlflow.pytorch
+
+        from mlflow_project.models import ARCHITECTURES
+
+        meta = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("metadata") or {}
+        if isinstance(meta.get("stealguard"), dict):
+            apply_spec_document(args, meta["stealguard"], None)
+
+        net = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        arch = next((k for k, cls in ARCHITECTURES.items() if type(net) is cls), None)
+        if arch is None:
+            raise ValueError(
+                f"MLflow model {args.victim} is a {type(net).__name__}, not one of {list(ARCHITECTURES)}; "
+                "export it (torch.export .pt2 or ONNX) and pass the file"
+            )
+        args.arch, args.num_classes = arch, int(getattr(net, "num_classes", args.num_classes))
+        out = workdir / "victim_state_dict.pt"
+        torch.save(net.state_dict(), out)
+        return out
+    found = sorted(p for p in local.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    if len(found) != 1:
+        raise ValueError(f"{args.victim}: expected one model file ({', '.join(EXTENSIONS)}); found {found}")
+    return found[0]
+
+
+def stage(
+    root: Path,
+    *,
+    victim: ModelFiles,
+    defense: dict[str, Any],
+    input_spec: dict[str, Any],
+    surrogate: ModelFiles | None = None,
+    version: dict[str, Any] | None = None,
+    labels: Path | None = None,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 5,
+    workers: int = 1,
+    response_timeout_s: int = 60,
+    threads: dict[str, int] | None = None,
+) -> Path:
+    """Lay out an archive's contents in ``root`` (what TorchServe unpacks to model_dir); return the
+    model-config.yaml path. Used by :func:`build_archive` and by the handler tests (no archive needed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    section: dict[str, Any] = {"defense": dict(defense), "victim": victim.stage(root / "victim")}
+    if surrogate is not None:
+        section["surrogate"] = surrogate.stage(root / "surrogate")
+    section["input"] = dict(input_spec)
+    if version:
+        section["version"] = dict(version)
+        if version.get("resolve_at_start"):
+            shutil.copy2(MODELS_PY, root / REGISTRY_MODELS)
+    section["threads"] = dict(threads or {"intra_op": 1, "inter_op": 1})
+    if labels is not None:
+        shutil.copy2(labels, root / "index_to_name.json")
+    for pkg in CODE_PACKAGES:
+        dest = root / pkg
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(REPO / pkg, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(HANDLER, root / HANDLER.name)
+    config = {
+        "minWorkers": workers,
+        "maxWorkers": workers,
+        "batchSize": batch_size,
+        "maxBatchDelay": max_batch_delay_ms,
+        "responseTimeout": response_timeout_s,
+        "stealguard": section,
+    }
+    path = root / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def build_archive(name: str, staged: Path, export_path: Path, version: str = "1.0") -> Path:
+    """Archive a staged directory (or its model-config.yaml, as :func:`stage` returns it) as
+    ``export_path/<name>.mar`` with torch-model-archiver's Python API."""
+    staged = Path(staged)
+    if staged.is_file():
+        staged = staged.parent
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    export_path.mkdir(parents=True, exist_ok=True)
+    cfg = ModelArchiverConfig(
+        model_name=name,
+        handler=str(staged / HANDLER.name),
+        version=version,
+        extra_files=str(staged),
+        export_path=str(export_path),
+        archive_format="default",
+        force=True,
+        config_file=str(staged / "model-config.yaml"),
+    )
+    # The archiver copies into tempfile.gettempdir()/<name> and deletes it: give it a private temp dir.
+    with _ARCHIVER_LOCK, tempfile.TemporaryDirectory(prefix="sg-archiver-") as tmp:
+        saved = tempfile.tempdir
+        tempfile.tempdir = tmp
+        try:
+            generate_model_archive(cfg)
+        finally:
+            tempfile.tempdir = saved
+    mar = export_path / f"{name}.mar"
+    if not mar.is_file():
+        raise RuntimeError(f"torch-model-archiver did not write {mar}")
+    return mar
+
+
+def input_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.input_shape:
+        shape = [int(d) for d in args.input_shape.split(",")]
+    elif args.arch:
+        from mlflow_project.models import ARCHITECTURES
+
+        shape = list(ARCHITECTURES[args.arch].input_shape)
+    else:
+        raise ValueError("--input-shape is required (e.g. 1,28,28) when --arch is not given")
+    spec: dict[str, Any] = {"shape": shape, "max_rows": args.max_rows}
+    if args.image:
+        args.mean, args.std = args.mean or "0.0", args.std or "1.0"
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise ValueError(f"--image needs an input shape C,H,W with C in 1 or 3; got {shape}")
+        spec["image"] = {
+            "size": shape[1:],
+            "mode": "L" if shape[0] == 1 else "RGB",
+            "mean": [float(v) for v in args.mean.split(",")],
+            "std": [float(v) for v in args.std.split(",")],
+        }
+    return spec
+
+
+def _int(value: str) -> int:
+    """An integer argument that also accepts MLflow's rendering of float parameters ("8.0")."""
+    number = float(value)
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
+    return int(number)
+
+
+def _runtime(value: str) -> str | None:
+    if value in ("", "auto"):
+        return None
+    if value not in EXPORT_DIR_FILES:
+        raise argparse.ArgumentTypeError(f"unknown runtime {value!r}; allowed: {', '.join(EXPORT_DIR_FILES)}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="package", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", required=True, help="model name: model_store/<name>.mar, /predictions/<name>")
+    p.add_argument(
+        "--victim",
+        help="victim file or export directory, or an MLflow URI (models:/..., runs:/...); default with a "
+        "registered --defense: the victim in its bundle",
+    )
+    p.add_argument("--runtime", type=_runtime, help="default: by extension")
+    p.add_argument("--arch", choices=["lenet", "mlp"], help="architecture of an eager state dict")
+    p.add_argument("--num-classes", type=_int, default=10)
+    p.add_argument("--model-file", help="eager: .py file defining the victim class (instead of --arch)")
+    p.add_argument("--model-class", help="eager: class name in --model-file")
+    p.add_argument("--model-kwargs", help="eager: JSON constructor arguments")
+    p.add_argument(
+        "--output", choices=["logits", "probabilities"], default="logits", help="what the victim returns"
+    )
+    p.add_argument(
+        "--defense",
+        required=True,
+        help="defense config file (YAML or JSON), inline JSON, or a registered defense models:/<name>@<alias> "
+        "or models:/<name>/<version>",
+    )
+    p.add_argument(
+        "--resolve-at-start",
+        action="store_true",
+        help="with --defense models:/<name>@<alias>: the worker re-resolves the alias once at start "
+        "(MLFLOW_TRACKING_URI must be an mlflow server)",
+    )
+    p.add_argument(
+        "--fallback",
+        choices=["embedded", "fail"],
+        default="fail",
+        help="with --resolve-at-start: when MLflow cannot be reached, serve the embedded version or fail to load",
+    )
+    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ (default: as mlflow)")
+    p.add_argument(
+        "--surrogate", help="surrogate file (any runtime; by extension); default: random victim arch"
+    )
+    p.add_argument("--surrogate-arch", choices=["lenet", "mlp"], help="random-init surrogate of this arch")
+    p.add_argument("--surrogate-seed", type=_int, default=0)
+    p.add_argument(
+        "--surrogate-runtime",
+        choices=["eager", "onnx", "export"],
+        default="eager",
+        help="ship the generated surrogate in this runtime (onnx is fastest for jacobian=last_layer)",
+    )
+    p.add_argument("--input-shape", help="one row's shape, e.g. 1,28,28 (default: the --arch input shape)")
+    p.add_argument("--max-rows", type=_int, default=256, help="most instances per request")
+    p.add_argument(
+        "--image",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also accept PNG/JPEG bodies (C,H,W input; on by default for image victims with an input_spec)",
+    )
+    p.add_argument("--mean", default=None, help="image normalisation mean(s), comma-separated (default 0)")
+    p.add_argument("--std", default=None, help="image normalisation std(s), comma-separated (default 1)")
+    p.add_argument("--labels", help="index_to_name.json to ship")
+    p.add_argument("--version-name", help="registered name of the defense config (MLflow)")
+    p.add_argument("--version", help="version of the defense config (header X-StealGuard-Defense)")
+    p.add_argument("--batch-size", type=_int, default=8)
+    p.add_argument("--max-batch-delay", type=_int, default=5, help="milliseconds")
+    p.add_argument("--workers", type=_int, default=1)
+    p.add_argument("--threads", type=_int, default=1, help="intra-op threads per worker")
+    p.add_argument("--export-path", default=str(REPO / "model_store"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = parser()
+    args = p.parse_args(argv)
+    registered = args.defense.startswith("models:/")
+    if registered and (args.version is not None or args.version_name is not None):
+        p.error("--version/--version-name: not with a registered --defense models:/... (the registry names it)")
+    if not registered and not args.victim:
+        p.error("--victim is required unless --defense is a registered defense (models:/<name>@<alias>)")
+    if args.resolve_at_start and not (registered and "@" in args.defense):
+        p.error("--resolve-at-start needs --defense models:/<name>@<alias> (an alias to re-resolve)")
+    if args.defense.startswith("models:/") or (args.victim or "").startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from mlflow_project.tracking import resolve_tracking_uri
+
+        mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri or None))
+    from plugins import defense_class
+
+    with tempfile.TemporaryDirectory(prefix="sg-package-") as tmp:
+        work = Path(tmp)
+        bundle = None
+        if registered:
+            bundle, version = registered_defense(args.defense, work)
+            defense = dict(bundle.defense)
+            version["victim_source"] = args.victim or "bundle"
+            if args.resolve_at_start:
+                version.update(resolve_at_start=True, fallback=args.fallback)
+            args.victim = args.victim or str(bundle.victim_dir)
+        else:
+            defense, version = read_defense_file(args.defense)
+            if args.version is not None or args.version_name is not None:
+                version = {**(version or {}), "name": args.version_name, "version": args.version}
+        args.victim_record = None
+        victim = resolve_victim(args, work)
+        if args.victim_record:
+            version = {**(version or {}), "victim": args.victim_record}
+        surrogate = None
+        if bundle is not None and bundle.surrogate is not None and not args.surrogate:
+            spec = bundle.surrogate  # the registered version's own weights, never re-derived
+            surrogate = eager_from_arch(bundle.root / spec["file"], spec["arch"], int(spec["num_classes"]))
+        elif args.surrogate:
+            s = Path(args.surrogate)
+            runtime = runtime_for(s)
+            surrogate = (
+                eager_from_arch(s, args.surrogate_arch or args.arch, args.num_classes)
+                if runtime == "eager"
+                else ModelFiles(runtime, s)
+            )
+        elif defense_class(defense["name"]).needs_surrogate:
+            arch = args.surrogate_arch or (args.arch if victim.runtime != "eager" else None)
+            if arch:
+                surrogate = arch_surrogate(arch, args.num_classes, args.surrogate_seed, work)
+            else:
+                surrogate = random_surrogate(victim, args.surrogate_seed, work)
+        if surrogate is not None and args.surrogate_runtime != surrogate.runtime:
+            if defense.get("jacobian") == "all" and args.surrogate_runtime == "onnx":
+                raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate")
+            shape = input_spec_from_args(args)["shape"]
+            surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
+        staged = work / "stage"
+        stage(
+            staged,
+            victim=victim,
+            defense=defense,
+            input_spec=input_spec_from_args(args),
+            surrogate=surrogate,
+            version=version,
+            labels=Path(args.labels) if args.labels else None,
+            batch_size=args.batch_size,
+            max_batch_delay_ms=args.max_batch_delay,
+            workers=args.workers,
+            threads={"intra_op": args.threads, "inter_op": 1},
+        )
+        mar_version = (version or {}).get("version") if registered else args.version
+        mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))
+    label = f", version {version['name']}/{version['version']}" if registered else ""
+    print(f"wrote {mar} ({os.path.getsize(mar)} bytes): defense {defense['name']}{label}, victim {victim.runtime}")
+    return mar
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Sweep defenses x budgets against one attack and query set, in MLflow; choose the operating point.
+
+    python -m mlflow_project.sweep --preset quick                       # Fashion-MNIST, Knockoff, ~4 minutes
+    python -m mlflow_project.sweep --preset paper --queryset mnist5k    # the larger protocol (see RESULTS.md)
+    python -m mlflow_project.sweep --preset tiny                        # digits, seconds (what the tests run)
+    mlflow run . -e sweep -P preset=quick -P attack=knockoff_argmax --env-manager local
+
+Every grid point (a defense config, :func:`sweep_presets.defense_grid`) is one nested MLflow run under a parent
+run, evaluated with :func:`mlflow_project.evaluate.evaluate` against the same victim (trained once, or reused
+from disk) and the same attacker queries (same query set and seed for every point). A point is identified by
+a stable hash of its full configuration (victim weights, dataset, attack, query set, budget, epochs, seeds,
+defense): a rerun looks the hash up among the FINISHED point runs of the same sweep and skips it, so an
+interrupted sweep (exception, Ctrl-C, killed process) resumes where it stopped and a widened grid only runs
+the new points.
+
+Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every point,
+its metrics and run id), ``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` and ``selection.json``.
+The selection step picks, among points whose defender accuracy dropped by at most ``--max-drop`` points, the
+one with the lowest attacker accuracy, prints it and tags its run ``stealguard.recommended=true``
+(:func:`mlflow_project.sweep_select.find_recommended_run` finds it again for the registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mlflow_project import data
+from mlflow_project.sweep_presets import PRESETS, Preset, defense_grid, describe, get_preset
+from mlflow_project.sweep_select import (
+    KIND_TAG,
+    POINT_KEY_TAG,
+    RECOMMENDED_TAG,
+    SWEEP_KEY_TAG,
+    select_point,
+    sweep_child_runs,
+    tag_recommended,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO_ROOT / "results" / "sweeps"
+METRIC_COLUMNS = (
+    "victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
+    "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
+)
+CSV_COLUMNS = ("label", "defense", "epsilon", "beta", "gamma", "decimals", "norm", *METRIC_COLUMNS,
+               "accuracy_drop_points", "seconds", "status", "recommended", "point_key", "run_id", "defense_config")
+PARENT_KIND = "sweep"
+POINT_KIND = "sweep_point"
+
+
+# ---------------------------------------------------------------------------------------------- identities
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys, no whitespace), first ``length`` hex digits."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, shapes, dtypes and bytes), independent of file formats."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class SweepSpec:
+    """What every point of a sweep shares (its hash is the sweep key) and the grid of defenses."""
+
+    preset: Preset
+    victim_path: str
+    victim_hash: str
+    grid: list[dict[str, Any]]
+    lr: float = 0.05
+    batch_size: int = 128
+    oracle: str = "local"
+
+    def context(self) -> dict[str, Any]:
+        p = self.preset
+        return {
+            "dataset": p.dataset, "victim_weights": self.victim_hash, "attack": p.attack, "queryset": p.queryset,
+            "budget": p.budget, "epochs": p.epochs, "seed": p.seed, "surrogate_seed": p.surrogate_seed,
+            "lr": self.lr, "batch_size": self.batch_size, "oracle": self.oracle,
+        }
+
+    @property
+    def sweep_key(self) -> str:
+        return stable_hash(self.context())
+
+    def point_key(self, defense: Mapping[str, Any]) -> str:
+        return stable_hash({**self.context(), "defense": dict(defense)})
+
+
+# ---------------------------------------------------------------------------------------------- the victim
+
+
+def default_victim_dir(dataset: str, arch: str) -> Path:
+    """Where the lab keeps a trained victim (``artifacts/victims/<dataset>_<arch>``, git-ignored)."""
+    return REPO_ROOT / "artifacts" / "victims" / f"{dataset}_{arch}"
+
+
+def resolve_victim(preset: Preset, victim: str = "", cache_dir: str | Path | None = None, progress: bool = True):
+    """The sweep's victim: ``victim`` if given, else the lab's saved one, else trained once and cached.
+
+    Returns (evaluate.Victim, path). A trained victim is written to ``cache_dir`` (default
+    ``results/victims``) under a name that holds dataset, arch, epochs and seed, and reused on later sweeps.
+    """
+    from mlflow_project.evaluate import load_victim
+    from mlflow_project.train_victim import spec_document, train_victim
+
+    arch = preset.arch or data.default_arch(preset.dataset)
+    if victim:
+        v = load_victim(victim)
+        return v, victim
+    lab = default_victim_dir(preset.dataset, arch)
+    if (lab / "input_spec.json").exists() and (lab / "state_dict.pt").exists():
+        return load_victim(lab), str(lab)
+    epochs = preset.victim_epochs or None
+    cache = Path(cache_dir) if cache_dir else REPO_ROOT / "results" / "victims"
+    out = cache / f"{preset.dataset}_{arch}_e{preset.victim_epochs or 'default'}_s{preset.seed}"
+    if not ((out / "input_spec.json").exists() and (out / "state_dict.pt").exists()):
+        res = train_victim(preset.dataset, arch, epochs=epochs, seed=preset.seed, progress=progress)
+        # only what load_exported needs (the full set of runtime exports is train_victim's job)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(res.model.state_dict(), out / "state_dict.pt")
+        doc = spec_document(res.arch, res.spec, res.test_accuracy)
+        (out / "input_spec.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return load_victim(out), str(out)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    sweep_key: str
+    points: list[dict[str, Any]]
+    recommended: dict[str, Any] | None
+    results_dir: Path
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    new_points: int = 0
+    reused_points: int = 0
+    seconds: float = 0.0
+
+
+def _flat_row(defense: Mapping[str, Any], metrics: Mapping[str, float], **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"label": describe(dict(defense)), "defense": defense["name"],
+                           "defense_config": json.dumps(dict(defense), sort_keys=True)}
+    for k in ("epsilon", "beta", "gamma", "decimals", "norm"):
+        row[k] = defense.get(k, "")
+    for k in METRIC_COLUMNS:
+        v = metrics.get(k)
+        row[k] = float(v) if v is not None else math.nan
+    if math.isfinite(row["victim_accuracy"]) and math.isfinite(row["defender_accuracy"]):
+        row["accuracy_drop_points"] = 100.0 * (row["victim_accuracy"] - row["defender_accuracy"])
+    else:
+        row["accuracy_drop_points"] = math.nan
+    row.update(extra)
+    return row
+
+
+def _find_parent(client, experiment_id: str, sweep_key: str):
+    flt = f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' AND tags.`{KIND_TAG}` = '{PARENT_KIND}'"
+    runs = client.search_runs([experiment_id], filter_string=flt, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def finished_points(client, experiment_id: str, sweep_key: str) -> dict[str, Any]:
+    """``{point_key: run}`` of the FINISHED point runs of a sweep (the newest run wins if a key repeats)."""
+    done: dict[str, Any] = {}
+    for run in sweep_child_runs(client, experiment_id, sweep_key, finished_only=True):
+        key = run.data.tags.get(POINT_KEY_TAG)
+        if key:
+            done[key] = run
+    return done
+
+
+def run_sweep(
+    preset: Preset | str = "quick",
+    victim: str = "",
+    tracking_uri: str | None = None,
+    experiment: str = "stealguard",
+    results_dir: str | Path | None = None,
+    max_drop: float | None = None,
+    progress: bool = True,
+    victim_cache_dir: str | Path | None = None,
+    evaluate_fn: Callable | None = None,
+    grid: Sequence[Mapping[str, Any]] | None = None,
+    report_only: bool = False,
+) -> SweepResult:
+    """Run (or resume) the sweep of ``preset``; return its points, selection and output files.
+
+    ``evaluate_fn(EvalConfig, victim=..., progress=...)`` defaults to :func:`mlflow_project.evaluate.evaluate`
+    (a seam for tests that inject failures). ``grid`` overrides the preset's defense grid. ``report_only``:
+    evaluate nothing and leave the parent run's state alone; write the outputs and select from the points
+    finished so far (e.g. while a long sweep is still running, or after it was stopped).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_project import tracking
+    from mlflow_project.evaluate import EvalConfig, evaluate, log_evaluation
+
+    t_start = time.perf_counter()
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    max_drop = preset.max_drop if max_drop is None else max_drop
+    evaluate_fn = evaluate_fn or evaluate
+    experiment_id = tracking.setup(tracking_uri, experiment)
+    client = MlflowClient(mlflow.get_tracking_uri())
+
+    vict, victim_path = resolve_victim(preset, victim, victim_cache_dir, progress)
+    if vict.spec.dataset != preset.dataset:
+        raise ValueError(f"victim: {victim_path} was trained on {vict.spec.dataset!r} but the sweep's dataset is "
+                         f"{preset.dataset!r}")
+    configs = [dict(c) for c in (grid if grid is not None else defense_grid(preset))]
+    if not configs:
+        raise ValueError("grid: the sweep has no points; enable at least one defense")
+    spec = SweepSpec(preset=preset, victim_path=victim_path, victim_hash=weights_hash(vict.model), grid=configs)
+    sweep_key = spec.sweep_key
+    out_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS / (
+        f"{preset.name}-{preset.dataset}-{preset.attack}-{preset.queryset}-{preset.budget}-{sweep_key[:8]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    parent = _find_parent(client, experiment_id, sweep_key)
+    if report_only:
+        if parent is None:
+            raise LookupError(f"report_only: no sweep {sweep_key} in experiment {experiment!r} yet; run it first")
+        done = finished_points(client, experiment_id, sweep_key)
+        rows = []
+        for defense in configs:
+            run = done.get(spec.point_key(defense))
+            if run is not None:
+                rows.append(_flat_row(defense, run.data.metrics, status="reused", point_key=spec.point_key(defense),
+                                      run_id=run.info.run_id,
+                                      seconds=run.data.metrics.get("seconds_total", math.nan)))
+        if not rows:
+            raise LookupError(f"report_only: sweep {sweep_key} has no finished point yet")
+        recommended, artifacts = _finish(client, experiment_id, sweep_key, parent.info.run_id, rows, out_dir, preset,
+                                         max_drop)
+        return SweepResult(parent.info.run_id, sweep_key, rows, recommended, out_dir, artifacts, 0, len(rows),
+                           time.perf_counter() - t_start)
+    run_name = f"sweep-{preset.name}-{preset.attack}-{preset.queryset}-{preset.budget}"
+    parent_kwargs = {"run_id": parent.info.run_id} if parent else {"run_name": run_name}
+    rows: list[dict[str, Any]] = []
+    new = reused = 0
+    with mlflow.start_run(**parent_kwargs) as parent_run:
+        parent_id = parent_run.info.run_id
+        mlflow.set_tags({KIND_TAG: PARENT_KIND, SWEEP_KEY_TAG: sweep_key, "stealguard.preset": preset.name})
+        if parent is None:
+            mlflow.log_params({**{k: v for k, v in spec.context().items()}, "preset": preset.name,
+                               "victim": victim_path, "arch": vict.arch})
+        mlflow.log_dict({"preset": preset.to_dict(), "context": spec.context(), "grid": configs}, "sweep.json")
+        done = finished_points(client, experiment_id, sweep_key)
+        bar = tqdm(configs, desc=f"sweep {preset.name}", unit="point", disable=not progress)
+        for defense in bar:
+            key = spec.point_key(defense)
+            label = describe(defense)
+            bar.set_postfix_str(label)
+            if key in done:
+                run = done[key]
+                rows.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key,
+                                      run_id=run.info.run_id, seconds=run.data.metrics.get("seconds_total", math.nan)))
+                reused += 1
+                continue
+            cfg = EvalConfig(dataset=preset.dataset, victim=victim_path, defense=defense, attack=preset.attack,
+                             queryset=preset.queryset, budget=preset.budget, epochs=preset.epochs, seed=preset.seed,
+                             oracle=spec.oracle, lr=spec.lr, batch_size=spec.batch_size,
+                             surrogate_seed=preset.surrogate_seed)
+            tags = {KIND_TAG: POINT_KIND, SWEEP_KEY_TAG: sweep_key, POINT_KEY_TAG: key,
+                    "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
+            with mlflow.start_run(run_name=label, nested=True, tags=tags) as child:
+                result = evaluate_fn(cfg, victim=vict, progress=False)
+                log_evaluation(result)
+                mlflow.log_param("defense_config", json.dumps(defense, sort_keys=True))
+                mlflow.set_tags({KIND_TAG: POINT_KIND, "stealguard.label": label})
+            rows.append(_flat_row(defense, result.metrics, status="new", point_key=key, run_id=child.info.run_id,
+                                  seconds=result.seconds.get("total", math.nan)))
+            new += 1
+            bar.set_postfix_str(f"{label} attacker={100 * result.metrics['attacker_accuracy']:.1f}%")
+        bar.close()
+
+        recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, max_drop)
+        mlflow.log_metrics({"points": len(rows), "points_new": new, "points_reused": reused,
+                            "sweep_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
+                            "loadavg_1m_end": os.getloadavg()[0]})
+        if recommended:
+            mlflow.log_metrics({f"recommended_{k}": float(recommended[k]) for k in
+                                ("attacker_accuracy", "defender_accuracy", "perturbation_l1_mean")})
+    return SweepResult(parent_id, sweep_key, rows, recommended, out_dir, artifacts, new, reused,
+                       time.perf_counter() - t_start)
+
+
+def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: list[dict[str, Any]], out_dir: Path,
+            preset: Preset, max_drop: float) -> tuple[dict[str, Any] | None, dict[str, Path]]:
+    """Select and tag the recommended point, write the outputs, log them to the parent run."""
+    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, rows, max_drop)
+    for r in rows:
+        r["recommended"] = r["run_id"] == (recommended or {}).get("run_id")
+    artifacts = write_outputs(rows, out_dir, preset, recommended, max_drop)
+    for p in artifacts.values():
+        client.log_artifact(parent_id, str(p), artifact_path="sweep")
+    return recommended, artifacts
+
+
+def select_and_tag(client, experiment_id: str, sweep_key: str, parent_run_id: str, rows: Sequence[Mapping],
+                   max_drop: float) -> dict[str, Any] | None:
+    """Pick the point (see :func:`sweep_select.select_point`), tag its run, print it; None if nothing fits."""
+    try:
+        best = dict(select_point(rows, max_drop))
+    except ValueError as exc:
+        print(f"selection: {exc}")
+        for run in sweep_child_runs(client, experiment_id, sweep_key):
+            if RECOMMENDED_TAG in run.data.tags:
+                client.delete_tag(run.info.run_id, RECOMMENDED_TAG)
+        return None
+    tag_recommended(client, experiment_id, sweep_key, best["run_id"], parent_run_id)
+    print(f"recommended (defender-accuracy drop <= {max_drop:g} points): {best['label']}  "
+          f"attacker {100 * best['attacker_accuracy']:.2f}%  defender {100 * best['defender_accuracy']:.2f}% "
+          f"(drop {best['accuracy_drop_points']:.2f})  L1 {best['perturbation_l1_mean']:.3f}  run {best['run_id']}")
+    return best
+
+
+def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: Path, preset: Preset,
+                  recommended: Mapping[str, Any] | None, max_drop: float) -> dict[str, Path]:
+    """points.csv, the two trade-off plots and selection.json in ``out_dir``."""
+    from mlflow_project.sweep_plots import plot_tradeoff
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "points.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    title = (f"{preset.dataset} victim, {preset.attack} attacker\n{preset.queryset} queries, budget {preset.budget}, "
+             f"clone epochs {preset.epochs}")
+    rec_key = recommended["point_key"] if recommended else None
+    acc = plot_tradeoff(rows, "defender_accuracy", out_dir / "attacker_vs_defender_accuracy.png", title,
+                        recommended=rec_key)
+    l1 = plot_tradeoff(rows, "perturbation_l1_mean", out_dir / "attacker_vs_l1.png", title, recommended=rec_key)
+    sel = out_dir / "selection.json"
+    sel.write_text(json.dumps({"max_drop_points": max_drop, "recommended": dict(recommended) if recommended else None,
+                               "preset": preset.to_dict()}, indent=2, default=str) + "\n")
+    return {"csv": csv_path, "plot_accuracy": acc, "plot_l1": l1, "selection": sel}
+
+
+def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
+    """A sweep's points.csv back as dicts, numbers parsed (for tables such as RESULTS.md's)."""
+    rows = []
+    with Path(csv_path).open() as f:
+        for r in csv.DictReader(f):
+            for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals"):
+                if r.get(k) not in (None, ""):
+                    r[k] = float(r[k])
+            rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _int(text: str) -> int:
+    """An integer that MLproject may pass as a float ("2000.0")."""
+    value = float(text)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}")
+    return int(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="quick", choices=list(PRESETS))
+    p.add_argument("--victim", default="", help="export directory or MLflow model URI (default: the lab's saved "
+                   "victim under artifacts/victims, else one trained once and cached under results/victims)")
+    p.add_argument("--dataset", default="", choices=["", *data.DATASETS])
+    p.add_argument("--attack", default="", help="knockoff, jbda, jbself, jbtop3, or any of them + _argmax")
+    p.add_argument("--queryset", default="", choices=["", *data.DATASETS])
+    p.add_argument("--budget", type=_int, default=0, help="attacker queries (default: the preset's)")
+    p.add_argument("--epochs", type=_int, default=0, help="clone training epochs (default: the preset's)")
+    p.add_argument("--seed", type=_int, default=-1)
+    for name in ("mad_epsilons", "mad_argmax_epsilons", "reverse_sigmoid_betas", "random_noise_epsilons",
+                 "rounding_decimals"):
+        p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
+    p.add_argument("--no-label-only", action="store_true", help="leave the label-only point out of the grid")
+    p.add_argument("--max-drop", type=float, default=-1.0,
+                   help="largest acceptable defender-accuracy drop in points (default: the preset's, 1.0)")
+    p.add_argument("--results-dir", default="", help="default: results/sweeps/<preset>-...-<sweep key>")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
+    p.add_argument("--report-only", action="store_true",
+                   help="run no new point: write the CSV, plots and selection from the finished points so far")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> SweepResult:
+    a = _parser().parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    overrides = {
+        "dataset": a.dataset or None, "attack": a.attack or None, "queryset": a.queryset or None,
+        "budget": a.budget or None, "epochs": a.epochs or None, "seed": a.seed if a.seed >= 0 else None,
+        "mad_epsilons": a.mad_epsilons, "mad_argmax_epsilons": a.mad_argmax_epsilons,
+        "reverse_sigmoid_betas": a.reverse_sigmoid_betas, "random_noise_epsilons": a.random_noise_epsilons,
+        "rounding_decimals": a.rounding_decimals, "label_only": False if a.no_label_only else None,
+    }
+    if a.dataset and not a.queryset:
+        overrides["queryset"] = a.dataset  # a new dataset's in-distribution query set unless told otherwise
+    preset = get_preset(a.preset, **overrides)
+    result = run_sweep(preset, victim=a.victim, tracking_uri=a.tracking_uri, results_dir=a.results_dir or None,
+                       max_drop=a.max_drop if a.max_drop >= 0 else None, progress=not a.no_progress,
+                       report_only=a.report_only)
+    print(f"sweep {result.sweep_key}: {len(result.points)} points ({result.new_points} new, "
+          f"{result.reused_points} reused) in {result.seconds:.1f}s; parent run {result.parent_run_id}")
+    print(f"outputs: {result.results_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

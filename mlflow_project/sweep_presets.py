@@ -1,0 +1,147 @@
+"""Sweep presets and the defense grid: which defenses x budgets a sweep measures, for which victim and attacker.
+
+Three presets (``--preset``), each overridable field by field from the command line:
+
+- ``tiny``: scikit-learn digits, MLP victim, 300 queries, a handful of points: the test suite's sweep (seconds).
+- ``quick``: Fashion-MNIST LeNet, 2,000 Knockoff queries, 4 clone epochs, 11 points: the demo and CI-sized
+  check (measured here in RESULTS.md, with a trained victim on disk).
+- ``paper``: Fashion-MNIST LeNet, 20,000 queries, 5 clone epochs, 13 points: the paper's protocol scaled to
+  fit <= 60 minutes on this 2-core machine (budget, clone epochs and grid chosen from the measured per-point
+  cost: about 100k clone training samples per point; see RESULTS.md).
+
+Reverse sigmoid's gamma is fixed per dataset as in the paper (MNIST 0.2, FashionMNIST 0.4, CIFAR10 0.1); digits
+and mnist5k are MNIST-like and use MNIST's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+# The paper's reverse-sigmoid gamma per victim dataset (Orekondy et al. 2020, Sec. 6 / appendix).
+REVERSE_SIGMOID_GAMMA = {"mnist": 0.2, "mnist5k": 0.2, "digits": 0.2, "fashion_mnist": 0.4, "cifar10": 0.1}
+
+
+def reverse_sigmoid_gamma(dataset: str) -> float:
+    try:
+        return REVERSE_SIGMOID_GAMMA[dataset]
+    except KeyError:
+        allowed = ", ".join(sorted(REVERSE_SIGMOID_GAMMA))
+        raise ValueError(f"dataset: no reverse-sigmoid gamma for {dataset!r}; known: {allowed}") from None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a sweep needs besides the tracking store: victim, attacker, grid."""
+
+    name: str
+    dataset: str = "fashion_mnist"
+    arch: str = ""  # "" = the dataset's default (lenet for 28x28, mlp for digits)
+    victim_epochs: int = 0  # used only when the sweep has to train its victim; 0 = the dataset's default
+    attack: str = "knockoff"
+    queryset: str = "fashion_mnist"
+    budget: int = 2000
+    epochs: int = 4  # clone training epochs
+    seed: int = 0
+    surrogate_seed: int = 0
+    # the quick grid (11 points): budgets chosen from a first Fashion-MNIST sweep, where MAD flips most top-1
+    # labels at epsilon 1.0 while MAD-argmax and reverse sigmoid keep every label up to L1 ~1.5
+    mad_epsilons: tuple[float, ...] = (0.5, 0.8)
+    mad_argmax_epsilons: tuple[float, ...] = (0.5, 1.0, 2.0)
+    reverse_sigmoid_betas: tuple[float, ...] = (0.1, 0.5)
+    random_noise_epsilons: tuple[float, ...] = (5.0,)
+    rounding_decimals: tuple[int, ...] = (1,)
+    label_only: bool = True
+    max_drop: float = 1.0  # selection: the largest acceptable defender-accuracy drop, in accuracy points
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"budget: must be >= 1 query; got {self.budget}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs: must be >= 1; got {self.epochs}")
+        if not 0 <= self.max_drop <= 100:
+            raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {self.max_drop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny", dataset="digits", attack="knockoff", queryset="digits", budget=300, epochs=3, victim_epochs=8,
+        mad_epsilons=(0.5,), mad_argmax_epsilons=(0.5,), reverse_sigmoid_betas=(0.1,), random_noise_epsilons=(2.0,),
+        rounding_decimals=(1,),
+    ),
+    "quick": Preset(name="quick"),
+    "paper": Preset(
+        name="paper", budget=20000, epochs=5,
+        mad_epsilons=(0.5, 0.7, 0.85), mad_argmax_epsilons=(0.5, 1.0, 2.0),
+        reverse_sigmoid_betas=(0.1, 0.5, 1.0), random_noise_epsilons=(5.0,), rounding_decimals=(1,),
+    ),
+}
+
+# Fields a command line may override (the grids take comma-separated lists).
+OVERRIDABLE = tuple(f.name for f in fields(Preset) if f.name not in ("name", "extra"))
+TUPLE_FIELDS = {f.name for f in fields(Preset) if str(f.type).startswith("tuple")}
+
+
+def get_preset(name: str, **overrides: Any) -> Preset:
+    """Preset ``name`` with the non-None ``overrides`` applied (grids may be given as tuples or "a,b,c")."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"preset: unknown {name!r}; allowed: {', '.join(PRESETS)}") from None
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None or value == "":
+            continue
+        if key not in OVERRIDABLE:
+            raise ValueError(f"{key}: not a preset field; allowed: {', '.join(OVERRIDABLE)}")
+        if key in TUPLE_FIELDS:
+            value = parse_grid(key, value)
+        changes[key] = value
+    return replace(base, **changes)
+
+
+def parse_grid(key: str, value: Any) -> tuple:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if value.strip().lower() in ("none", "-"):
+            return ()
+        try:
+            parsed = [int(v) if key == "rounding_decimals" else float(v) for v in items]
+        except ValueError:
+            raise ValueError(f"{key}: expected a comma-separated list of numbers (or 'none'); got {value!r}") from None
+        return tuple(parsed)
+    return tuple(value)
+
+
+def defense_grid(preset: Preset) -> list[dict[str, Any]]:
+    """The defense configs of a sweep, undefended first, in a stable order."""
+    grid: list[dict[str, Any]] = [{"name": "identity"}]
+    grid += [{"name": "mad", "epsilon": float(e), "norm": "l1"} for e in preset.mad_epsilons]
+    grid += [{"name": "mad_argmax", "epsilon": float(e), "norm": "l1"} for e in preset.mad_argmax_epsilons]
+    gamma = reverse_sigmoid_gamma(preset.dataset)
+    grid += [{"name": "reverse_sigmoid", "beta": float(b), "gamma": gamma} for b in preset.reverse_sigmoid_betas]
+    grid += [{"name": "random_noise", "epsilon": float(e), "norm": "l2"} for e in preset.random_noise_epsilons]
+    grid += [{"name": "rounding", "decimals": int(d)} for d in preset.rounding_decimals]
+    if preset.label_only:
+        grid.append({"name": "label_only"})
+    return grid
+
+
+# The parameter that moves along each defense's curve (for plots and tables).
+CURVE_PARAMETER = {"mad": "epsilon", "mad_argmax": "epsilon", "reverse_sigmoid": "beta",
+                   "random_noise": "epsilon", "rounding": "decimals"}
+
+
+def describe(config: dict[str, Any]) -> str:
+    """A short label for a defense config, e.g. ``mad_argmax(epsilon=0.5)``."""
+    name = config["name"]
+    key = CURVE_PARAMETER.get(name)
+    return f"{name}({key}={config[key]:g})" if key and key in config else name

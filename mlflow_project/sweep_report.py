@@ -1,0 +1,120 @@
+"""Tables for RESULTS.md, computed from sweep CSVs (never typed by hand).
+
+    python -m mlflow_project.sweep_report results/sweeps/quick-*/points.csv --plots-dir docs/results \
+        --link-prefix docs/results/ --into RESULTS.md
+
+For each sweep CSV: the undefended victim and attacker accuracies, and per defense the lowest attacker
+accuracy reachable with a defender-accuracy drop of at most 0.5, 1 and 5 points
+(:func:`sweep_select.attacker_accuracy_at_drops`; the undefended point counts for every defense). With
+``--plots-dir``, the sweep's two plots are copied there under names that say which sweep they belong to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlflow_project.sweep import read_points
+from mlflow_project.sweep_select import attacker_accuracy_at_drops
+
+DROPS = (0.5, 1.0, 5.0)
+ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only")
+
+
+def sweep_name(csv_path: Path) -> str:
+    """The sweep's name: its results folder, e.g. ``quick-fashion_mnist-knockoff-mnist5k-2000-1a2b3c4d``."""
+    return csv_path.parent.name
+
+
+def describe_sweep(csv_path: Path) -> dict:
+    sel = csv_path.parent / "selection.json"
+    doc = json.loads(sel.read_text()) if sel.exists() else {}
+    return doc.get("preset", {})
+
+
+def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
+    csv_path = Path(csv_path)
+    points = read_points(csv_path)
+    if not points:
+        raise ValueError(f"{csv_path}: no points")
+    preset = describe_sweep(csv_path)
+    und = next((p for p in points if p["defense"] == "identity"), None)
+    at = attacker_accuracy_at_drops(points, drops)
+    head = (f"**{preset.get('attack', '?')}** attacker, query set **{preset.get('queryset', '?')}**, "
+            f"budget {preset.get('budget', '?')}, clone epochs {preset.get('epochs', '?')} "
+            f"(sweep `{sweep_name(csv_path)}`, {len(points)} points)")
+    lines = [head, ""]
+    if und:
+        lines.append(f"Undefended: victim {100 * und['victim_accuracy']:.1f}%, attacker "
+                     f"{100 * und['attacker_accuracy']:.1f}%.")
+        lines.append("")
+    cols = " | ".join(f"drop <= {d:g}" for d in drops)
+    lines += [f"| defense | {cols} | best point within 1 point |", "|---" * (len(drops) + 2) + "|"]
+    names = [n for n in ORDER if n in at] + [n for n in at if n not in ORDER]
+    for name in names:
+        cells = " | ".join("n/a" if at[name][d] is None else f"{100 * at[name][d]:.1f}" for d in drops)
+        mine = [p for p in points if p["defense"] == name and p["accuracy_drop_points"] <= 1.0 + 1e-9]
+        best = min(mine, key=lambda p: p["attacker_accuracy"])["label"] if mine else "(none: undefended)"
+        lines.append(f"| {name} | {cells} | {best} |")
+    lines.append("")
+    lines.append("Attacker (clone) test accuracy in %, the lowest reachable with at most that drop in defender "
+                 "accuracy (points).")
+    return "\n".join(lines)
+
+
+def copy_plots(csv_path: Path, plots_dir: Path) -> list[Path]:
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in ("attacker_vs_defender_accuracy.png", "attacker_vs_l1.png"):
+        src = csv_path.parent / name
+        if src.exists():
+            dst = plots_dir / f"{sweep_name(csv_path).rsplit('-', 1)[0]}-{name}"
+            shutil.copyfile(src, dst)
+            out.append(dst)
+    return out
+
+
+BEGIN = "<!-- sweep_report:begin -->"
+END = "<!-- sweep_report:end -->"
+
+
+def fill_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between the BEGIN and END markers of ``path`` with ``text``."""
+    doc = path.read_text()
+    i, j = doc.find(BEGIN), doc.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"{path}: needs the markers {BEGIN} and {END} (in that order) around the generated part")
+    path.write_text(doc[: i + len(BEGIN)] + "\n" + text.strip() + "\n" + doc[j:])
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep_report", description=__doc__.split("\n")[0])
+    p.add_argument("csv", nargs="+", help="points.csv files written by mlflow_project.sweep")
+    p.add_argument("--out", default="", help="write the markdown here (default: print it)")
+    p.add_argument("--plots-dir", default="", help="copy each sweep's plots here")
+    p.add_argument("--into", default="", help=f"replace the text between {BEGIN!r} and {END!r} in this file")
+    p.add_argument("--link-prefix", default="", help="prefix of the plot links (e.g. docs/results/)")
+    a = p.parse_args(argv)
+    parts = []
+    for c in a.csv:
+        path = Path(c)
+        parts.append(table(path))
+        if a.plots_dir:
+            for dst in copy_plots(path, Path(a.plots_dir)):
+                parts.append(f"![{dst.stem}]({a.link_prefix}{dst.name})")
+        parts.append("")
+    text = "\n\n".join(parts)
+    if a.into:
+        fill_between_markers(Path(a.into), text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

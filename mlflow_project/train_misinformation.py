@@ -1,0 +1,235 @@
+"""Train the misinformation model of ``adaptive_misinformation`` (Kariyappa & Qureshi, CVPR 2020), export and log it.
+
+    python -m mlflow_project.train_misinformation --victim artifacts/victims/fashion_mnist_lenet \
+        --output-dir artifacts/misinformation/fashion_mnist_lenet
+    mlflow run . -e train_misinformation -P victim=artifacts/victims/fashion_mnist_lenet --env-manager local
+
+The model has the victim's architecture and is trained on the victim's training set to be *wrong*: it
+minimises ``-log(1 - p_true)`` (the probability it gives the true class is driven to 0, the rest of the mass
+is left free). Defended queries that look out-of-distribution get its softmax instead of the victim's.
+
+The dataset and architecture come from a victim export directory (``--victim``, its input_spec.json) or are
+given (``--dataset``, ``--arch``). The export directory has the victim's layout (:func:`export_victim`), so it
+ships in an archive exactly like a surrogate or a victim (any runtime: eager, export, torchscript, onnx):
+
+- ``state_dict.pt``, ``model.pt2``, ``model.torchscript.pt``, ``model.onnx`` (input ``x``, output ``logits``);
+- ``input_spec.json`` (arch, shape, normalisation, classes; ``test_accuracy`` is the misinformation model's
+  agreement with the true labels, near 0) and ``index_to_name.json``;
+- ``misinformation.json``: ``{"kind": "misinformation", "loss": "-log(1 - p_true)", "arch", "dataset",
+  "epochs", "lr", "batch_size", "seed", "test_accuracy", "test_true_class_prob", "train_seconds"}``.
+
+MLflow (experiment ``stealguard``): params, ``epoch_loss`` per epoch, ``test_accuracy`` (agreement with the
+truth), ``test_true_class_prob`` (mean p_true on the test split), ``train_seconds``; the export directory as
+artifacts under ``misinformation/``; tag ``stealguard.kind=misinformation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mlflow_project import data
+from mlflow_project.models import build_model
+from mlflow_project.train_victim import export_victim
+from mlflow_project.training import TrainConfig, predict_probs
+
+# Fewer epochs than the victim: being wrong is easier than being right.
+DEFAULTS = {
+    "fashion_mnist": {"epochs": 4, "lr": 0.02, "batch_size": 128},
+    "mnist5k": {"epochs": 10, "lr": 0.02, "batch_size": 64},
+    "digits": {"epochs": 15, "lr": 0.02, "batch_size": 32},
+}
+INFO_FILE = "misinformation.json"
+
+
+@dataclass
+class MisinformationResult:
+    model: nn.Module
+    arch: str
+    spec: data.InputSpec
+    train_config: TrainConfig
+    test_accuracy: float  # agreement with the true labels (the lower, the better)
+    test_true_class_prob: float  # mean probability given to the true class on the test split
+    losses: list[float]
+    seconds: float
+
+    def info(self) -> dict:
+        cfg = self.train_config
+        return {
+            "kind": "misinformation", "loss": "-log(1 - p_true)", "arch": self.arch, "dataset": self.spec.dataset,
+            "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "test_accuracy": self.test_accuracy, "test_true_class_prob": self.test_true_class_prob,
+            "train_seconds": round(self.seconds, 3),
+        }
+
+
+def misinformation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log(1 - softmax(logits)[true])``, computed stably as
+    ``logsumexp(all logits) - logsumexp(logits without the true one)``."""
+    true = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels.unsqueeze(1), True)
+    rest = logits.masked_fill(true, -math.inf)
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(rest, dim=1)).mean()
+
+
+def fit(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, progress: bool = True,
+        on_epoch=None) -> list[float]:
+    """SGD with momentum and a cosine schedule on :func:`misinformation_loss`; the mean loss of each epoch."""
+    if len(x) != len(labels):
+        raise ValueError(f"x has {len(x)} rows but labels has {len(labels)}")
+    losses: list[float] = []
+    if cfg.epochs == 0 or len(x) == 0:
+        return losses
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc="misinformation", disable=not progress, leave=False, unit="epoch")
+    for epoch in bar:
+        perm = torch.randperm(len(x), generator=gen)
+        total, n = 0.0, 0
+        for i in range(0, len(x), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = misinformation_loss(model(x[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        losses.append(total / n)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    model.eval()
+    return losses
+
+
+def train_misinformation(
+    dataset: str = "fashion_mnist",
+    arch: str | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+    on_epoch=None,
+) -> MisinformationResult:
+    """Train a misinformation model on ``dataset``'s train split (the victim's) and score it (no MLflow)."""
+    data.check_dataset(dataset)
+    arch = arch or data.default_arch(dataset)
+    d = DEFAULTS[dataset]
+    cfg = TrainConfig(
+        epochs=d["epochs"] if epochs is None else epochs,
+        lr=d["lr"] if lr is None else lr,
+        batch_size=d["batch_size"] if batch_size is None else batch_size,
+        seed=seed,
+    )
+    vd = data.victim_data(dataset, arch)
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=vd.spec.num_classes)
+    t0 = time.perf_counter()
+    losses = fit(model, vd.train.x, vd.train.y, cfg, progress=progress, on_epoch=on_epoch)
+    seconds = time.perf_counter() - t0
+    probs = predict_probs(model, vd.test.x)
+    return MisinformationResult(
+        model=model.eval(), arch=arch, spec=vd.spec, train_config=cfg,
+        test_accuracy=(probs.argmax(dim=1) == vd.test.y).float().mean().item(),
+        test_true_class_prob=probs.gather(1, vd.test.y.unsqueeze(1)).mean().item(),
+        losses=losses, seconds=seconds,
+    )
+
+
+def export_misinformation(result: MisinformationResult, out_dir: str | Path, runtimes: bool = True) -> dict[str, Path]:
+    """The victim's export layout (every runtime) plus ``misinformation.json``."""
+    paths = export_victim(result.model, result.arch, result.spec, out_dir, result.test_accuracy, runtimes=runtimes)
+    paths[INFO_FILE] = Path(out_dir) / INFO_FILE
+    paths[INFO_FILE].write_text(json.dumps(result.info(), indent=2) + "\n")
+    return paths
+
+
+def victim_dataset_and_arch(victim_dir: str | Path) -> tuple[str, str]:
+    """(dataset, arch) from a victim export directory's input_spec.json."""
+    spec_path = Path(victim_dir) / "input_spec.json"
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"victim: {victim_dir} has no input_spec.json (expected a train_victim export)")
+    doc = json.loads(spec_path.read_text())
+    return doc["dataset"], doc["arch"]
+
+
+def _int(value: str) -> int:
+    f = float(value)
+    if f != int(f):
+        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
+    return int(f)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.train_misinformation",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--victim", default="", help="a train_victim export directory (gives dataset and arch)")
+    p.add_argument("--dataset", default="", help=f"one of {', '.join(data.DATASETS)} (default: the victim's)")
+    p.add_argument("--arch", default="", help="lenet or mlp (default: the victim's, else the dataset's default)")
+    p.add_argument("--epochs", type=_int, default=None, help="default per dataset: " + json.dumps(DEFAULTS))
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=_int, default=None)
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--output-dir", default="", help="also keep the exports here (default: a temporary directory)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    dataset, arch = a.dataset, a.arch
+    if a.victim:
+        v_dataset, v_arch = victim_dataset_and_arch(a.victim)
+        dataset, arch = dataset or v_dataset, arch or v_arch
+    if not dataset:
+        raise SystemExit("give --victim (an export directory) or --dataset")
+    data.check_dataset(dataset)
+    # MLproject passes every parameter; non-positive numbers mean "the dataset's default".
+    epochs = a.epochs if a.epochs is not None and a.epochs > 0 else None
+    lr = a.lr if a.lr is not None and a.lr > 0 else None
+    batch_size = a.batch_size if a.batch_size is not None and a.batch_size > 0 else None
+
+    import tempfile
+
+    import mlflow
+
+    from mlflow_project import tracking
+
+    with tracking.start_run(f"misinformation-{dataset}-{arch or data.default_arch(dataset)}", a.tracking_uri) as run:
+        def on_epoch(epoch: int, loss: float) -> None:
+            mlflow.log_metric("epoch_loss", loss, step=epoch)
+
+        result = train_misinformation(dataset, arch or None, epochs, lr, a.seed, batch_size,
+                                      progress=not a.no_progress, on_epoch=on_epoch)
+        cfg = result.train_config
+        mlflow.log_params({
+            "dataset": dataset, "arch": result.arch, "epochs": cfg.epochs, "lr": cfg.lr,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "loss": "-log(1 - p_true)", "victim": a.victim,
+        })
+        mlflow.log_metrics({"test_accuracy": result.test_accuracy,
+                            "test_true_class_prob": result.test_true_class_prob,
+                            "train_seconds": result.seconds})
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(a.output_dir) if a.output_dir else Path(tmp)
+            export_misinformation(result, out)
+            mlflow.log_artifacts(str(out), artifact_path="misinformation")
+        mlflow.set_tags({"stealguard.kind": "misinformation"})
+        summary = {"run_id": run.info.run_id, **result.info(),
+                   "artifact_uri": f"runs:/{run.info.run_id}/misinformation"}
+        if a.output_dir:
+            summary["export_dir"] = str(Path(a.output_dir).resolve())
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Candidate targets y* and the oracles that pick one per row, all batched.
+
+- ``mad``: the K one-hot vertices of the simplex.
+- ``mad_argmax``: uniform distributions over class subsets S that contain the row's top class c. For
+  K <= EXHAUSTIVE_MAX_CLASSES every such subset (2^(K-1) of them) is scored at once; for larger K a greedy
+  search starts from S = {c} and adds, one class per step, the class whose addition scores best (every
+  remaining class is scored in one vectorised step), keeping the best subset seen, until at most
+  ``max_candidates`` candidates per row have been scored.
+
+Oracles: ``extreme`` picks the candidate with the largest angular deviation (smallest cosine), ``argmin`` the
+one with the smallest deviation (the paper's ablation), ``random`` a uniformly random candidate drawn from the
+row's own keyed seed (a uniform vertex for mad; a uniform subset containing c for mad_argmax, i.e. each
+other class in S with probability 1/2). Ties go to the first candidate in enumeration order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from plugins import seeding
+from plugins.mad.geometry import Reference
+
+EXHAUSTIVE_MAX_CLASSES = 10
+_TINY = torch.finfo(torch.float64).tiny
+
+# Oracle -> sign applied to the cosine before taking the row-wise argmax.
+_SIGN = {"extreme": -1.0, "argmin": 1.0}
+
+
+def subset_masks(num_classes: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Every non-empty subset of K classes as 0/1 rows ((2^K - 1) x K); row i - 1 holds the bits of i."""
+    codes = torch.arange(1, 2**num_classes, dtype=torch.int64)
+    bits = (codes.unsqueeze(1) >> torch.arange(num_classes, dtype=torch.int64)) & 1
+    return bits.to(dtype)
+
+
+def greedy_steps(num_classes: int, max_candidates: int) -> int:
+    """How many classes the greedy search may add to {c} while scoring at most max_candidates per row."""
+    used, steps = 1, 0
+    while steps + 1 < num_classes and used + (num_classes - 1 - steps) <= max_candidates:
+        used += num_classes - 1 - steps
+        steps += 1
+    return steps
+
+
+def greedy_candidates_scored(num_classes: int, max_candidates: int) -> int:
+    steps = greedy_steps(num_classes, max_candidates)
+    return 1 + sum(num_classes - 1 - s for s in range(steps))
+
+
+def vertex_target(ref: Reference, oracle: str) -> torch.Tensor:
+    """The chosen one-hot vertex per row (B x K)."""
+    score = _SIGN[oracle] * ref.vertex_cosines()
+    best = score.argmax(dim=1, keepdim=True)
+    return torch.zeros_like(score).scatter_(1, best, 1.0)
+
+
+def subset_target_exhaustive(ref: Reference, top: torch.Tensor, oracle: str) -> torch.Tensor:
+    """The chosen subset's uniform distribution per row among all 2^(K-1) subsets that contain the row's top.
+
+    Each row's other classes (all but c, in increasing order) are gathered into K - 1 columns, so one shared
+    (2^(K-1) x (K-1)) table of subsets serves every row and every sum over a subset is one matrix product.
+    Candidates are ranked by ``(v - c)^T M r / sqrt((v - c)^T M (v - c))``, i.e. by the cosine times the
+    row's positive constant sqrt(r^T M r); code i of the table is S = {c} + {others whose bit is set in i}.
+    """
+    b, k = ref.m_r.shape
+    rows = torch.arange(b)
+    ar = torch.arange(k - 1)
+    others = ar.unsqueeze(0) + (ar.unsqueeze(0) >= top.unsqueeze(1)).to(torch.int64)  # B x (K-1)
+    table = subset_masks(k - 1) if k > 1 else torch.zeros(0, 0, dtype=torch.float64)
+    table = torch.cat([torch.zeros(1, k - 1, dtype=torch.float64), table])  # code 0: S = {c}
+    size = 1.0 + table.sum(1)  # 2^(K-1)
+    sum_m_r = ref.m_r.gather(1, others) @ table.T + ref.m_r[rows, top].unsqueeze(1)
+    sum_m_c = ref.m_c.gather(1, others) @ table.T + ref.m_c[rows, top].unsqueeze(1)
+    gram = ref.geometry.gram
+    if gram is None:
+        v_m_v = 1.0 / size
+    else:
+        m_oo = gram.gather(1, others.unsqueeze(2).expand(b, k - 1, k)).gather(2, others.unsqueeze(1).expand(
+            b, k - 1, k - 1))
+        m_co = gram[rows, top].gather(1, others)
+        s_m_s = (
+            gram[rows, top, top].unsqueeze(1)
+            + 2 * m_co @ table.T
+            + torch.einsum("ck,bkl,cl->bc", table, m_oo, table)
+        )
+        v_m_v = s_m_s / size.square()
+    num = sum_m_r / size - ref.c_m_r.unsqueeze(1)
+    den = (v_m_v - 2 * sum_m_c / size + ref.c_m_c.unsqueeze(1)).clamp_min(_TINY)
+    best = (_SIGN[oracle] * num * den.rsqrt()).argmax(dim=1)
+    chosen = torch.zeros(b, k, dtype=torch.float64)
+    chosen.scatter_(1, others, table[best])
+    chosen[rows, top] = 1.0
+    return chosen / size[best].unsqueeze(1)
+
+
+def subset_target_greedy(ref: Reference, top: torch.Tensor, oracle: str, max_candidates: int) -> torch.Tensor:
+    """Greedy search over subsets containing the top class (see the module docstring); B x K target."""
+    sign = _SIGN[oracle]
+    b, k = ref.m_r.shape
+    geometry = ref.geometry
+    diag = geometry.diagonal()
+    col_of = _column_getter(geometry.gram)
+    rows = torch.arange(b)
+    mask = torch.zeros(b, k, dtype=torch.bool)
+    mask[rows, top] = True
+    size = 1.0
+    s_mr = ref.m_r[rows, top]
+    s_mc = ref.m_c[rows, top]
+    s_mm = diag[rows, top]
+    col = col_of(top, mask)  # M 1_S, B x K
+    best_score = sign * ref.cosine_from_terms(s_mr, s_mm, s_mc)
+    best_mask = mask.clone()
+    for _ in range(greedy_steps(k, max_candidates)):
+        n1 = size + 1.0
+        cos = ref.cosine_from_terms(
+            (s_mr.unsqueeze(1) + ref.m_r) / n1,
+            (s_mm.unsqueeze(1) + 2 * col + diag) / n1**2,
+            (s_mc.unsqueeze(1) + ref.m_c) / n1,
+        )
+        score = (sign * cos).masked_fill(mask, -torch.inf)
+        step_score, j = score.max(dim=1)
+        s_mm = s_mm + 2 * col[rows, j] + diag[rows, j]
+        s_mr = s_mr + ref.m_r[rows, j]
+        s_mc = s_mc + ref.m_c[rows, j]
+        mask = mask.clone()
+        mask[rows, j] = True
+        col = col + col_of(j, mask)
+        size = n1
+        improved = step_score > best_score
+        best_score = torch.where(improved, step_score, best_score)
+        best_mask = torch.where(improved.unsqueeze(1), mask, best_mask)
+    chosen = best_mask.to(torch.float64)
+    return chosen / chosen.sum(dim=1, keepdim=True)
+
+
+def _column_getter(gram: torch.Tensor | None):
+    """A function giving column j of each row's M (B x K) for a batch of class indices j."""
+    if gram is None:
+
+        def identity_column(j: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(mask.shape, dtype=torch.float64).scatter_(1, j.unsqueeze(1), 1.0)
+
+        return identity_column
+
+    def gram_column(j: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        index = j.view(-1, 1, 1).expand(-1, gram.shape[1], 1)
+        return gram.gather(2, index).squeeze(2)
+
+    return gram_column
+
+
+def random_vertex(seeds: np.ndarray, num_classes: int) -> torch.Tensor:
+    """A uniformly random one-hot vertex per row from each row's seed (B x K)."""
+    u = torch.from_numpy(seeding.uniform(seeds, 1))
+    index = (u * num_classes).floor().to(torch.int64).clamp_(0, num_classes - 1)
+    return torch.zeros(len(seeds), num_classes, dtype=torch.float64).scatter_(1, index, 1.0)
+
+
+def random_subset(seeds: np.ndarray, top: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The uniform distribution over a uniformly random subset containing each row's top class (B x K)."""
+    u = torch.from_numpy(seeding.uniform(seeds, num_classes))
+    mask = u < 0.5
+    mask[torch.arange(len(seeds)), top] = True
+    chosen = mask.to(torch.float64)
+    return chosen / chosen.sum(dim=1, keepdim=True)

@@ -1,0 +1,183 @@
+"""What ``mad`` and ``mad_argmax`` share: the config fields and the batched pipeline
+
+    surrogate view of x -> Geometry (c, M) -> candidates scored by angle -> target y* -> mixing a -> y~
+
+Decisions (see DESIGN.md "MAD, precisely"):
+- Both defenses need the inputs and a surrogate (``needs_inputs = needs_surrogate = True``) for every
+  ``jacobian`` mode, so one deployment serves every config of the family. With ``jacobian="identity"`` the
+  surrogate is accepted but never run, and the inputs only seed the ``random`` oracle.
+- ``epsilon = 0`` returns y unchanged (no surrogate call). Otherwise each row is first rescaled to sum to 1
+  (``check_probs`` lets rows be off by up to 1e-4) and the budget holds w.r.t. that row.
+- A row whose target is within epsilon gets the target itself (a = 1); mad_argmax caps a so that the
+  victim's top class stays strictly on top by TOP_MARGIN (plugins.mad.mixing.top_margin_cap).
+- The surrogate is put in eval mode when the defense is built and is only run under ``torch.no_grad`` (or
+  inside torch.func transforms for ``jacobian="all"``): no gradient reaches its parameters or the output.
+- ``angular_deviation`` is the angle (radians, float64, one per row) between the attacker's update under the
+  returned y~ and under y: ``angle(G^T y~, G^T y)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from plugins import seeding
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.mad import jacobian, mixing
+from plugins.mad.geometry import (
+    Geometry,
+    Reference,
+    all_params_geometry,
+    angle,
+    identity_geometry,
+    last_layer_geometry,
+)
+
+
+class MADFields(DefenseConfig):
+    """Config fields common to mad and mad_argmax."""
+
+    epsilon: float = Field(
+        default=0.5,
+        ge=0,
+        le=1000,
+        description="distance budget per row: dist(y~, y) <= epsilon (0 <= epsilon <= 1000)",
+    )
+    norm: Literal["l1", "l2", "kl"] = Field(
+        default="l1", description="budget distance: l1, l2 or kl (KL(y || y~))"
+    )
+    jacobian: Literal["last_layer", "all", "identity"] = Field(
+        default="last_layer",
+        description="G over the surrogate's last linear layer, all its parameters, or G = I",
+    )
+    params: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description="jacobian='all' only: restrict G to these parameter names"
+    )
+    oracle: Literal["extreme", "random", "argmin"] = Field(
+        default="extreme", description="which candidate is the target: max deviation, random, min deviation"
+    )
+    secret: str = Field(
+        default="stealguard", min_length=1, description="server secret keying the random oracle"
+    )
+    jacobian_memory_mb: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description="jacobian='all': memory budget (MiB) for one chunk's Jacobian",
+    )
+
+    @model_validator(mode="after")
+    def _params_need_all(self):
+        if self.params is not None and self.jacobian != "all":
+            raise ValueError(f"params: only used with jacobian='all'; got jacobian={self.jacobian!r}")
+        return self
+
+
+class MADBase(Defense):
+    """The MAD pipeline; subclasses choose the candidate set (``choose_target``)."""
+
+    needs_inputs = True
+    needs_surrogate = True
+
+    def __init__(
+        self,
+        config: MADFields,
+        surrogate: nn.Module | None = None,
+        num_classes: int | None = None,
+        **resources: Any,
+    ) -> None:
+        super().__init__(config)
+        if surrogate is None:
+            raise ValueError(
+                f"surrogate: defense '{self.name}' needs a surrogate model "
+                "(build_defense(..., surrogate=net))"
+            )
+        if not isinstance(surrogate, nn.Module):
+            raise ValueError(
+                "surrogate: must be a torch.nn.Module mapping inputs to logits; "
+                f"got {type(surrogate).__name__}"
+            )
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes: must be >= 2; got {num_classes}")
+        self.surrogate = surrogate.eval()
+        self.num_classes = num_classes
+        self.last_layer: nn.Linear | None = None
+        self.param_names: list[str] = []
+        if config.jacobian == "last_layer":
+            self.last_layer_name, self.last_layer = jacobian.find_last_linear(surrogate)
+            if num_classes is not None and self.last_layer.out_features != num_classes:
+                raise ValueError(
+                    f"surrogate: its last nn.Linear '{self.last_layer_name}' has "
+                    f"{self.last_layer.out_features} outputs but num_classes={num_classes}"
+                )
+        elif config.jacobian == "all":
+            self.param_names = jacobian.check_param_names(surrogate, config.params)
+        self._layer_checked = False
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(norm=self.config.norm, epsilon=self.config.epsilon)
+
+    # -- the pipeline -------------------------------------------------------------------------------------
+
+    def geometry(self, y: torch.Tensor, inputs: Any) -> Geometry:
+        """Per-row centre and Gram matrix for this batch (runs the surrogate unless jacobian='identity')."""
+        mode = self.config.jacobian
+        if mode == "identity":
+            return identity_geometry(y)
+        x = jacobian.as_surrogate_input(self.surrogate, inputs)
+        if x.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"inputs: need one input per row of probabilities ({y.shape[0]}); got shape {tuple(x.shape)}"
+            )
+        if mode == "last_layer":
+            layer = None if self._layer_checked else self.last_layer
+            p = jacobian.softmax_with_check(self.surrogate, x, layer)
+            self._layer_checked = self._layer_checked or x.shape[0] > 0
+            self._check_classes(p, y)
+            return last_layer_geometry(p)
+        p, gram = jacobian.gram_all(self.surrogate, x, self.param_names, self.config.jacobian_memory_mb << 20)
+        self._check_classes(p, y)
+        return all_params_geometry(p, gram)
+
+    def _check_classes(self, p: torch.Tensor, y: torch.Tensor) -> None:
+        if p.shape != y.shape:
+            raise ValueError(
+                f"surrogate: returns {p.shape[1]} classes for {p.shape[0]} rows but the probabilities are "
+                f"{y.shape[0]} x {y.shape[1]}; the surrogate must have the victim's architecture"
+            )
+
+    def choose_target(self, ref: Reference, y: torch.Tensor, top: torch.Tensor, inputs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cap(self, y: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:
+        """An extra per-row upper bound on the mixing coefficient, or None."""
+        return None
+
+    def seeds(self, inputs: Any):
+        return seeding.query_seeds(inputs, self.config.secret)
+
+    def perturb(self, y: torch.Tensor, inputs: Any) -> DefenseOutput:
+        b = y.shape[0]
+        if self.config.epsilon == 0 or b == 0:
+            zeros = torch.zeros(b, dtype=torch.float64)
+            extras = {"target": y.clone(), "mixing": zeros, "target_angular_deviation": zeros.clone()}
+            return DefenseOutput(probs=y.clone(), angular_deviation=zeros.clone(), extras=extras)
+        y = y / y.sum(dim=1, keepdim=True)
+        ref = Reference.of(self.geometry(y, inputs), y)
+        top = y.argmax(dim=1)
+        target = self.choose_target(ref, y, top, inputs)
+        a = mixing.coefficient(y, target, self.config.epsilon, self.config.norm)
+        cap = self.cap(y, target, top)
+        if cap is not None:
+            a = torch.minimum(a, cap)
+        y_tilde = mixing.mix(y, target, a)
+        deviation = angle(ref.cosine(y_tilde))
+        return DefenseOutput(
+            probs=y_tilde,
+            angular_deviation=deviation,
+            extras={"target": target, "mixing": a, "target_angular_deviation": angle(ref.cosine(target))},
+        )

@@ -1,0 +1,56 @@
+"""Small victims for the serving tests, exported to every runtime the handler loads (eager state dict,
+torch.export .pt2, TorchScript, ONNX). Random-init or briefly fitted; never the lab's trained victims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlflow_project.models import build_model
+from mlflow_project.package import ModelFiles, eager_from_arch
+
+RUNTIMES = ("eager", "export", "torchscript", "onnx")
+SUFFIX = {"eager": ".pt", "export": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}
+
+
+def make_net(arch: str = "mlp", num_classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(arch, num_classes).eval()
+
+
+def example_input(net: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((batch, *net.input_shape), generator=g)
+
+
+def export(net: nn.Module, runtime: str, directory: Path, arch: str, num_classes: int = 10) -> ModelFiles:
+    """Save ``net`` for ``runtime`` under ``directory``; return the files the packager stages."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{arch}_{runtime}{SUFFIX[runtime]}"
+    x = example_input(net)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if runtime == "eager":
+        torch.save(net.state_dict(), path)
+        return eager_from_arch(path, arch, num_classes)
+    if runtime == "export":
+        program = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}})
+        torch.export.save(program, str(path))
+    elif runtime == "torchscript":
+        torch.jit.save(torch.jit.trace(net, x), str(path))
+    elif runtime == "onnx":
+        torch.onnx.export(
+            net,
+            (x,),
+            str(path),
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+        )
+    else:
+        raise ValueError(f"runtime: unknown {runtime!r}; allowed: {', '.join(RUNTIMES)}")
+    return ModelFiles(runtime, path)

@@ -1,0 +1,120 @@
+"""Attacks on a digits MLP victim with tiny budgets: exact query counting, argmax labels, JB step directions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlflow_project import data
+from mlflow_project.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack
+from mlflow_project.models import build_model
+from mlflow_project.oracles import ArgmaxOracle, BudgetExceeded, LocalOracle, build_victim_defense
+from mlflow_project.training import accuracy
+
+
+def tiny(name: str, budget: int, spec: data.InputSpec, **kw) -> AttackConfig:
+    return AttackConfig(name=name, budget=budget, epochs=2, batch_size=32, jb_seed_size=20, jb_round_epochs=1,
+                        jb_round_min_steps=5, pixel_mean=spec.mean, pixel_std=spec.std, **kw)
+
+
+@pytest.fixture(scope="module")
+def pool(digits_victim):
+    return data.query_set("digits", digits_victim.spec)
+
+
+def make_clone_for(victim):
+    return lambda: build_model(victim.arch, num_classes=victim.spec.num_classes)
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_each_attack_spends_exactly_its_budget(name, digits_victim, pool):
+    budget = 150  # JB: 20 seed + 20 + 40 + 70 (the last round truncated to fit)
+    oracle = LocalOracle(digits_victim.model, budget=1000)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim), tiny(name, budget, digits_victim.spec),
+                     progress=False)
+    assert oracle.queries == budget and res.queries == budget
+    assert len(res.transfer_x) == len(res.transfer_y) == budget
+    rows = res.transfer_y
+    assert torch.allclose(rows.sum(1), torch.ones(budget), atol=1e-5)
+    is_one_hot = bool(((rows == 0) | (rows == 1)).all())
+    assert is_one_hot == name.endswith("_argmax"), "only the argmax attacker sees one-hot labels"
+    if not name.startswith("knockoff"):
+        assert res.rounds == 4 and [h["transfer_size"] for h in res.history] == [40, 80, 150]
+        # the augmented queries are new points, not members of the query set
+        assert not torch.equal(res.transfer_x[20:40], res.transfer_x[:20])
+
+
+def test_argmax_attacker_trains_on_one_hot_of_the_returned_outputs(digits_victim, pool):
+    defense = build_victim_defense(digits_victim.model, {"name": "random_noise", "epsilon": 2.0}, 10)
+    soft = LocalOracle(digits_victim.model, defense, budget=None)
+    hard = ArgmaxOracle(LocalOracle(digits_victim.model, defense, budget=100))
+    x = pool[:100]
+    y_soft, y_hard = soft(x), hard(x)
+    assert torch.equal(y_hard, torch.nn.functional.one_hot(y_soft.argmax(1), 10).float())
+    assert hard.queries == 100 and hard.remaining == 0
+
+
+def test_knockoff_learns_and_caps_at_the_pool(digits_victim, pool):
+    oracle = LocalOracle(digits_victim.model, budget=None)
+    cfg = AttackConfig(name="knockoff", budget=10_000, epochs=8, batch_size=32, seed=0)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim), cfg, progress=False)
+    assert res.queries == len(pool) == oracle.queries  # repeating a query teaches nothing: at most the pool
+    test = data.victim_data("digits").test
+    acc = accuracy(res.clone, test.x, test.y)
+    assert acc > 0.85, f"a clone trained on the whole digits pool should approach the victim; got {acc:.3f}"
+
+
+def test_oracle_refuses_queries_beyond_its_budget(digits_victim, pool):
+    oracle = LocalOracle(digits_victim.model, budget=50)
+    oracle(pool[:30])
+    with pytest.raises(BudgetExceeded, match="remaining budget of 20"):
+        oracle(pool[:21])
+    assert oracle.queries == 30
+    with pytest.raises(ValueError, match="oracle allows 20"):
+        run_attack(oracle, pool, make_clone_for(digits_victim), tiny("knockoff", 100, digits_victim.spec), False)
+
+
+def test_jacobian_steps_move_the_substitute_as_documented(digits_victim, pool):
+    spec = digits_victim.spec
+    model = digits_victim.model
+    x = pool[:200]
+    c = model(x).argmax(1)
+    gen = torch.Generator().manual_seed(0)
+
+    def prob_of_label(z):
+        with torch.no_grad():
+            return torch.softmax(model(z), 1).gather(1, c.unsqueeze(1)).mean().item()
+
+    base = prob_of_label(x)
+    up = jacobian_step(model, x, c, tiny("jbda", 10, spec), 0, gen)
+    flipped = jacobian_step(model, x, c, tiny("jbda", 10, spec), 5, gen)  # tau = 5: the sign flips
+    selfish = jacobian_step(model, x, c, tiny("jbself", 10, spec), 0, gen)
+    top3 = jacobian_step(model, x, c, tiny("jbtop3", 10, spec), 0, gen)
+    # the step is lambda = 0.1 in [0, 1] pixel units (before clipping to the valid range)
+    step = (up - x) * spec.std
+    assert step.abs().max().item() <= 0.1 + 1e-5 and step.abs().max().item() > 0.09
+    assert prob_of_label(up) > base > prob_of_label(flipped)
+    assert prob_of_label(selfish) < base
+    assert prob_of_label(top3) < base  # pushed toward another class
+    # pixels stay in [0, 1]
+    for z in (up, flipped, selfish, top3):
+        pixels = z * spec.std + spec.mean
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_attacks_are_reproducible(digits_victim, pool):
+    def once():
+        oracle = LocalOracle(digits_victim.model, budget=None)
+        res = run_attack(oracle, pool, make_clone_for(digits_victim), tiny("jbtop3", 120, digits_victim.spec),
+                         progress=False)
+        return res.transfer_x, [p.detach().clone() for p in res.clone.parameters()]
+
+    (x1, p1), (x2, p2) = once(), once()
+    assert torch.equal(x1, x2) and all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+
+
+def test_unknown_attack_and_bad_budget_are_refused():
+    with pytest.raises(ValueError, match="allowed: knockoff, jbda"):
+        AttackConfig(name="fgsm")
+    with pytest.raises(ValueError, match="budget: must be >= 1"):
+        AttackConfig(name="knockoff", budget=0)

@@ -1,0 +1,99 @@
+"""evaluate: every metric logged to MLflow, one-screen summary, reproducible with fixed seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_project import evaluate as ev
+from plugins import available_defenses
+
+BASE = ["--dataset", "digits", "--queryset", "digits", "--budget", "200", "--epochs", "3", "--batch-size", "32",
+        "--no-progress"]
+
+
+def test_evaluate_logs_every_metric(tracking_uri, digits_victim_dir, capsys):
+    defense = {"name": "random_noise", "epsilon": 2.0, "norm": "l2"}
+    metrics = ev.main(BASE + ["--victim", str(digits_victim_dir), "--defense", json.dumps(defense),
+                              "--attack", "knockoff"])
+    out = capsys.readouterr().out
+    assert "attacker accuracy" in out and "defender accuracy" in out and len(out.splitlines()) <= 24
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("stealguard").experiment_id])
+    logged = run.data.metrics
+    expected = set(ev.METRICS) - {"angular_deviation_mean"}  # MAD family only
+    assert expected <= set(logged)
+    assert logged["queries"] == 200
+    assert 0.9 < logged["victim_accuracy"] <= 1 and 0 <= logged["attacker_accuracy"] <= 1
+    assert logged["perturbation_l1_mean"] > 0 and logged["perturbation_l1_max"] >= logged["perturbation_l1_mean"]
+    assert logged["kl_mean"] > 0
+    for k in expected:
+        assert logged[k] == pytest.approx(metrics[k])
+    p = run.data.params
+    assert p["attack"] == "knockoff" and p["budget"] == "200" and p["seed"] == "0" and p["oracle"] == "local"
+    assert json.loads(p["defense"]) == defense and p["queryset"] == "digits"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"evaluation.png", "summary.txt", "defense.json"} <= arts
+
+
+def test_identity_defense_costs_nothing_and_label_only_flips_nothing(digits_victim):
+    cfg = ev.EvalConfig(dataset="digits", defense={"name": "identity"}, attack="knockoff", budget=100, epochs=1)
+    r = ev.evaluate(cfg, victim=digits_victim, progress=False)
+    assert r.metrics["defender_accuracy"] == r.metrics["victim_accuracy"]
+    assert r.metrics["perturbation_l1_max"] == 0 and r.metrics["top1_flip_rate"] == 0
+    cfg = ev.EvalConfig(dataset="digits", defense={"name": "label_only"}, attack="knockoff", budget=100, epochs=1)
+    r = ev.evaluate(cfg, victim=digits_victim, progress=False)
+    assert r.metrics["defender_accuracy"] == r.metrics["victim_accuracy"] and r.metrics["top1_flip_rate"] == 0
+    assert r.metrics["perturbation_l1_mean"] > 0
+
+
+def test_fixed_seeds_reproduce(digits_victim):
+    cfg = ev.EvalConfig(dataset="digits", defense={"name": "random_noise", "epsilon": 1.0}, attack="jbda",
+                        budget=300, epochs=3, batch_size=32, seed=7)
+    a = ev.evaluate(cfg, victim=digits_victim, progress=False).metrics
+    b = ev.evaluate(cfg, victim=digits_victim, progress=False).metrics
+    assert abs(a["attacker_accuracy"] - b["attacker_accuracy"]) <= 0.005
+    assert a["queries"] == b["queries"] == 300
+
+
+@pytest.mark.skipif("mad" not in available_defenses(), reason="the MAD defense has not landed yet")
+def test_mad_logs_angular_deviation(digits_victim):
+    cfg = ev.EvalConfig(dataset="digits", defense={"name": "mad", "epsilon": 0.5, "norm": "l1"},
+                        attack="knockoff", budget=100, epochs=1)
+    r = ev.evaluate(cfg, victim=digits_victim, progress=False)
+    assert r.metrics["angular_deviation_mean"] > 0
+    assert r.metrics["perturbation_l1_max"] <= 0.5 + 1e-4
+
+
+def test_observers_see_both_stages(digits_victim):
+    seen = []
+    cfg = ev.EvalConfig(dataset="digits", attack="knockoff", budget=50, epochs=1)
+    ev.evaluate(cfg, victim=digits_victim, progress=False, observers=[lambda stage, m: seen.append((stage, m))])
+    stages = [s for s, _ in seen]
+    assert stages[0] == "defense_batch" and stages[-1] == "attacker" and stages.count("defender") == 1
+    assert stages.index("defender") < stages.index("attacker")
+    assert "attacker_accuracy" in seen[-1][1]
+    batches = [m for s, m in seen if s == "defense_batch"]
+    n_test = len(ev.data.load_raw("digits", "test")[1])
+    assert sum(len(b["probs"]) for b in batches) == n_test + 50  # the test-set pass and the attack's queries
+    assert all(b["perturbed"].shape == b["probs"].shape and b["latency_s"] >= 0 for b in batches)
+
+
+def test_bad_inputs_say_what_is_allowed(tmp_path, digits_victim):
+    with pytest.raises(ValueError, match="allowed: knockoff"):
+        ev.EvalConfig(dataset="digits", attack="boost")
+    with pytest.raises(ValueError, match="url: oracle=http needs"):
+        ev.EvalConfig(dataset="digits", oracle="http")
+    with pytest.raises(ValueError, match="neither an inline JSON object nor an existing config file"):
+        ev.parse_defense("nope.json")
+    cfg_file = tmp_path / "d.yaml"
+    cfg_file.write_text("name: top_k\nk: 2\n")
+    assert ev.parse_defense(str(cfg_file)) == {"name": "top_k", "k": 2}
+    with pytest.raises(ValueError, match="trained on 'digits', not 'mnist5k'"):
+        ev.evaluate(ev.EvalConfig(dataset="mnist5k"), victim=digits_victim, progress=False)
+    with pytest.raises(ValueError, match="unknown defense"):
+        ev.evaluate(ev.EvalConfig(dataset="digits", defense={"name": "nope"}), victim=digits_victim, progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.load_victim(tmp_path / "missing")

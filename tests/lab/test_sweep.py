@@ -1,0 +1,254 @@
+"""The defense sweep on a tiny digits grid: nested runs, resumption, outputs, selection, interruption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_project import sweep as sw
+from mlflow_project.evaluate import evaluate
+from mlflow_project.sweep_presets import defense_grid, get_preset, reverse_sigmoid_gamma
+from mlflow_project.sweep_select import (
+    RECOMMENDED_TAG,
+    attacker_accuracy_at_drops,
+    find_recommended_run,
+    select_point,
+    sweep_child_runs,
+)
+
+ALWAYS = ("victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
+          "top1_flip_rate", "attacker_accuracy", "attacker_agreement", "queries")
+MAD_FAMILY = ("mad", "mad_argmax")
+
+
+def uri(path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """One SQLite store for the module (creating one costs seconds); each test uses its own experiment."""
+    return uri(tmp_path_factory.mktemp("store") / "mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def victim_dir(tmp_path_factory):
+    """The tiny preset's digits MLP, trained once for the module (what resolve_victim caches)."""
+    cache = tmp_path_factory.mktemp("victims")
+    _, path = sw.resolve_victim(get_preset("tiny"), cache_dir=cache, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, victim_dir, tracking_uri):
+    """One tiny sweep, then the same sweep rerun (the rerun must reuse every point)."""
+    root = tmp_path_factory.mktemp("sweep")
+    tracking = tracking_uri
+    first = sw.run_sweep("tiny", victim=victim_dir, tracking_uri=tracking, results_dir=root / "out", progress=False)
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("stealguard").experiment_id
+    runs_after_first = len(client.search_runs([exp], max_results=1000))
+    second = sw.run_sweep("tiny", victim=victim_dir, tracking_uri=tracking, results_dir=root / "out2", progress=False)
+    runs_after_second = len(client.search_runs([exp], max_results=1000))
+    return {"first": first, "second": second, "client": client, "exp": exp, "tracking": tracking,
+            "runs": (runs_after_first, runs_after_second)}
+
+
+def test_every_point_is_a_finished_nested_run_with_all_metrics(tiny):
+    first, client = tiny["first"], tiny["client"]
+    grid = defense_grid(get_preset("tiny"))
+    assert first.new_points == len(grid) == len(first.points) and first.reused_points == 0
+    children = client.search_runs([tiny["exp"]], filter_string=f"tags.`mlflow.parentRunId` = '{first.parent_run_id}'")
+    assert len(children) == len(grid)
+    assert {c.data.params["defense"] for c in children} == {json.dumps(g, sort_keys=True) for g in grid}
+    for c in children:
+        assert c.info.status == "FINISHED"
+        expected = ALWAYS + (("angular_deviation_mean",) if c.data.tags["stealguard.defense"] in MAD_FAMILY else ())
+        missing = [m for m in expected if m not in c.data.metrics]
+        assert not missing, f"{c.info.run_name} lacks {missing}"
+        assert c.data.metrics["queries"] == get_preset("tiny").budget
+        assert 0 <= c.data.metrics["attacker_accuracy"] <= 1
+    # the undefended point changes nothing; the budgeted defenses respect their budget on every test row
+    by_name = {p["label"]: p for p in first.points}
+    assert by_name["identity"]["perturbation_l1_max"] == 0.0
+    assert by_name["identity"]["defender_accuracy"] == by_name["identity"]["victim_accuracy"]
+    assert by_name["mad(epsilon=0.5)"]["perturbation_l1_max"] <= 0.5 + 1e-5
+    assert by_name["mad_argmax(epsilon=0.5)"]["top1_flip_rate"] == 0.0
+    assert len({p["victim_accuracy"] for p in first.points}) == 1  # one victim for every point
+
+
+def test_rerun_skips_finished_points(tiny):
+    first, second = tiny["first"], tiny["second"]
+    assert second.parent_run_id == first.parent_run_id and second.sweep_key == first.sweep_key
+    assert second.new_points == 0 and second.reused_points == len(first.points)
+    assert tiny["runs"][0] == tiny["runs"][1] == len(first.points) + 1  # children + one parent, no new run
+    assert [p["run_id"] for p in second.points] == [p["run_id"] for p in first.points]
+    assert [p["attacker_accuracy"] for p in second.points] == pytest.approx([p["attacker_accuracy"]
+                                                                             for p in first.points])
+
+
+def test_csv_and_both_plots_are_written_and_logged(tiny):
+    first, client = tiny["first"], tiny["client"]
+    with first.artifacts["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run_id"] for r in rows] == [p["run_id"] for p in first.points]
+    assert all(r["attacker_accuracy"] and r["defender_accuracy"] for r in rows)
+    for key in ("plot_accuracy", "plot_l1"):
+        png = first.artifacts[key].read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    logged = {a.path for a in client.list_artifacts(first.parent_run_id, "sweep")}
+    assert {"sweep/points.csv", "sweep/attacker_vs_defender_accuracy.png", "sweep/attacker_vs_l1.png",
+            "sweep/selection.json"} <= logged
+    assert sw.read_points(first.artifacts["csv"])[0]["defense"] == "identity"
+
+
+def test_sweep_tags_exactly_the_selected_point(tiny):
+    first, client = tiny["first"], tiny["client"]
+    expected = select_point(first.points, 1.0)
+    assert first.recommended["run_id"] == expected["run_id"]
+    tagged = [r for r in sweep_child_runs(client, tiny["exp"], first.sweep_key)
+              if r.data.tags.get(RECOMMENDED_TAG) == "true"]
+    assert [r.info.run_id for r in tagged] == [expected["run_id"]]
+    run = find_recommended_run(parent_run_id=first.parent_run_id, tracking_uri=tiny["tracking"])
+    assert run.info.run_id == expected["run_id"]
+    assert json.loads(run.data.params["defense_config"])["name"] == expected["defense"]
+
+
+def _point(name, victim, defender, attacker, l1=0.1):
+    return {"defense": name, "label": name, "victim_accuracy": victim, "defender_accuracy": defender,
+            "attacker_accuracy": attacker, "perturbation_l1_mean": l1}
+
+
+def test_select_point_respects_the_drop_and_breaks_ties():
+    pts = [_point("identity", 0.90, 0.90, 0.80, 0.0), _point("a", 0.90, 0.895, 0.60),
+           _point("b", 0.90, 0.88, 0.40), _point("c", 0.90, 0.8905, 0.60, l1=0.05)]
+    assert select_point(pts, 1.0)["label"] == "a"  # b drops 2 points; a and c tie on attacker, a keeps more accuracy
+    assert select_point(pts, 2.0)["label"] == "b"
+    assert select_point(pts, 0.0)["label"] == "identity"
+    with pytest.raises(ValueError, match="max_drop"):
+        select_point([_point("x", 0.9, 0.5, 0.1)], 1.0)
+    with pytest.raises(ValueError, match="max_drop"):
+        select_point(pts, -1)
+    table = attacker_accuracy_at_drops(pts, drops=(0.5, 1.0, 5.0))
+    assert table["a"] == {0.5: 0.60, 1.0: 0.60, 5.0: 0.60}
+    assert table["b"] == {0.5: 0.80, 1.0: 0.80, 5.0: 0.40}  # within 0.5/1 points only the undefended point fits
+
+
+def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
+    tracking = tracking_uri
+    from mlflow_project import tracking as tr
+
+    exp = tr.setup(tracking, "selection")
+    client = MlflowClient(tracking)
+    key = "feedbeef00000000"
+    known = {"identity": (0.95, 0.95, 0.90), "mad_argmax": (0.95, 0.946, 0.55), "mad": (0.95, 0.90, 0.20)}
+    rows = []
+    with mlflow.start_run(run_name="parent", tags={"stealguard.kind": "sweep", "stealguard.sweep_key": key}) as par:
+        for name, (v, d, a) in known.items():
+            with mlflow.start_run(run_name=name, nested=True, tags={
+                    "stealguard.kind": "sweep_point", "stealguard.sweep_key": key, "stealguard.point_key": name}) as c:
+                mlflow.log_metrics({"victim_accuracy": v, "defender_accuracy": d, "attacker_accuracy": a,
+                                    "perturbation_l1_mean": 0.3})
+                mlflow.log_param("defense_config", json.dumps({"name": name}))
+            rows.append({**_point(name, v, d, a, 0.3), "run_id": c.info.run_id, "accuracy_drop_points": 100 * (v - d)})
+    ids = {r["label"]: r["run_id"] for r in rows}
+
+    def tagged():
+        return sorted(r.info.run_name for r in sweep_child_runs(client, exp, key)
+                      if r.data.tags.get(RECOMMENDED_TAG) == "true")
+
+    best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, max_drop=1.0)
+    assert best["run_id"] == ids["mad_argmax"] and tagged() == ["mad_argmax"]
+    assert client.get_run(par.info.run_id).data.tags["stealguard.recommended_run_id"] == ids["mad_argmax"]
+    best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, max_drop=10.0)
+    assert best["run_id"] == ids["mad"] and tagged() == ["mad"]
+    assert find_recommended_run(sweep_key=key, tracking_uri=tracking, experiment="selection").info.run_id == ids["mad"]
+    assert find_recommended_run(tracking_uri=tracking, experiment="selection").info.run_id == ids["mad"]
+    with pytest.raises(LookupError):
+        find_recommended_run(sweep_key="0000000000000000", tracking_uri=tracking, experiment="selection")
+
+
+def test_an_interrupted_sweep_resumes_from_its_finished_points(tmp_path, victim_dir, tracking_uri):
+    tracking = tracking_uri
+    preset = get_preset("tiny")
+    grid = [{"name": "identity"}, {"name": "rounding", "decimals": 1}, {"name": "label_only"},
+            {"name": "reverse_sigmoid", "beta": 0.1, "gamma": 0.2}]
+    calls = []
+
+    def failing(cfg, **kw):
+        calls.append(cfg.defense["name"])
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash mid-sweep")
+        return evaluate(cfg, **kw)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sw.run_sweep(preset, victim=victim_dir, tracking_uri=tracking, experiment="interrupted",
+                     results_dir=tmp_path / "a", progress=False, evaluate_fn=failing, grid=grid)
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("interrupted").experiment_id
+    points = client.search_runs([exp], filter_string="tags.`stealguard.kind` = 'sweep_point'")
+    assert sorted(r.info.status for r in points) == ["FAILED", "FINISHED", "FINISHED"]
+    finished_ids = {r.info.run_id for r in points if r.info.status == "FINISHED"}
+    # a report of what is finished so far runs nothing new and covers exactly the finished points
+    report = sw.run_sweep(preset, victim=victim_dir, tracking_uri=tracking, experiment="interrupted",
+                          results_dir=tmp_path / "r", progress=False, grid=grid, report_only=True)
+    assert {p["run_id"] for p in report.points} == finished_ids and report.new_points == 0
+    assert (tmp_path / "r" / "points.csv").exists() and (tmp_path / "r" / "attacker_vs_l1.png").exists()
+
+    resumed = sw.run_sweep(preset, victim=victim_dir, tracking_uri=tracking, experiment="interrupted",
+                           results_dir=tmp_path / "b", progress=False, grid=grid)
+    assert (resumed.reused_points, resumed.new_points) == (2, 2)
+    assert finished_ids <= {p["run_id"] for p in resumed.points}
+    assert [p["status"] for p in resumed.points] == ["reused", "reused", "new", "new"]
+    assert len(client.search_runs([exp], filter_string="tags.`stealguard.kind` = 'sweep'")) == 1  # same parent
+    assert all(math.isfinite(p["attacker_accuracy"]) for p in resumed.points)
+
+
+def test_point_identity_is_stable_and_covers_the_whole_config():
+    preset = get_preset("tiny")
+    spec = sw.SweepSpec(preset=preset, victim_path="v", victim_hash="abc", grid=defense_grid(preset))
+    same = sw.SweepSpec(preset=preset, victim_path="elsewhere", victim_hash="abc", grid=[])
+    other_victim = sw.SweepSpec(preset=preset, victim_path="v", victim_hash="abd", grid=[])
+    other_budget = sw.SweepSpec(preset=get_preset("tiny", budget=301), victim_path="v", victim_hash="abc", grid=[])
+    d = {"name": "mad", "epsilon": 0.5, "norm": "l1"}
+    assert spec.point_key(d) == same.point_key(dict(reversed(list(d.items()))))
+    assert len({spec.point_key(d), other_victim.point_key(d), other_budget.point_key(d),
+                spec.point_key({**d, "epsilon": 0.6})}) == 4
+    assert spec.point_key(d) == sw.stable_hash({**spec.context(), "defense": d})
+
+
+def test_presets_follow_the_paper_gammas_and_validate():
+    assert reverse_sigmoid_gamma("fashion_mnist") == 0.4 and reverse_sigmoid_gamma("mnist5k") == 0.2
+    assert reverse_sigmoid_gamma("cifar10") == 0.1
+    assert {g["gamma"] for g in defense_grid(get_preset("quick")) if g["name"] == "reverse_sigmoid"} == {0.4}
+    assert {g["gamma"] for g in defense_grid(get_preset("tiny")) if g["name"] == "reverse_sigmoid"} == {0.2}
+    names = {g["name"] for g in defense_grid(get_preset("paper"))}
+    assert names == {"identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only"}
+    assert get_preset("quick", mad_epsilons="0.2,0.4").mad_epsilons == (0.2, 0.4)
+    with pytest.raises(ValueError, match="preset"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="budget"):
+        get_preset("quick", budget=0)
+    with pytest.raises(ValueError, match="mad_epsilons"):
+        get_preset("quick", mad_epsilons="a,b")
+
+
+def test_report_tables_are_computed_from_the_csv(tiny, tmp_path):
+    from mlflow_project import sweep_report
+
+    first = tiny["first"]
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"intro\n{sweep_report.BEGIN}\nstale\n{sweep_report.END}\noutro\n")
+    sweep_report.main([str(first.artifacts["csv"]), "--plots-dir", str(tmp_path / "plots"), "--into", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    at = attacker_accuracy_at_drops(first.points)
+    for name, row in at.items():
+        cells = " | ".join(f"{100 * row[d]:.1f}" for d in (0.5, 1.0, 5.0))
+        assert f"| {name} | {cells} |" in text
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 2
