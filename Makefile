@@ -1,4 +1,4 @@
-# StealGuard: setup | test | bench (more targets land with their issues). Run from the repository root.
+# StealGuard: setup | test | bench | archive | serve | monitor | stop | reliability. Run from the repository root.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -17,7 +17,8 @@ help:
 	@echo "make test    setup, then ruff and the whole test suite (what CI runs)"
 	@echo "make bench   run the benchmarks in bench/ and print their ratios"
 	@echo "make archive build model_store/\$$(ARCHIVE_NAME).mar (ARCHIVE_VICTIM, ARCHIVE_DEFENSE, ARCHIVE_ARGS)"
-	@echo "make serve   start TorchServe on 127.0.0.1 with model_store/*.mar (TS_CONFIG); make stop stops it"
+	@echo "make serve   start TorchServe on 127.0.0.1 with model_store/*.mar (TS_CONFIG)"
+	@echo "make stop    stop TorchServe and Prometheus (those started by make serve / make monitor)"
 	@echo "make monitor start Prometheus on 127.0.0.1:9090 with deploy/alerts.yml (make monitor-stop)"
 	@echo "make reliability  60 s load, worker kill, lab averaging attack; figures into RELIABILITY.md"
 
@@ -97,7 +98,8 @@ serve: $(STAMP)
 		sleep 0.5; done; \
 	echo "TorchServe not healthy after 120s (still running as pid $$(cat $(SERVE_PID))): see $(SERVE_DIR)/logs/, make stop"; exit 1
 
-stop:
+# `make stop` stops TorchServe and, when `make monitor` started it, Prometheus.
+stop: monitor-stop
 	@if [ -f $(SERVE_PID) ]; then \
 		pid="$$(cat $(SERVE_PID))"; \
 		if kill -0 "$$pid" 2>/dev/null; then kill -TERM -- "-$$pid"; \

@@ -369,7 +369,7 @@ def render(report: dict) -> str:
             "",
             f"| oracle | single (budget {c['images']}) | augmented, own answers (budget {c['images'] * c['repeats']}) "
             f"| augmented, averaged answers (budget {c['images'] * c['repeats']}) | {c['repeats']} unaugmented "
-            "repeats identical | mean L1 to truth: one answer / average |",
+            "repeats identical | mean L1 perturbation: one answer / average of an image's answers |",
             "|---|---|---|---|---|---|",
         ]
         for name, arm in av["arms"].items():
@@ -378,8 +378,7 @@ def render(report: dict) -> str:
             else:
                 lines.append(
                     f"| {name} | {arm['single']:.4f} | {arm['augmented']:.4f} | {arm['averaged']:.4f} "
-                    f"| {arm['identical_repeats']} | {arm['l1_single_to_truth']:.3f} / "
-                    f"{arm['l1_averaged_to_truth']:.3f} |"
+                    f"| {arm['identical_repeats']} | {arm['l1_answer']:.3f} / {arm['l1_average']:.3f} |"
                 )
         lines.append("")
     return "\n".join(lines)

@@ -630,4 +630,10 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as exc:  # a bad argument or reference: say which, without a traceback
+        import sys
+
+        print(f"package: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -43,10 +43,12 @@ def _value(p: Mapping[str, Any], key: str) -> float:
 
 
 def plot_tradeoff(points: Sequence[Mapping[str, Any]], x: str, path: str | Path, title: str = "",
-                  y: str = "attacker_accuracy", recommended: str | None = None) -> Path:
+                  y: str = "attacker_accuracy", recommended: str | None = None, max_drop_shown: float = 15.0) -> Path:
     """Draw ``y`` against ``x`` for every defense in ``points`` (dicts with ``defense`` and metrics); save PNG.
 
-    ``recommended``: the ``point_key`` of the selected point, circled.
+    ``recommended``: the ``point_key`` of the selected point, circled. On the defender-accuracy axis, points
+    that cost more than ``max_drop_shown`` accuracy points are left off the view (the trade-off that matters
+    is near the victim's accuracy) and counted in a note.
     """
     if x not in AXES or y not in AXES:
         raise ValueError(f"x, y: allowed axes are {', '.join(AXES)}; got x={x!r}, y={y!r}")
@@ -72,6 +74,14 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], x: str, path: str | Path,
         if recommended is not None and p.get("point_key") == recommended:
             ax.plot(_value(p, x), _value(p, y), marker="o", markersize=14, markerfacecolor="none",
                     markeredgecolor="black", linestyle="none", label="recommended")
+    if x == "defender_accuracy":
+        victim = max(100.0 * float(p["victim_accuracy"]) for p in points)
+        lo = victim - max_drop_shown
+        hidden = sum(1 for p in points if _value(p, x) < lo)
+        if hidden:
+            ax.set_xlim(lo, victim + 0.05 * max_drop_shown)
+            ax.annotate(f"{hidden} point(s) with a drop > {max_drop_shown:g} points off the left edge",
+                        xy=(0.01, 0.01), xycoords="axes fraction", fontsize=7, color="dimgray")
     ax.set_xlabel(AXES[x])
     ax.set_ylabel(AXES[y])
     if title:

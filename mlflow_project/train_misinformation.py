@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mlflow_project import data
 from mlflow_project.models import build_model
 from mlflow_project.train_victim import export_victim
-from mlflow_project.training import TrainConfig, predict_probs
+from mlflow_project.training import TrainConfig, predict_probs, train_classifier
 
 # Fewer epochs than the victim: being wrong is easier than being right.
 DEFAULTS = {
@@ -79,40 +78,6 @@ def misinformation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (torch.logsumexp(logits, dim=1) - torch.logsumexp(rest, dim=1)).mean()
 
 
-def fit(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, progress: bool = True,
-        on_epoch=None) -> list[float]:
-    """SGD with momentum and a cosine schedule on :func:`misinformation_loss`; the mean loss of each epoch."""
-    if len(x) != len(labels):
-        raise ValueError(f"x has {len(x)} rows but labels has {len(labels)}")
-    losses: list[float] = []
-    if cfg.epochs == 0 or len(x) == 0:
-        return losses
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    model.train()
-    bar = tqdm(range(cfg.epochs), desc="misinformation", disable=not progress, leave=False, unit="epoch")
-    for epoch in bar:
-        perm = torch.randperm(len(x), generator=gen)
-        total, n = 0.0, 0
-        for i in range(0, len(x), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            loss = misinformation_loss(model(x[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
-        losses.append(total / n)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-    model.eval()
-    return losses
-
-
 def train_misinformation(
     dataset: str = "fashion_mnist",
     arch: str | None = None,
@@ -137,7 +102,8 @@ def train_misinformation(
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=vd.spec.num_classes)
     t0 = time.perf_counter()
-    losses = fit(model, vd.train.x, vd.train.y, cfg, progress=progress, on_epoch=on_epoch)
+    losses = train_classifier(model, vd.train.x, vd.train.y, cfg, desc="misinformation", progress=progress,
+                              on_epoch=on_epoch, loss_fn=misinformation_loss)
     seconds = time.perf_counter() - t0
     probs = predict_probs(model, vd.test.x)
     return MisinformationResult(

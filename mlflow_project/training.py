@@ -52,10 +52,12 @@ def train_classifier(
     desc: str = "train",
     progress: bool = True,
     on_epoch=None,
+    loss_fn=soft_cross_entropy,
 ) -> list[float]:
     """Train ``model`` in place on (``x``, ``targets``); return the mean loss of each epoch.
 
-    ``on_epoch(epoch, loss)`` is called after every epoch (e.g. to log to MLflow). Deterministic for a fixed
+    ``on_epoch(epoch, loss)`` is called after every epoch (e.g. to log to MLflow). ``loss_fn(logits, targets)``
+    defaults to the soft cross-entropy (the misinformation model passes its own). Deterministic for a fixed
     ``cfg.seed`` (shuffling uses its own generator).
     """
     if len(x) != len(targets):
@@ -75,7 +77,7 @@ def train_classifier(
         total, n = 0.0, 0
         for i in range(0, len(x), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = soft_cross_entropy(model(x[idx]), targets[idx])
+            loss = loss_fn(model(x[idx]), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

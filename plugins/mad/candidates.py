@@ -15,6 +15,9 @@ other class in S with probability 1/2). Ties go to the first candidate in enumer
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -49,11 +52,62 @@ def greedy_candidates_scored(num_classes: int, max_candidates: int) -> int:
     return 1 + sum(num_classes - 1 - s for s in range(steps))
 
 
+def _pick(score: torch.Tensor, oracle: str) -> torch.Tensor:
+    """Row-wise index of the first candidate maximising ``_SIGN[oracle] * score`` (B x C -> B): the smallest
+    score for ``extreme``, the largest for ``argmin`` (the same index as the argmax of the signed score,
+    ties included, without multiplying by the sign)."""
+    return score.argmin(dim=1) if _SIGN[oracle] < 0 else score.argmax(dim=1)
+
+
 def vertex_target(ref: Reference, oracle: str) -> torch.Tensor:
     """The chosen one-hot vertex per row (B x K)."""
-    score = _SIGN[oracle] * ref.vertex_cosines()
-    best = score.argmax(dim=1, keepdim=True)
-    return torch.zeros_like(score).scatter_(1, best, 1.0)
+    with torch.inference_mode():  # only the chosen index leaves the block
+        best = _pick(ref.vertex_cosines(), oracle)
+    return _eye(ref.m_r.shape[1])[best]
+
+
+@dataclass(frozen=True)
+class ExhaustiveTables:
+    """Constant tables for the exhaustive mad_argmax search over K classes, built once per K (shared: never
+    modify them in place; indexing them returns fresh tensors).
+
+    - ``others``: K x (K-1) int64, row c = every class but c in increasing order.
+    - ``table``: 2^(K-1) x (K-1) float64 of 0/1; code i = the subset {c} + {others[c][j] : bit j of i set}.
+    - ``size``: 2^(K-1), |S| = 1 + table.sum(1); ``inv_size`` = 1 / size.
+    - ``targets``: K x 2^(K-1) x K, targets[c, i] = the uniform distribution over code i's subset for top c.
+    """
+
+    others: torch.Tensor
+    table: torch.Tensor
+    size: torch.Tensor
+    inv_size: torch.Tensor
+    targets: torch.Tensor
+
+
+@functools.lru_cache(maxsize=EXHAUSTIVE_MAX_CLASSES + 1)
+def exhaustive_tables(num_classes: int) -> ExhaustiveTables:
+    """The (cached) constant tables of the exhaustive search for K = num_classes (2 <= K <= 10 in use)."""
+    k = num_classes
+    with torch.inference_mode(False):  # plain tensors even if first asked for inside inference mode
+        ar = torch.arange(k - 1)
+        top = torch.arange(k)
+        others = ar.unsqueeze(0) + (ar.unsqueeze(0) >= top.unsqueeze(1)).to(torch.int64)
+        table = subset_masks(k - 1) if k > 1 else torch.zeros(0, 0, dtype=torch.float64)
+        table = torch.cat([torch.zeros(1, k - 1, dtype=torch.float64), table])  # code 0: S = {c}
+        size = 1.0 + table.sum(1)
+        members = torch.zeros(k, table.shape[0], k, dtype=torch.float64)
+        members.scatter_(2, others.unsqueeze(1).expand(k, table.shape[0], k - 1), table.expand(k, -1, -1))
+        members[top, :, top] = 1.0
+        targets = members / size.unsqueeze(1)
+        inv_size = 1.0 / size
+    return ExhaustiveTables(others=others, table=table, size=size, inv_size=inv_size, targets=targets)
+
+
+@functools.lru_cache(maxsize=16)
+def _eye(num_classes: int) -> torch.Tensor:
+    """The K one-hot vertices (K x K float64), shared: only ever indexed."""
+    with torch.inference_mode(False):
+        return torch.eye(num_classes, dtype=torch.float64)
 
 
 def subset_target_exhaustive(ref: Reference, top: torch.Tensor, oracle: str) -> torch.Tensor:
@@ -63,36 +117,38 @@ def subset_target_exhaustive(ref: Reference, top: torch.Tensor, oracle: str) -> 
     (2^(K-1) x (K-1)) table of subsets serves every row and every sum over a subset is one matrix product.
     Candidates are ranked by ``(v - c)^T M r / sqrt((v - c)^T M (v - c))``, i.e. by the cosine times the
     row's positive constant sqrt(r^T M r); code i of the table is S = {c} + {others whose bit is set in i}.
+    The tables are built once per K (``exhaustive_tables``).
     """
+    tables = exhaustive_tables(ref.m_r.shape[1])
+    with torch.inference_mode():  # only the chosen code leaves the block
+        best = _score_subsets(ref, top, tables, oracle)
+    return tables.targets[top, best]
+
+
+def _score_subsets(ref: Reference, top: torch.Tensor, tables: ExhaustiveTables, oracle: str) -> torch.Tensor:
+    """The chosen code (row of ``tables.table``) per row (B,); see subset_target_exhaustive."""
     b, k = ref.m_r.shape
-    rows = torch.arange(b)
-    ar = torch.arange(k - 1)
-    others = ar.unsqueeze(0) + (ar.unsqueeze(0) >= top.unsqueeze(1)).to(torch.int64)  # B x (K-1)
-    table = subset_masks(k - 1) if k > 1 else torch.zeros(0, 0, dtype=torch.float64)
-    table = torch.cat([torch.zeros(1, k - 1, dtype=torch.float64), table])  # code 0: S = {c}
-    size = 1.0 + table.sum(1)  # 2^(K-1)
-    sum_m_r = ref.m_r.gather(1, others) @ table.T + ref.m_r[rows, top].unsqueeze(1)
-    sum_m_c = ref.m_c.gather(1, others) @ table.T + ref.m_c[rows, top].unsqueeze(1)
+    table, size = tables.table, tables.size
+    others = tables.others[top]  # B x (K-1)
+    top1 = top.unsqueeze(1)
+    sum_m_r = ref.m_r.gather(1, others) @ table.T + ref.m_r.gather(1, top1)
+    sum_m_c = ref.m_c.gather(1, others) @ table.T + ref.m_c.gather(1, top1)
     gram = ref.geometry.gram
     if gram is None:
-        v_m_v = 1.0 / size
+        v_m_v = tables.inv_size
     else:
         m_oo = gram.gather(1, others.unsqueeze(2).expand(b, k - 1, k)).gather(2, others.unsqueeze(1).expand(
             b, k - 1, k - 1))
-        m_co = gram[rows, top].gather(1, others)
+        m_cc = gram.gather(1, top1.unsqueeze(2).expand(b, 1, k)).squeeze(1)  # row c of M, B x K
         s_m_s = (
-            gram[rows, top, top].unsqueeze(1)
-            + 2 * m_co @ table.T
+            m_cc.gather(1, top1)
+            + 2 * m_cc.gather(1, others) @ table.T
             + torch.einsum("ck,bkl,cl->bc", table, m_oo, table)
         )
         v_m_v = s_m_s / size.square()
     num = sum_m_r / size - ref.c_m_r.unsqueeze(1)
     den = (v_m_v - 2 * sum_m_c / size + ref.c_m_c.unsqueeze(1)).clamp_min(_TINY)
-    best = (_SIGN[oracle] * num * den.rsqrt()).argmax(dim=1)
-    chosen = torch.zeros(b, k, dtype=torch.float64)
-    chosen.scatter_(1, others, table[best])
-    chosen[rows, top] = 1.0
-    return chosen / size[best].unsqueeze(1)
+    return _pick(num * den.rsqrt(), oracle)
 
 
 def subset_target_greedy(ref: Reference, top: torch.Tensor, oracle: str, max_candidates: int) -> torch.Tensor:

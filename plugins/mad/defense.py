@@ -116,6 +116,9 @@ class MADBase(Defense):
         elif config.jacobian == "all":
             self.param_names = jacobian.check_param_names(surrogate, config.params)
         self._layer_checked = False
+        # The surrogate's first floating parameter, kept so that each batch reads the input dtype from it
+        # instead of walking surrogate.parameters() (Module.double() etc. convert it in place).
+        self._dtype_probe = next((t for t in surrogate.parameters() if torch.is_floating_point(t)), None)
 
     @property
     def budget(self) -> Budget:
@@ -128,7 +131,8 @@ class MADBase(Defense):
         mode = self.config.jacobian
         if mode == "identity":
             return identity_geometry(y)
-        x = jacobian.as_surrogate_input(self.surrogate, inputs)
+        dtype = torch.float32 if self._dtype_probe is None else self._dtype_probe.dtype
+        x = jacobian.as_surrogate_input(self.surrogate, inputs, dtype)
         if x.dim() == 0 or x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"inputs: need one input per row of probabilities ({y.shape[0]}); got shape {tuple(x.shape)}"
@@ -175,9 +179,9 @@ class MADBase(Defense):
         if cap is not None:
             a = torch.minimum(a, cap)
         y_tilde = mixing.mix(y, target, a)
-        deviation = angle(ref.cosine(y_tilde))
+        deviation, target_deviation = angle(ref.cosines((y_tilde, target))).unbind(1)
         return DefenseOutput(
             probs=y_tilde,
             angular_deviation=deviation,
-            extras={"target": target, "mixing": a, "target_angular_deviation": angle(ref.cosine(target))},
+            extras={"target": target, "mixing": a, "target_angular_deviation": target_deviation},
         )

@@ -20,6 +20,7 @@ Everything here is float64 and batched; the angle between u(v) and u(y) is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,10 @@ class Reference:
         )
 
     def cosine_from_terms(
-        self, v_m_r: torch.Tensor, v_m_v: torch.Tensor, v_m_c: torch.Tensor
+        self, v_m_r: torch.Tensor, v_m_v: torch.Tensor | float, v_m_c: torch.Tensor
     ) -> torch.Tensor:
-        """cos angle(u(v), u(y)) from v^T M r, v^T M v and v^T M c (each B or B x C)."""
+        """cos angle(u(v), u(y)) from v^T M r, v^T M v and v^T M c (each B or B x C; v^T M v may be a
+        number shared by every row and candidate)."""
         extra = (lambda t: t.unsqueeze(1)) if v_m_r.dim() == 2 else (lambda t: t)
         num = v_m_r - extra(self.c_m_r)
         den = (v_m_v - 2 * v_m_c + extra(self.c_m_c)).clamp_min(0) * extra(self.r_m_r)
@@ -89,9 +91,19 @@ class Reference:
         m_v = self.geometry.apply(v)
         return self.cosine_from_terms((v * self.m_r).sum(1), (v * m_v).sum(1), (v * self.m_c).sum(1))
 
+    def cosines(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """cos angle(u(v), u(y)) for several vectors per row at once (each B x K) -> B x len(vs). With M = I
+        the vectors are stacked and scored by one set of ops (the same values as one ``cosine`` call each)."""
+        if self.geometry.gram is not None:
+            return torch.stack([self.cosine(v) for v in vs], dim=1)
+        v = torch.stack(tuple(vs), dim=1)  # B x N x K
+        m_r, m_c = self.m_r.unsqueeze(1), self.m_c.unsqueeze(1)
+        return self.cosine_from_terms((v * m_r).sum(2), (v * v).sum(2), (v * m_c).sum(2))
+
     def vertex_cosines(self) -> torch.Tensor:
         """cos for every one-hot vertex e_k (B x K)."""
-        return self.cosine_from_terms(self.m_r, self.geometry.diagonal(), self.m_c)
+        diag = 1.0 if self.geometry.gram is None else self.geometry.diagonal()  # e_k^T M e_k
+        return self.cosine_from_terms(self.m_r, diag, self.m_c)
 
     def subset_cosines(self, masks: torch.Tensor) -> torch.Tensor:
         """cos for the uniform distribution over each subset in ``masks`` (C x K of 0/1, shared) -> B x C."""

@@ -56,10 +56,12 @@ def surrogate_dtype(surrogate: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def as_surrogate_input(surrogate: nn.Module, inputs: object) -> torch.Tensor:
+def as_surrogate_input(surrogate: nn.Module, inputs: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The inputs as a tensor for the surrogate: floating inputs cast to ``dtype`` (default: the dtype of
+    the surrogate's first floating parameter, see ``surrogate_dtype``)."""
     x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
     if torch.is_floating_point(x):  # integer inputs (e.g. token ids) are passed as they are
-        x = x.to(surrogate_dtype(surrogate))
+        x = x.to(surrogate_dtype(surrogate) if dtype is None else dtype)
     return x.detach()
 
 

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from plugins.measures import kl_divergence
@@ -34,7 +36,7 @@ def coefficient(y: torch.Tensor, target: torch.Tensor, epsilon: float, norm: str
     if norm in ("l1", "l2"):
         diff = target - y
         d = diff.abs().sum(1) if norm == "l1" else diff.square().sum(1).sqrt()
-        return torch.where(d <= epsilon, torch.ones_like(d), epsilon / d.clamp_min(torch.finfo(d.dtype).tiny))
+        return torch.where(d <= epsilon, 1.0, epsilon / d.clamp_min(torch.finfo(d.dtype).tiny))
     if norm == "kl":
         return kl_coefficient(y, target, epsilon)
     raise ValueError(f"norm: unknown {norm!r}; allowed: l1, l2, kl")
@@ -49,31 +51,44 @@ def _kl_rows(y: torch.Tensor, y_tilde: torch.Tensor, entropy_term: torch.Tensor)
 def kl_coefficient(y: torch.Tensor, target: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Largest feasible a per row by multisection: each pass evaluates KL_POINTS - 1 interior points of every
     row's bracket [lo, hi] at once, keeps the largest feasible one as lo and the smallest infeasible one
-    as hi (so lo is always a point whose KL was computed to be <= epsilon)."""
+    as hi (so lo is always a point whose KL was computed to be <= epsilon).
+
+    Rows whose target is within budget (``done``, answered a = 1) get the empty bracket [0, 0], so they
+    always meet the stopping rule and never change another row's answer. The passes run in inference mode
+    (only ``lo`` leaves the loop)."""
     done = kl_divergence(y, target) <= epsilon  # the target itself is within budget: a = 1
-    one = torch.ones_like(done, dtype=y.dtype)
     if bool(done.all()):
-        return one
-    lo, hi = torch.zeros_like(one), one.clone()
-    f_lo = torch.zeros_like(one)
-    steps = torch.arange(1, KL_POINTS, dtype=y.dtype) / KL_POINTS
-    y3, t3 = y.unsqueeze(1), target.unsqueeze(1)
-    entropy_term = torch.xlogy(y, y).sum(1, keepdim=True)
-    for _ in range(KL_MAX_ITERS):
-        grid = lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * steps  # B x (KL_POINTS - 1)
-        a3 = grid.unsqueeze(2)
-        f = _kl_rows(y3, (1 - a3) * y3 + a3 * t3, entropy_term)
-        feasible = f <= epsilon
-        grid_lo = grid.masked_fill(~feasible, -1.0).amax(dim=1)
-        f_grid_lo = f.masked_fill(~feasible, -1.0).amax(dim=1)  # f is non-decreasing in a
-        grid_hi = grid.masked_fill(feasible, 2.0).amin(dim=1)
-        better = grid_lo > lo
-        lo = torch.where(better, grid_lo, lo)
-        f_lo = torch.where(better, f_grid_lo, f_lo)
-        hi = torch.minimum(hi, grid_hi)
-        if bool(((epsilon - f_lo <= KL_TOL) | done | (hi - lo <= 1e-14)).all()):
-            break
-    return torch.where(done, one, lo)
+        return torch.ones_like(done, dtype=y.dtype)
+    with torch.inference_mode():
+        lo = torch.zeros(done.shape, dtype=y.dtype)
+        hi = torch.where(done, 0.0, 1.0).to(y.dtype)
+        f_lo = torch.zeros_like(lo)
+        steps = _multisection_steps(y.dtype)
+        y3, t3 = y.unsqueeze(1), target.unsqueeze(1)
+        entropy_term = torch.xlogy(y, y).sum(1, keepdim=True)
+        for _ in range(KL_MAX_ITERS):
+            grid = lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * steps  # B x (KL_POINTS - 1)
+            a3 = grid.unsqueeze(2)
+            f = _kl_rows(y3, (1 - a3) * y3 + a3 * t3, entropy_term)
+            feasible = f <= epsilon
+            infeasible = ~feasible
+            grid_lo = grid.masked_fill(infeasible, -1.0).amax(dim=1)
+            f_grid_lo = f.masked_fill(infeasible, -1.0).amax(dim=1)  # f is non-decreasing in a
+            grid_hi = grid.masked_fill(feasible, 2.0).amin(dim=1)
+            better = grid_lo > lo
+            lo = torch.where(better, grid_lo, lo)
+            f_lo = torch.where(better, f_grid_lo, f_lo)
+            hi = torch.minimum(hi, grid_hi)
+            if bool(((epsilon - f_lo <= KL_TOL) | (hi - lo <= 1e-14)).all()):
+                break
+    return torch.where(done, 1.0, lo)
+
+
+@functools.lru_cache(maxsize=4)
+def _multisection_steps(dtype: torch.dtype) -> torch.Tensor:
+    """The interior points 1/KL_POINTS, ..., (KL_POINTS - 1)/KL_POINTS of [0, 1] (shared: never modified)."""
+    with torch.inference_mode(False):
+        return torch.arange(1, KL_POINTS, dtype=dtype) / KL_POINTS
 
 
 def top_margin_cap(y: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -83,10 +98,9 @@ def top_margin_cap(y: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> 
     y~[c] - y~[j] = (1 - a) (y[c] - y[j]), so a <= 1 - TOP_MARGIN / (y[c] - y[j]). Rows whose own top is not
     strict by more than TOP_MARGIN (ties) get a = 0: they are returned unchanged, c still an argmax.
     """
-    rows = torch.arange(y.shape[0])
-    gap = y[rows, top].unsqueeze(1) - y
-    in_s = target > 0
-    in_s[rows, top] = False
-    d_min = gap.masked_fill(~in_s, torch.inf).amin(dim=1)
+    top1 = top.unsqueeze(1)
+    gap = y.gather(1, top1) - y
+    in_s = (target > 0).scatter_(1, top1, False)
+    d_min = torch.where(in_s, gap, torch.inf).amin(dim=1)
     cap = (1 - TOP_MARGIN / d_min.clamp_min(TOP_MARGIN)).clamp(0.0, 1.0)
-    return torch.where(torch.isinf(d_min), torch.ones_like(cap), cap)
+    return torch.where(torch.isinf(d_min), 1.0, cap)

@@ -28,6 +28,10 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> MlflowServer:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> MlflowServer:
+        """Start the process and return at once (call :meth:`wait_ready` before using it)."""
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [
             str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -39,6 +43,9 @@ class MlflowServer:
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         out.close()
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -56,7 +63,7 @@ class MlflowServer:
         p = self.root / "server.out"
         return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.is_file() else ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         if self.proc is None:
             return
         pgid = self.proc.pid  # start_new_session: the server leads its own group
