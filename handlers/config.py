@@ -6,6 +6,8 @@
       victim: {runtime: eager, file: victim/state_dict.pt, model_file: victim/models.py, class: LeNet,
                kwargs: {num_classes: 10}, output: logits}
       surrogate: {runtime: onnx, file: surrogate/model.onnx}  # required when the defense needs one
+      misinformation: {runtime: onnx, file: misinformation/model.onnx}  # required by adaptive_misinformation,
+                                                             # refused for defenses that do not use one
       input:
         shape: [1, 28, 28]                                   # one row, without the batch dimension
         max_rows: 64                                         # rows per request
@@ -158,6 +160,7 @@ class ServeConfig(_Strict):
     defense: dict[str, Any]
     victim: RuntimeSpec
     surrogate: RuntimeSpec | None = None
+    misinformation: RuntimeSpec | None = None
     input: InputSpec
     version: VersionSpec | None = None
     threads: Threads = Field(default_factory=Threads)
@@ -208,13 +211,24 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
         raise ConfigError(
             f"{SECTION}.surrogate: missing; defense '{cls.name}' needs a surrogate shipped in the archive"
         )
+    needs_misinformation = bool(getattr(cls, "needs_misinformation", False))
+    if needs_misinformation and cfg.misinformation is None:
+        raise ConfigError(
+            f"{SECTION}.misinformation: missing; defense '{cls.name}' needs a misinformation model shipped in "
+            "the archive (package --misinformation <train_misinformation export dir>)"
+        )
+    if not needs_misinformation and cfg.misinformation is not None:
+        raise ConfigError(
+            f"{SECTION}.misinformation: defense '{cls.name}' does not use a misinformation model; remove the "
+            "field (allowed only for defenses that need one, e.g. adaptive_misinformation)"
+        )
     jacobian = getattr(defense_cfg, "jacobian", None)
     if jacobian == "all" and cfg.surrogate is not None and cfg.surrogate.runtime not in TORCH_RUNTIMES:
         raise ConfigError(
             f"{SECTION}.surrogate.runtime: jacobian 'all' needs gradients, so a torch runtime "
             f"({', '.join(TORCH_RUNTIMES)}); got {cfg.surrogate.runtime!r}"
         )
-    for role in ("victim", "surrogate"):
+    for role in ("victim", "surrogate", "misinformation"):
         spec = getattr(cfg, role)
         if spec is None:
             continue

@@ -17,7 +17,7 @@ import torch
 from handlers.codec import Codec, load_labels
 from handlers.config import ServeConfig, resolve
 from handlers.errors import ConfigError
-from handlers.runtimes import Runtime, load_runtime
+from handlers.runtimes import LogitsHead, Runtime, load_runtime
 from plugins import Defense, DefenseOutput, build_defense, check_probs, distance
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,15 @@ class Defended:
     y: torch.Tensor  # B x K victim probabilities (never leave the worker)
     out: DefenseOutput  # the defense's output, checked
     latency_s: float  # wall time of the defense call
+
+
+def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module:
+    """adaptive_misinformation's resource: an nn.Module mapping inputs to logits. An eager module returning
+    logits is passed as it is; any other runtime (ONNX, torch.export, TorchScript, or a network that returns
+    probabilities) is wrapped in :class:`LogitsHead` (an identity head on its logits, run under no_grad)."""
+    if runtime.kind == "eager" and runtime.module is not None and runtime.spec.output == "logits":
+        return runtime.module
+    return LogitsHead(runtime, num_classes)
 
 
 class DefendedModel:
@@ -62,6 +71,12 @@ class DefendedModel:
             )
             jacobian = cfg.defense.get("jacobian", "last_layer")
             resources["surrogate"] = self.surrogate.as_surrogate(self.num_classes, jacobian)
+        self.misinformation: Runtime | None = None
+        if cfg.misinformation is not None:
+            self.misinformation = load_runtime(
+                cfg.misinformation, model_dir, "stealguard.misinformation", threads.intra_op, threads.inter_op
+            )
+            resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
         try:
             self.defense: Defense = build_defense(cfg.defense, **resources)
         except ValueError as exc:
@@ -71,7 +86,7 @@ class DefendedModel:
         except Exception as exc:
             raise ConfigError(
                 f"stealguard.defense: '{self.defense.name}' fails on a warm-up batch "
-                f"(is the surrogate compatible with the victim?): {exc}"
+                f"(are the surrogate and misinformation models compatible with the victim?): {exc}"
             ) from exc
         labels = None
         if cfg.labels is not None:

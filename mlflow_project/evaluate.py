@@ -63,6 +63,7 @@ class EvalConfig:
     lr: float = 0.05
     batch_size: int = 128
     surrogate_seed: int = 0
+    misinformation: str = ""  # train_misinformation export dir, for defenses that need one (adaptive_misinformation)
 
     def __post_init__(self) -> None:
         data.check_dataset(self.dataset)
@@ -182,7 +183,8 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     spec = victim.spec
     test_x, test_y = data.load_raw(cfg.dataset, "test")
     test_x = data.adapt(test_x, spec)
-    defense = build_victim_defense(victim.model, cfg.defense, spec.num_classes, cfg.surrogate_seed)
+    defense = build_victim_defense(victim.model, cfg.defense, spec.num_classes, cfg.surrogate_seed,
+                                   misinformation=cfg.misinformation or None)
     seconds: dict[str, float] = {}
 
     # the defender's side: what the defense costs on the victim's test set
@@ -347,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--budget", type=_int, default=1000)
     p.add_argument("--epochs", type=_int, default=10, help="clone training epochs")
     p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--misinformation", default="",
+                   help="train_misinformation export directory (for adaptive_misinformation)")
     p.add_argument("--oracle", default="local", choices=ORACLES)
     p.add_argument("--url", default="", help="prediction URL for --oracle http")
     p.add_argument("--http-send", default="normalised", choices=["normalised", "pixels"])
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = EvalConfig(
         dataset=a.dataset, victim=a.victim, defense=parse_defense(a.defense), attack=a.attack, queryset=a.queryset,
         budget=a.budget, epochs=a.epochs, seed=a.seed, oracle=a.oracle, url=a.url, http_send=a.http_send,
-        clone_arch=a.clone_arch, lr=a.lr, batch_size=a.batch_size,
+        clone_arch=a.clone_arch, lr=a.lr, batch_size=a.batch_size, misinformation=a.misinformation,
     )
     observers = [metrics_observer(a.metrics_port, cfg)] if a.metrics_port else []
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,15 +69,40 @@ def make_surrogate_for(victim: nn.Module, seed: int = 0) -> nn.Module:
     return make_surrogate(victim, seed)
 
 
+def load_misinformation(misinformation: nn.Module | str | Path) -> nn.Module:
+    """A misinformation model: a module as it is, or the eager model of a train_misinformation export dir."""
+    if isinstance(misinformation, nn.Module):
+        return misinformation.eval()
+    directory = Path(misinformation)
+    if not (directory / "input_spec.json").is_file() or not (directory / "state_dict.pt").is_file():
+        raise ValueError(
+            f"misinformation: {str(directory)!r} is not a train_misinformation export directory "
+            "(needs input_spec.json and state_dict.pt)"
+        )
+    from mlflow_project.train_victim import load_exported
+
+    return load_exported(directory)[0]
+
+
 def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, num_classes: int,
-                         surrogate_seed: int = 0):
-    """Build the defense ``config`` for ``victim`` (a surrogate is built when the defense needs one)."""
+                         surrogate_seed: int = 0, misinformation: nn.Module | str | Path | None = None):
+    """Build the defense ``config`` for ``victim`` (a surrogate is built when the defense needs one; a
+    misinformation model, a module or a train_misinformation export directory, is passed when it needs one
+    and ignored otherwise)."""
     config = dict(config or {"name": "identity"})
     if "name" not in config:
         raise ValueError("defense: the config needs a 'name' (e.g. {\"name\": \"identity\"})")
+    cls = defense_class(config["name"])
     resources: dict[str, Any] = {"num_classes": num_classes}
-    if defense_class(config["name"]).needs_surrogate:
+    if cls.needs_surrogate:
         resources["surrogate"] = make_surrogate_for(victim, surrogate_seed)
+    if getattr(cls, "needs_misinformation", False):
+        if misinformation is None or misinformation == "":
+            raise ValueError(
+                f"misinformation: defense '{config['name']}' needs a misinformation model "
+                "(a train_misinformation export directory)"
+            )
+        resources["misinformation"] = load_misinformation(misinformation)
     return build_defense(config, **resources)
 
 

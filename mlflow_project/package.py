@@ -13,7 +13,9 @@ A defense that needs a surrogate gets ``--surrogate FILE`` or, by default, a ran
 victim's architecture (``plugins.surrogate.make_surrogate``, seeded by ``--surrogate-seed``). The archive
 carries ``handlers/`` and ``plugins/`` and a ``model-config.yaml`` whose ``stealguard:`` section the handler
 validates when the worker starts. The undefended twin of an archive is the same victim packaged with
-``{name: identity}``.
+``{name: identity}``. A defense that needs a misinformation model (``adaptive_misinformation``) gets
+``--misinformation DIR`` (a ``train_misinformation`` export directory, shipped in ``--misinformation-runtime``,
+eager by default) under ``misinformation/``; passing it for any other defense is refused.
 
 A registered defense (``--defense models:/<name>@<alias>`` or ``models:/<name>/<version>``, see register.py) is
 resolved now, when the archive is built: its bundle supplies the defense config, the surrogate's weights and,
@@ -244,6 +246,25 @@ def _from_export_dir(directory: Path, args: argparse.Namespace) -> Path:
     return path
 
 
+def misinformation_files(directory: Path, runtime: str) -> ModelFiles:
+    """The misinformation model of a ``train_misinformation`` export directory, as files for ``runtime``."""
+    directory = Path(directory)
+    spec_path = directory / "input_spec.json"
+    if not spec_path.is_file():
+        raise ValueError(
+            f"--misinformation: {directory} is not a train_misinformation export directory (no input_spec.json)"
+        )
+    path = directory / EXPORT_DIR_FILES[runtime]
+    if not path.is_file():
+        raise ValueError(f"--misinformation: {directory} has no {path.name} for --misinformation-runtime {runtime!r}")
+    if runtime != "eager":
+        return ModelFiles(runtime, path)
+    doc = json.loads(spec_path.read_text())
+    if not doc.get("arch"):
+        raise ValueError(f"--misinformation: {spec_path} names no 'arch'")
+    return eager_from_arch(path, doc["arch"], int(doc.get("num_classes", 10)))
+
+
 def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> ModelFiles:
     """A randomly initialised ``arch`` from mlflow_project.models (``make_surrogate``), as eager files."""
     import functools
@@ -367,6 +388,7 @@ def stage(
     defense: dict[str, Any],
     input_spec: dict[str, Any],
     surrogate: ModelFiles | None = None,
+    misinformation: ModelFiles | None = None,
     version: dict[str, Any] | None = None,
     labels: Path | None = None,
     batch_size: int = 8,
@@ -381,6 +403,8 @@ def stage(
     section: dict[str, Any] = {"defense": dict(defense), "victim": victim.stage(root / "victim")}
     if surrogate is not None:
         section["surrogate"] = surrogate.stage(root / "surrogate")
+    if misinformation is not None:
+        section["misinformation"] = misinformation.stage(root / "misinformation")
     section["input"] = dict(input_spec)
     if version:
         section["version"] = dict(version)
@@ -528,6 +552,16 @@ def parser() -> argparse.ArgumentParser:
         default="eager",
         help="ship the generated surrogate in this runtime (onnx is fastest for jacobian=last_layer)",
     )
+    p.add_argument(
+        "--misinformation",
+        help="train_misinformation export directory (required by adaptive_misinformation, refused otherwise)",
+    )
+    p.add_argument(
+        "--misinformation-runtime",
+        choices=list(EXPORT_DIR_FILES),
+        default="eager",
+        help="ship the misinformation model in this runtime (from the export directory's files)",
+    )
     p.add_argument("--input-shape", help="one row's shape, e.g. 1,28,28 (default: the --arch input shape)")
     p.add_argument("--max-rows", type=_int, default=256, help="most instances per request")
     p.add_argument(
@@ -608,6 +642,22 @@ def main(argv: list[str] | None = None) -> Path:
                 raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate")
             shape = input_spec_from_args(args)["shape"]
             surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
+        needs_misinformation = bool(getattr(defense_class(defense["name"]), "needs_misinformation", False))
+        if needs_misinformation and not args.misinformation:
+            raise ValueError(
+                f"--misinformation: defense '{defense['name']}' needs a misinformation model "
+                "(a train_misinformation export directory)"
+            )
+        if args.misinformation and not needs_misinformation:
+            raise ValueError(
+                f"--misinformation: defense '{defense['name']}' does not use a misinformation model; "
+                "allowed only with defenses that need one (adaptive_misinformation)"
+            )
+        misinformation = (
+            misinformation_files(Path(args.misinformation), args.misinformation_runtime)
+            if args.misinformation
+            else None
+        )
         staged = work / "stage"
         stage(
             staged,
@@ -615,6 +665,7 @@ def main(argv: list[str] | None = None) -> Path:
             defense=defense,
             input_spec=input_spec_from_args(args),
             surrogate=surrogate,
+            misinformation=misinformation,
             version=version,
             labels=Path(args.labels) if args.labels else None,
             batch_size=args.batch_size,

@@ -56,7 +56,8 @@ METRIC_COLUMNS = (
     "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
 )
 CSV_COLUMNS = ("label", "defense", "epsilon", "beta", "gamma", "decimals", "norm", *METRIC_COLUMNS,
-               "accuracy_drop_points", "seconds", "status", "recommended", "point_key", "run_id", "defense_config")
+               "accuracy_drop_points", "seconds", "status", "recommended", "point_key", "run_id", "defense_config",
+               "tau", "target")
 PARENT_KIND = "sweep"
 POINT_KIND = "sweep_point"
 
@@ -91,6 +92,7 @@ class SweepSpec:
     lr: float = 0.05
     batch_size: int = 128
     oracle: str = "local"
+    misinformation_hash: str = ""  # weights of the misinformation model, for defenses that need one
 
     def context(self) -> dict[str, Any]:
         p = self.preset
@@ -105,7 +107,16 @@ class SweepSpec:
         return stable_hash(self.context())
 
     def point_key(self, defense: Mapping[str, Any]) -> str:
-        return stable_hash({**self.context(), "defense": dict(defense)})
+        ident = {**self.context(), "defense": dict(defense)}
+        if needs_misinformation(defense):  # other points keep the keys they always had
+            ident["misinformation_weights"] = self.misinformation_hash
+        return stable_hash(ident)
+
+
+def needs_misinformation(defense: Mapping[str, Any]) -> bool:
+    from plugins import defense_class
+
+    return bool(getattr(defense_class(defense["name"]), "needs_misinformation", False))
 
 
 # ---------------------------------------------------------------------------------------------- the victim
@@ -145,6 +156,31 @@ def resolve_victim(preset: Preset, victim: str = "", cache_dir: str | Path | Non
     return load_victim(out), str(out)
 
 
+def resolve_misinformation(preset: Preset, vict, victim_path: str, progress: bool = True) -> Path:
+    """adaptive_misinformation's model for the sweep's victim: trained once (train_misinformation, the victim's
+    dataset and arch, the preset's misinformation_epochs and seed) and cached next to the victim directory
+    (``<victim>.misinformation-e<epochs>-s<seed>``; under ``results/misinformation`` when the victim is an MLflow
+    URI). Returns the export directory."""
+    from mlflow_project.train_misinformation import INFO_FILE, export_misinformation, train_misinformation
+
+    epochs = preset.misinformation_epochs or None
+    tag = f"e{epochs or 'default'}-s{preset.seed}"
+    local = Path(victim_path)
+    if local.is_dir():
+        out = local.parent / f"{local.name}.misinformation-{tag}"
+    else:
+        name = f"{vict.spec.dataset}_{vict.arch}_{weights_hash(vict.model)}-{tag}"
+        out = REPO_ROOT / "results" / "misinformation" / name
+    info_path = out / INFO_FILE
+    if info_path.is_file() and (out / "state_dict.pt").is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("dataset") == vict.spec.dataset and info.get("arch") == vict.arch:
+            return out
+    res = train_misinformation(vict.spec.dataset, vict.arch, epochs=epochs, seed=preset.seed, progress=progress)
+    export_misinformation(res, out, runtimes=False)  # what load_exported needs
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the sweep
 
 
@@ -164,7 +200,7 @@ class SweepResult:
 def _flat_row(defense: Mapping[str, Any], metrics: Mapping[str, float], **extra: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"label": describe(dict(defense)), "defense": defense["name"],
                            "defense_config": json.dumps(dict(defense), sort_keys=True)}
-    for k in ("epsilon", "beta", "gamma", "decimals", "norm"):
+    for k in ("epsilon", "beta", "gamma", "decimals", "norm", "tau", "target"):
         row[k] = defense.get(k, "")
     for k in METRIC_COLUMNS:
         v = metrics.get(k)
@@ -235,6 +271,12 @@ def run_sweep(
     if not configs:
         raise ValueError("grid: the sweep has no points; enable at least one defense")
     spec = SweepSpec(preset=preset, victim_path=victim_path, victim_hash=weights_hash(vict.model), grid=configs)
+    misinformation = ""
+    if any(needs_misinformation(c) for c in configs):
+        from mlflow_project.oracles import load_misinformation
+
+        misinformation = str(resolve_misinformation(preset, vict, victim_path, progress))
+        spec.misinformation_hash = weights_hash(load_misinformation(misinformation))
     sweep_key = spec.sweep_key
     out_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS / (
         f"{preset.name}-{preset.dataset}-{preset.attack}-{preset.queryset}-{preset.budget}-{sweep_key[:8]}")
@@ -284,7 +326,8 @@ def run_sweep(
             cfg = EvalConfig(dataset=preset.dataset, victim=victim_path, defense=defense, attack=preset.attack,
                              queryset=preset.queryset, budget=preset.budget, epochs=preset.epochs, seed=preset.seed,
                              oracle=spec.oracle, lr=spec.lr, batch_size=spec.batch_size,
-                             surrogate_seed=preset.surrogate_seed)
+                             surrogate_seed=preset.surrogate_seed,
+                             misinformation=misinformation if needs_misinformation(defense) else "")
             tags = {KIND_TAG: POINT_KIND, SWEEP_KEY_TAG: sweep_key, POINT_KEY_TAG: key,
                     "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
             with mlflow.start_run(run_name=label, nested=True, tags=tags) as child:
@@ -368,7 +411,8 @@ def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
     rows = []
     with Path(csv_path).open() as f:
         for r in csv.DictReader(f):
-            for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals"):
+            for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals",
+                      "tau"):
                 if r.get(k) not in (None, ""):
                     r[k] = float(r[k])
             rows.append(r)
@@ -398,7 +442,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_int, default=0, help="clone training epochs (default: the preset's)")
     p.add_argument("--seed", type=_int, default=-1)
     for name in ("mad_epsilons", "mad_argmax_epsilons", "reverse_sigmoid_betas", "random_noise_epsilons",
-                 "rounding_decimals"):
+                 "rounding_decimals", "adaptive_misinformation_taus", "gradient_redirection_epsilons"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
     p.add_argument("--no-label-only", action="store_true", help="leave the label-only point out of the grid")
     p.add_argument("--max-drop", type=float, default=-1.0,
@@ -422,6 +466,8 @@ def main(argv: list[str] | None = None) -> SweepResult:
         "mad_epsilons": a.mad_epsilons, "mad_argmax_epsilons": a.mad_argmax_epsilons,
         "reverse_sigmoid_betas": a.reverse_sigmoid_betas, "random_noise_epsilons": a.random_noise_epsilons,
         "rounding_decimals": a.rounding_decimals, "label_only": False if a.no_label_only else None,
+        "adaptive_misinformation_taus": a.adaptive_misinformation_taus,
+        "gradient_redirection_epsilons": a.gradient_redirection_epsilons,
     }
     if a.dataset and not a.queryset:
         overrides["queryset"] = a.dataset  # a new dataset's in-distribution query set unless told otherwise

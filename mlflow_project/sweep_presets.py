@@ -9,6 +9,11 @@ Three presets (``--preset``), each overridable field by field from the command l
   fit <= 60 minutes on this 2-core machine (budget, clone epochs and grid chosen from the measured per-point
   cost: about 100k clone training samples per point; see RESULTS.md).
 
+Two opt-in grids, empty in every preset so the presets' existing grids (and their point keys) are unchanged:
+``adaptive_misinformation_taus`` (e.g. 0.5,0.7,0.9,0.95; its misinformation model is trained once per victim
+and cached next to it, see sweep.resolve_misinformation) and ``gradient_redirection_epsilons`` (each epsilon
+with the targets in ``GRADIENT_REDIRECTION_TARGETS``: reverse and shift).
+
 Reverse sigmoid's gamma is fixed per dataset as in the paper (MNIST 0.2, FashionMNIST 0.4, CIFAR10 0.1); digits
 and mnist5k are MNIST-like and use MNIST's.
 """
@@ -52,6 +57,9 @@ class Preset:
     random_noise_epsilons: tuple[float, ...] = (5.0,)
     rounding_decimals: tuple[int, ...] = (1,)
     label_only: bool = True
+    adaptive_misinformation_taus: tuple[float, ...] = ()  # opt-in (--adaptive-misinformation-taus)
+    gradient_redirection_epsilons: tuple[float, ...] = ()  # opt-in (--gradient-redirection-epsilons)
+    misinformation_epochs: int = 0  # adaptive_misinformation's model; 0 = train_misinformation's dataset default
     max_drop: float = 1.0  # selection: the largest acceptable defender-accuracy drop, in accuracy points
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -60,6 +68,15 @@ class Preset:
             raise ValueError(f"budget: must be >= 1 query; got {self.budget}")
         if self.epochs < 1:
             raise ValueError(f"epochs: must be >= 1; got {self.epochs}")
+        bad = [t for t in self.adaptive_misinformation_taus if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"adaptive_misinformation_taus: each tau must be in (0, 1]; got {bad}")
+        bad = [e for e in self.gradient_redirection_epsilons if not 0 <= e <= 2]
+        if bad:
+            raise ValueError(f"gradient_redirection_epsilons: each epsilon must be in [0, 2] (l1); got {bad}")
+        if self.misinformation_epochs < 0:
+            raise ValueError(f"misinformation_epochs: must be >= 0 (0 = the dataset's default); got "
+                             f"{self.misinformation_epochs}")
         if not 0 <= self.max_drop <= 100:
             raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {self.max_drop}")
 
@@ -75,7 +92,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", dataset="digits", attack="knockoff", queryset="digits", budget=300, epochs=3, victim_epochs=8,
         mad_epsilons=(0.5,), mad_argmax_epsilons=(0.5,), reverse_sigmoid_betas=(0.1,), random_noise_epsilons=(2.0,),
-        rounding_decimals=(1,),
+        rounding_decimals=(1,), misinformation_epochs=4,
     ),
     "quick": Preset(name="quick"),
     "paper": Preset(
@@ -132,16 +149,26 @@ def defense_grid(preset: Preset) -> list[dict[str, Any]]:
     grid += [{"name": "rounding", "decimals": int(d)} for d in preset.rounding_decimals]
     if preset.label_only:
         grid.append({"name": "label_only"})
+    grid += [{"name": "adaptive_misinformation", "tau": float(t)} for t in preset.adaptive_misinformation_taus]
+    grid += [{"name": "gradient_redirection", "epsilon": float(e), "target": target}
+             for e in preset.gradient_redirection_epsilons for target in GRADIENT_REDIRECTION_TARGETS]
     return grid
+
+
+GRADIENT_REDIRECTION_TARGETS = ("reverse", "shift")
 
 
 # The parameter that moves along each defense's curve (for plots and tables).
 CURVE_PARAMETER = {"mad": "epsilon", "mad_argmax": "epsilon", "reverse_sigmoid": "beta",
-                   "random_noise": "epsilon", "rounding": "decimals"}
+                   "random_noise": "epsilon", "rounding": "decimals", "adaptive_misinformation": "tau",
+                   "gradient_redirection": "epsilon"}
 
 
 def describe(config: dict[str, Any]) -> str:
     """A short label for a defense config, e.g. ``mad_argmax(epsilon=0.5)``."""
     name = config["name"]
     key = CURVE_PARAMETER.get(name)
-    return f"{name}({key}={config[key]:g})" if key and key in config else name
+    if not (key and key in config):
+        return name
+    target = f", target={config['target']}" if name == "gradient_redirection" and "target" in config else ""
+    return f"{name}({key}={config[key]:g}{target})"

@@ -14,6 +14,11 @@ Decisions (see DESIGN.md "MAD, precisely"):
   inside torch.func transforms for ``jacobian="all"``): no gradient reaches its parameters or the output.
 - ``angular_deviation`` is the angle (radians, float64, one per row) between the attacker's update under the
   returned y~ and under y: ``angle(G^T y~, G^T y)``.
+- Per-call cost (a server calls this on every batch, often of a few rows): constant tables are built once per
+  K (``candidates.exhaustive_tables``), the last-layer check runs on the first non-empty batch only, the
+  input dtype is read from a kept parameter, and the candidate scoring and the KL bisection run under
+  ``torch.inference_mode`` (only indices and coefficients leave those blocks, so every returned tensor is an
+  ordinary one). The arithmetic stays float64 and gives bit-for-bit the results of the unoptimised code.
 """
 
 from __future__ import annotations
