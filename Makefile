@@ -10,10 +10,11 @@ STAMP := $(VENV)/.stealguard-requirements
 DEBS := prometheus dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help setup debs test lint bench
+.PHONY: help setup debs test lint bench demo
 
 help:
 	@echo "make setup   create .venv, install pinned packages and the Debian packages the tests need"
+	@echo "make demo    setup, then victim -> sweep -> register/promote -> archives -> TorchServe + Prometheus -> attack (DEMO_ARGS)"
 	@echo "make test    setup, then ruff and the whole test suite (what CI runs)"
 	@echo "make bench   run the benchmarks in bench/ and print their ratios"
 	@echo "make archive build model_store/\$$(ARCHIVE_NAME).mar (ARCHIVE_VICTIM, ARCHIVE_DEFENSE, ARCHIVE_ARGS)"
@@ -51,6 +52,13 @@ lint: $(STAMP)
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# --- the newcomer's demo (issue 9): see mlflow_project/demo.py (--help for ports, budgets, store, ...).
+# Leaves TorchServe and Prometheus running (pid files in .run/, as make serve / make monitor): `make stop`.
+DEMO_ARGS ?=
+
+demo: setup
+	$(PY) -m mlflow_project.demo $(DEMO_ARGS)
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
