@@ -86,6 +86,24 @@ class Defense(ABC):
         return f"{type(self).__name__}({params})"
 
 
+def require_network(field: str, value: Any, defense: str, usage: str = "") -> torch.nn.Module:
+    """A resource network (``surrogate=net``, ``misinformation=net``) in eval mode, or a ValueError naming the
+    field: it must be given and be a torch.nn.Module mapping inputs to logits."""
+    if value is None:
+        raise ValueError(
+            f"{field}: defense '{defense}' needs a {field} model (build_defense(..., {field}=net){usage})"
+        )
+    if not isinstance(value, torch.nn.Module):
+        raise ValueError(f"{field}: must be a torch.nn.Module mapping inputs to logits; got {type(value).__name__}")
+    return value.eval()
+
+
+def check_num_classes(num_classes: int | None) -> None:
+    """A class count given at build time must be at least 2."""
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes: must be >= 2; got {num_classes}")
+
+
 def check_probs(probs: Any) -> torch.Tensor:
     """Return ``probs`` as a floating B x K tensor whose rows lie on the simplex, or raise ValueError."""
     if not isinstance(probs, torch.Tensor):

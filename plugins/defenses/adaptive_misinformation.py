@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from plugins.base import Defense, DefenseConfig, DefenseOutput
+from plugins.base import Defense, DefenseConfig, DefenseOutput, check_num_classes, require_network
 from plugins.mad.jacobian import as_surrogate_input
 from plugins.ood import confidence_gate, ood_score
 from plugins.registry import register
@@ -65,19 +65,9 @@ class AdaptiveMisinformation(Defense):
         **resources: Any,
     ) -> None:
         super().__init__(config)
-        if misinformation is None:
-            raise ValueError(
-                "misinformation: defense 'adaptive_misinformation' needs a misinformation model "
-                "(build_defense(..., misinformation=net), net: inputs -> K logits)"
-            )
-        if not isinstance(misinformation, nn.Module):
-            raise ValueError(
-                "misinformation: must be a torch.nn.Module mapping inputs to logits; "
-                f"got {type(misinformation).__name__}"
-            )
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes: must be >= 2; got {num_classes}")
-        self.misinformation = misinformation.eval()
+        self.misinformation = require_network("misinformation", misinformation, self.name,
+                                              usage=", net: inputs -> K logits")
+        check_num_classes(num_classes)
         self.num_classes = num_classes
 
     def misinformation_probs(self, inputs: Any, y: torch.Tensor) -> torch.Tensor:

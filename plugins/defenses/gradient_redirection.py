@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from plugins import redirection
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_num_classes, require_network
 from plugins.mad import jacobian
 from plugins.mad.geometry import Geometry, Reference, angle
 from plugins.registry import register
@@ -107,19 +107,10 @@ class GradientRedirection(Defense):
         **resources: Any,
     ) -> None:
         super().__init__(config)
-        if surrogate is None:
-            raise ValueError(
-                f"surrogate: defense '{self.name}' needs a surrogate model (build_defense(..., surrogate=net))"
-            )
-        if not isinstance(surrogate, nn.Module):
-            raise ValueError(
-                f"surrogate: must be a torch.nn.Module mapping inputs to logits; got {type(surrogate).__name__}"
-            )
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes: must be >= 2; got {num_classes}")
+        self.surrogate = require_network("surrogate", surrogate, self.name)
+        check_num_classes(num_classes)
         if num_classes is not None and config.target == "shift" and config.shift % num_classes == 0:
             raise ValueError(f"shift: must not be a multiple of num_classes={num_classes}; got {config.shift}")
-        self.surrogate = surrogate.eval()
         self.num_classes = num_classes
         self.layer: nn.Linear | None = None
         self.param_names: list[str] = []

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from plugins import seeding
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_num_classes, require_network
 from plugins.mad import jacobian, mixing
 from plugins.mad.geometry import (
     Geometry,
@@ -95,19 +95,8 @@ class MADBase(Defense):
         **resources: Any,
     ) -> None:
         super().__init__(config)
-        if surrogate is None:
-            raise ValueError(
-                f"surrogate: defense '{self.name}' needs a surrogate model "
-                "(build_defense(..., surrogate=net))"
-            )
-        if not isinstance(surrogate, nn.Module):
-            raise ValueError(
-                "surrogate: must be a torch.nn.Module mapping inputs to logits; "
-                f"got {type(surrogate).__name__}"
-            )
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes: must be >= 2; got {num_classes}")
-        self.surrogate = surrogate.eval()
+        self.surrogate = require_network("surrogate", surrogate, self.name)
+        check_num_classes(num_classes)
         self.num_classes = num_classes
         self.last_layer: nn.Linear | None = None
         self.param_names: list[str] = []
