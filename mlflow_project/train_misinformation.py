@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from mlflow_project import data
-from mlflow_project.models import build_model
-from mlflow_project.train_victim import export_victim
+from mlflow_project.train_victim import export_victim, prepare_training
 from mlflow_project.training import TrainConfig, predict_probs, train_classifier
 
 # Fewer epochs than the victim: being wrong is easier than being right.
@@ -89,18 +88,7 @@ def train_misinformation(
     on_epoch=None,
 ) -> MisinformationResult:
     """Train a misinformation model on ``dataset``'s train split (the victim's) and score it (no MLflow)."""
-    data.check_dataset(dataset)
-    arch = arch or data.default_arch(dataset)
-    d = DEFAULTS[dataset]
-    cfg = TrainConfig(
-        epochs=d["epochs"] if epochs is None else epochs,
-        lr=d["lr"] if lr is None else lr,
-        batch_size=d["batch_size"] if batch_size is None else batch_size,
-        seed=seed,
-    )
-    vd = data.victim_data(dataset, arch)
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=vd.spec.num_classes)
+    arch, cfg, vd, model = prepare_training(DEFAULTS, dataset, arch, epochs, lr, seed, batch_size)
     t0 = time.perf_counter()
     losses = train_classifier(model, vd.train.x, vd.train.y, cfg, desc="misinformation", progress=progress,
                               on_epoch=on_epoch, loss_fn=misinformation_loss)

@@ -55,6 +55,25 @@ class VictimResult:
     seconds: float
 
 
+def prepare_training(defaults: dict, dataset: str, arch: str | None, epochs: int | None, lr: float | None,
+                     seed: int, batch_size: int | None) -> tuple[str, TrainConfig, data.VictimData, nn.Module]:
+    """The architecture, the optimiser settings (``defaults[dataset]`` where not given), the victim's data and a
+    freshly seeded model: what training on a victim's data set starts from (the victim and the misinformation
+    model alike)."""
+    data.check_dataset(dataset)
+    arch = arch or data.default_arch(dataset)
+    d = defaults[dataset]
+    cfg = TrainConfig(
+        epochs=d["epochs"] if epochs is None else epochs,
+        lr=d["lr"] if lr is None else lr,
+        batch_size=d["batch_size"] if batch_size is None else batch_size,
+        seed=seed,
+    )
+    vd = data.victim_data(dataset, arch)
+    torch.manual_seed(seed)
+    return arch, cfg, vd, build_model(arch, num_classes=vd.spec.num_classes)
+
+
 def train_victim(
     dataset: str = "fashion_mnist",
     arch: str | None = None,
@@ -66,18 +85,7 @@ def train_victim(
     on_epoch=None,
 ) -> VictimResult:
     """Train a victim on ``dataset``'s train split and score it on the test split (no MLflow)."""
-    data.check_dataset(dataset)
-    arch = arch or data.default_arch(dataset)
-    d = DEFAULTS[dataset]
-    cfg = TrainConfig(
-        epochs=d["epochs"] if epochs is None else epochs,
-        lr=d["lr"] if lr is None else lr,
-        batch_size=d["batch_size"] if batch_size is None else batch_size,
-        seed=seed,
-    )
-    vd = data.victim_data(dataset, arch)
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=vd.spec.num_classes)
+    arch, cfg, vd, model = prepare_training(DEFAULTS, dataset, arch, epochs, lr, seed, batch_size)
     t0 = time.perf_counter()
     losses = train_classifier(model, vd.train.x, vd.train.y, cfg, desc=f"victim {dataset}/{arch}",
                               progress=progress, on_epoch=on_epoch)
