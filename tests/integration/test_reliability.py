@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +57,10 @@ def env(tmp_path_factory) -> Iterator[Env]:
                         properties={"enable_model_api": "true"})
     server.start(timeout=240)
     try:
+        # /ping is healthy once one worker of a model is up; the tests below need both of rel_mad's workers.
+        deadline = time.monotonic() + 120
+        while len(ready_pids(server, "rel_mad")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
         yield Env(root, store, server)
     finally:
         server.stop()
