@@ -81,19 +81,7 @@ def test_100_repeated_calls_give_identical_answers(setup, cfg):
         assert torch.equal(again, first), f"{cfg}: a repeat of the same query got a different answer"
 
 
-# Found by this test (reported, not fixed here: plugins/ is another issue's): gradient_redirection's solver
-# couples the rows of a batch, so a row's answer moves by up to ~0.07 (L-inf) with what it is batched with.
-# TorchServe batches concurrent requests, so an attacker could average over batchings. Not strict: whether the
-# float32 surrogate's batch-size-dependent rounding tips the solver depends on the torch thread count the other
-# test modules leave behind (seen: xfail alone, xpass in the full suite).
-def _batch_param(cfg: dict):
-    if cfg["name"] != "gradient_redirection" or cfg.get("target") == "random":
-        return cfg
-    reason = f"{cfg['name']}: a row's answer depends on the rest of its batch"
-    return pytest.param(cfg, marks=pytest.mark.xfail(strict=False, reason=reason))
-
-
-@pytest.mark.parametrize("cfg", [_batch_param(c) for c in CONFIGS], ids=_id)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
 def test_100_repeats_in_one_batch_are_identical_and_equal_the_single_answer(setup, cfg):
     resources, x, y = setup
     defense = build_defense(cfg, **resources)

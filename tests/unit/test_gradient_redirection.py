@@ -106,6 +106,69 @@ def test_deterministic_and_row_independent(case):
     alone = defense(y[i : i + 1], x[i : i + 1])
     tol = 1e-6 if config["jacobian"] == "all" else 1e-9  # "all": a fixed-step ascent on batched Gram matrices
     torch.testing.assert_close(alone.extras["target_cosine"][0], out.extras["target_cosine"][i], atol=tol, rtol=0)
+    if config["jacobian"] != "all":  # the answer itself, not only its score (R.extend_along_ray)
+        torch.testing.assert_close(alone.probs[0], out.probs[i], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("target", ["reverse", "least_likely", "shift"])
+def test_a_float32_surrogate_gives_the_same_answer_in_any_batch(threads, target):
+    """A float32 surrogate's softmax differs in the last bits with the batch size (and thread count); before
+    R.extend_along_ray that tipped the solver to another point of a flat optimum (0.07 L-inf seen)."""
+    k, torch_threads = 10, torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, k)).eval().requires_grad_(False)
+            victim = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, k)).eval()
+        x = torch.rand((6, 64), generator=torch.Generator().manual_seed(2)) * 4 - 2
+        with torch.no_grad():
+            y = torch.softmax(victim(x).double(), dim=1)
+        defense = build_defense({"name": "gradient_redirection", "epsilon": 0.5, "target": target}, surrogate=net)
+        for i in range(len(y)):
+            alone = defense(y[i : i + 1], x[i : i + 1]).probs[0]
+            for reps in (2, 7, 64):
+                batch = defense(y[i : i + 1].repeat(reps, 1), x[i : i + 1].repeat(reps, 1)).probs
+                torch.testing.assert_close(batch, alone.expand_as(batch), atol=1e-6, rtol=0)
+            mixed = defense(torch.cat([y, y[i : i + 1]]), torch.cat([x, x[i : i + 1]])).probs
+            torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)
+            torch.testing.assert_close(mixed[-1], alone, atol=1e-6, rtol=0)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+@settings(max_examples=40)
+@given(prob_batches(max_batch=5, max_classes=10), st.floats(0.05, 1.9), st.integers(0, 2**31 - 1))
+def test_extend_along_ray_keeps_the_score_and_reaches_the_edge_of_the_polytope(y, eps, seed):
+    y = y.double() + 1e-3
+    y = y / y.sum(1, keepdim=True)
+    gen = torch.Generator().manual_seed(seed)
+    b, k = y.shape
+    c = torch.softmax(torch.randn(b, k, generator=gen, dtype=torch.float64), dim=1)
+    g = torch.randn(b, k, generator=gen, dtype=torch.float64)
+    v = R.project_polytope(y + 0.3 * torch.randn(b, k, generator=gen, dtype=torch.float64), y, eps)
+    s = R.score(v, c, g, None)
+    out = R.extend_along_ray(v, s, y, c, eps)
+    assert (out >= 0).all() and (row_sums(out) - 1).abs().max() <= 1e-9
+    assert (out - y).abs().sum(1).max() <= eps + 1e-9
+    moved = s > 0
+    torch.testing.assert_close(R.score(out, c, g, None)[moved], s[moved], atol=1e-9, rtol=0)
+    assert torch.equal(out[~moved], v[~moved])
+    # maximal: a step further along the ray leaves P (a negative entry or the budget)
+    d = out - c
+    further = out + 1e-6 * d / d.abs().sum(1, keepdim=True).clamp_min(1e-300)
+    outside = ((further < -1e-12).any(1)) | ((further - y).abs().sum(1) > eps + 1e-12)
+    grown = moved & (d.abs().sum(1) > 1e-9)
+    assert outside[grown].all()
+    # every point of the same ray (inside P) extends to the same point
+    half = c + 0.5 * (out - c) if bool(grown.any()) else out
+    torch.testing.assert_close(R.extend_along_ray(half, s, y, c, eps)[grown & _inside(half, y, eps)],
+                               out[grown & _inside(half, y, eps)], atol=1e-9, rtol=0)
+
+
+def _inside(v: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    return (v >= 0).all(1) & ((v - y).abs().sum(1) <= eps)
 
 
 def test_config_errors_name_the_field():
