@@ -47,9 +47,11 @@ def _cache(path: Path = METRICS_YAML) -> MetricsCacheYamlImpl:
 
 def _emitted(caplog) -> list[dict]:
     out = []
-    for rec in caplog.records:
-        m = LINE.search(rec.getMessage())
-        if m:
+    for rec in caplog.records:  # one record may carry several lines (TorchServeSink.emit_batch)
+        for line in rec.getMessage().splitlines():
+            m = LINE.search(line)
+            if not m:
+                continue
             d = m.groupdict()
             d["labels"] = dict(kv.split(":", 1) for kv in d["dims"].split(",")) if d["dims"] else {}
             out.append(d)
@@ -194,6 +196,32 @@ def test_torchserve_emission_one_observation_per_row(caplog):
     types = {ln["name"]: ln["type"] for ln in lines}
     for name, t in types.items():
         assert t == METRIC_SPECS[name].kind.upper()
+
+
+def test_one_record_per_batch_with_exactly_the_lines_torchserves_own_api_writes(caplog, monkeypatch):
+    """TorchServeSink writes a batch as one multi-line record; each line must be what TorchServe's own
+    CachingMetric.add_or_update writes for the same value (the frontend parses stdout line by line)."""
+    import ts.metrics.caching_metric as caching_metric
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    monkeypatch.setattr(caching_metric.time, "time", lambda: 1_700_000_000.4)
+    monkeypatch.setattr("handlers.metrics.time.time", lambda: 1_700_000_000.4)
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    cache = _cache()
+    m = DefenseMetrics(cache, model_name="mnist", defense_name="mad", defense_version=3, budget=Budget("l1", 0.3))
+    caplog.clear()
+    m.record_batch(torch.cat([Y, Y]), torch.cat([YT, YT]), torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.004)
+    assert len(caplog.records) == 1, "one log record per batch"
+    ours = caplog.records[0].getMessage().splitlines()
+    assert len(ours) == len(_emitted(caplog)) == 4 + 4 * 3 + 1  # 4 counters, 3 per-row histograms, latency
+    caplog.clear()
+    labels = ["mnist", "mad", "3"]
+    for line in ours:
+        parsed = LINE.search(line).groupdict()
+        metric = cache.get_metric(parsed["name"], MetricTypes(METRIC_SPECS[parsed["name"]].kind))
+        metric.add_or_update(float(parsed["value"]), labels)
+    theirs = [r.getMessage() for r in caplog.records]
+    assert ours == theirs
 
 
 def test_extra_norm_defaults_to_the_budget_norm_and_is_validated():
