@@ -8,6 +8,7 @@ also receive the batch of inputs. Subclasses implement :meth:`Defense.perturb` o
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -116,10 +117,11 @@ def check_probs(probs: Any) -> torch.Tensor:
         raise ValueError(f"probabilities need at least 2 classes; got K={probs.shape[1]}")
     if probs.shape[0] == 0:
         return probs
-    if not torch.isfinite(probs).all():
+    lo, hi = (v.item() for v in torch.aminmax(probs))  # one pass; NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("probabilities contain NaN or inf")
-    if (probs < 0).any():
-        raise ValueError(f"probabilities must be non-negative; smallest value {probs.min().item():.3g}")
+    if lo < 0:
+        raise ValueError(f"probabilities must be non-negative; smallest value {lo:.3g}")
     sums = probs.to(torch.float64).sum(dim=1)
     worst = (sums - 1).abs().max().item()
     if worst > SIMPLEX_TOL:

@@ -26,6 +26,9 @@ class MAD(MADBase):
     name = "mad"
     Config = MADConfig
 
+    def euclidean_kind(self, num_classes: int) -> str | None:
+        return "vertices" if self.config.oracle != "random" and self.config.norm != "kl" else None
+
     def choose_target(self, ref: Reference, y: torch.Tensor, top: torch.Tensor, inputs: Any) -> torch.Tensor:
         if self.config.oracle == "random":
             return candidates.random_vertex(self.seeds(inputs), y.shape[1])

@@ -35,6 +35,11 @@ class MADArgmax(MADBase):
     name = "mad_argmax"
     Config = MADArgmaxConfig
 
+    def euclidean_kind(self, num_classes: int) -> str | None:
+        exhaustive = num_classes <= candidates.EXHAUSTIVE_MAX_CLASSES
+        ok = exhaustive and self.config.oracle != "random" and self.config.norm != "kl"
+        return "subsets" if ok else None
+
     def choose_target(self, ref: Reference, y: torch.Tensor, top: torch.Tensor, inputs: Any) -> torch.Tensor:
         k = y.shape[1]
         if self.config.oracle == "random":

@@ -31,7 +31,7 @@ from torch import nn
 
 from plugins import seeding
 from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_num_classes, require_network
-from plugins.mad import jacobian, mixing
+from plugins.mad import euclidean, jacobian, mixing
 from plugins.mad.geometry import (
     Geometry,
     Reference,
@@ -155,6 +155,26 @@ class MADBase(Defense):
         """An extra per-row upper bound on the mixing coefficient, or None."""
         return None
 
+    def euclidean_kind(self, num_classes: int) -> str | None:
+        """The candidate set plugins.mad.euclidean can search for this config when M = I, or None (the torch
+        pipeline: random oracle, KL budget, or candidates it does not enumerate)."""
+        return None
+
+    def _perturb_euclidean(self, y: torch.Tensor, geometry: Geometry, kind: str) -> DefenseOutput:
+        cfg = self.config
+        sol = euclidean.solve(
+            y.detach().numpy(), geometry.centre.detach().numpy(), cfg.epsilon, cfg.norm, cfg.oracle, kind
+        )
+        return DefenseOutput(
+            probs=torch.from_numpy(sol.y_tilde),
+            angular_deviation=torch.from_numpy(sol.deviation),
+            extras={
+                "target": torch.from_numpy(sol.target),
+                "mixing": torch.from_numpy(sol.mixing),
+                "target_angular_deviation": torch.from_numpy(sol.target_deviation),
+            },
+        )
+
     def seeds(self, inputs: Any):
         return seeding.query_seeds(inputs, self.config.secret)
 
@@ -165,7 +185,15 @@ class MADBase(Defense):
             extras = {"target": y.clone(), "mixing": zeros, "target_angular_deviation": zeros.clone()}
             return DefenseOutput(probs=y.clone(), angular_deviation=zeros.clone(), extras=extras)
         y = y / y.sum(dim=1, keepdim=True)
-        ref = Reference.of(self.geometry(y, inputs), y)
+        geometry = self.geometry(y, inputs)
+        kind = self.euclidean_kind(y.shape[1]) if geometry.gram is None else None
+        if kind is not None:
+            return self._perturb_euclidean(y, geometry, kind)
+        return self._perturb_torch(y, geometry, inputs)
+
+    def _perturb_torch(self, y: torch.Tensor, geometry: Geometry, inputs: Any) -> DefenseOutput:
+        """The general pipeline (any Gram matrix, every oracle and norm) on rows ``y`` already summing to 1."""
+        ref = Reference.of(geometry, y)
         top = y.argmax(dim=1)
         target = self.choose_target(ref, y, top, inputs)
         a = mixing.coefficient(y, target, self.config.epsilon, self.config.norm)

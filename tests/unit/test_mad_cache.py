@@ -115,3 +115,42 @@ def test_kl_coefficient_is_unaffected_by_rows_already_within_budget():
     a_mixed = mixing.kl_coefficient(torch.cat([y, y[:3]]), torch.cat([target, near]), eps)
     assert torch.equal(a_mixed[:10], a_alone)
     assert torch.equal(a_mixed[10:], torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["mad", "mad_argmax"])
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@pytest.mark.parametrize("oracle", ["extreme", "argmin"])
+@pytest.mark.parametrize("jac", ["last_layer", "identity"])
+def test_the_numpy_path_gives_what_the_torch_pipeline_gives(name, norm, oracle, jac):
+    """plugins.mad.euclidean (M = I, the serving hot path) against the general torch pipeline on the same rows:
+    same target wherever the best candidate is not tied to rounding, answers and angles to float64 rounding."""
+    checked = ties = 0
+    for k, seed, eps in itertools.product((2, 3, 5, 10), (0, 1, 2), (0.05, 0.5, 1.5)):
+        net, x, y = case(k, b=16, seed=seed)
+        d = build_defense({"name": name, "epsilon": eps, "norm": norm, "oracle": oracle, "jacobian": jac},
+                          surrogate=net)
+        assert d.euclidean_kind(k) == ("vertices" if name == "mad" else "subsets")
+        rows = y / y.sum(1, keepdim=True)
+        geometry = d.geometry(rows, x)
+        fast = d.perturb(rows, x)
+        slow = d._perturb_torch(rows, geometry, x)
+        same = (fast.extras["target"] == slow.extras["target"]).all(1)
+        ties += int((~same).sum())
+        checked += len(same)
+        for key in ("target", "mixing"):
+            torch.testing.assert_close(fast.extras[key][same], slow.extras[key][same], atol=1e-12, rtol=0)
+        torch.testing.assert_close(fast.probs[same], slow.probs[same], atol=1e-12, rtol=0)
+        # angles: arccos turns a last-bit difference of a cosine near +-1 into ~1e-7 radians
+        for a, b in ((fast.angular_deviation, slow.angular_deviation),
+                     (fast.extras["target_angular_deviation"], slow.extras["target_angular_deviation"])):
+            torch.testing.assert_close(a[same], b[same], atol=1e-6, rtol=0)
+        if not same.all():  # a tie: both targets must make the same angle
+            cos = Reference.of(geometry, rows).cosines((fast.extras["target"], slow.extras["target"]))[~same]
+            torch.testing.assert_close(cos[:, 0], cos[:, 1], atol=1e-12, rtol=0)
+    assert checked == 4 * 3 * 3 * 16 and ties <= checked // 50
+    # the torch pipeline stays the one for KL budgets, the random oracle and K > 10 candidates
+    net, _, _ = case(11)
+    assert build_defense({"name": "mad_argmax", "epsilon": 0.5}, surrogate=net).euclidean_kind(11) is None
+    assert build_defense({"name": "mad", "epsilon": 0.5}, surrogate=net).euclidean_kind(11) == "vertices"
+    for cfg in ({"norm": "kl"}, {"oracle": "random"}):
+        assert build_defense({"name": name, "epsilon": 0.5, **cfg}, surrogate=net).euclidean_kind(10) is None
