@@ -10,7 +10,8 @@ This talks to an ``mlflow server`` over its REST API with ``requests`` (handlers
 so MLFLOW_TRACKING_URI must be the server's http(s) URI (a ``sqlite:``/file store cannot be reached this way).
 Authentication, when the server needs it: MLFLOW_TRACKING_TOKEN (bearer) or MLFLOW_TRACKING_USERNAME and
 MLFLOW_TRACKING_PASSWORD (basic). Only the files the worker needs are downloaded: defense.json, the surrogate
-weights and, when the archive's victim came from the embedded bundle, the victim's input_spec.json and weights.
+weights, the misinformation model's weights (adaptive_misinformation: the version's own, never the archive's)
+and, when the archive's victim came from the embedded bundle, the victim's input_spec.json and weights.
 
 Every failure raises :class:`ResolveError`; the handler then applies ``stealguard.version.fallback``.
 """
@@ -29,6 +30,7 @@ import requests
 import yaml
 
 from handlers.errors import ConfigError
+from plugins import defense_class
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,13 @@ def _eager(rel_file: str, arch: str, num_classes: int, model_dir: str) -> dict[s
             "kwargs": {"num_classes": int(num_classes)}}
 
 
+def _needs_misinformation(defense: dict[str, Any]) -> bool:
+    try:
+        return bool(getattr(defense_class(str(defense.get("name"))), "needs_misinformation", False))
+    except ValueError:  # an unknown defense: parse() says so with the allowed names
+        return False
+
+
 def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -> Resolution:
     """Resolve ``section['version']['alias']``; return the stealguard section to serve.
 
@@ -164,11 +173,21 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
             fh.write(data)
         return os.path.join(rel, path)
 
-    new = {k: v for k, v in section.items() if k not in ("defense", "surrogate", "version")}
+    new = {k: v for k, v in section.items() if k not in ("defense", "surrogate", "misinformation", "version")}
     new["defense"] = defense
     surrogate = doc.get("surrogate")
     if surrogate:
         new["surrogate"] = _eager(fetch(surrogate["file"]), surrogate["arch"], surrogate["num_classes"], model_dir)
+    misinformation = doc.get("misinformation")
+    if misinformation:
+        new["misinformation"] = _eager(fetch(misinformation["file"]), misinformation["arch"],
+                                       misinformation["num_classes"], model_dir)
+    elif _needs_misinformation(defense):
+        raise ResolveError(
+            f"{FIELD}: {name} version {version}'s defense '{defense.get('name')}' needs a misinformation model but "
+            "its bundle carries none; register it again with `register --misinformation <train_misinformation "
+            "export>`"
+        )
     if embedded.get("victim_source") == "bundle":
         victim_doc = json.loads(client.artifact(name, version, f"{bundle}/victim/input_spec.json"))
         shape = [int(d) for d in victim_doc.get("shape", [])]

@@ -3,7 +3,8 @@
     model = mlflow.pyfunc.load_model("models:/<victim>-defense@production")
     probs = model.predict(x)      # x: N x <input shape> float32 array -> N x K defended probabilities
 
-``predict`` runs the bundled victim and the bundled defense exactly as the TorchServe handler does, so offline
+``predict`` runs the bundled victim and the bundled defense (with the bundled surrogate, and misinformation model
+for adaptive_misinformation: defense_bundle.DefendedVictim) exactly as the TorchServe handler does, so offline
 batch scoring gives the same defended probabilities as the server. This file is what MLflow logs as the model's
 code (``python_model=<this file>``); the bundle directory is its single artifact, ``bundle``.
 """

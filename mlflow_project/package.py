@@ -18,8 +18,9 @@ validates when the worker starts. The undefended twin of an archive is the same 
 eager by default) under ``misinformation/``; passing it for any other defense is refused.
 
 A registered defense (``--defense models:/<name>@<alias>`` or ``models:/<name>/<version>``, see register.py) is
-resolved now, when the archive is built: its bundle supplies the defense config, the surrogate's weights and,
-unless ``--victim`` is given, the victim it was tuned for, so ``package --name m --defense
+resolved now, when the archive is built: its bundle supplies the defense config, the surrogate's weights, the
+misinformation model (adaptive_misinformation; unless ``--misinformation`` is given) and, unless ``--victim`` is
+given, the victim it was tuned for, so ``package --name m --defense
 models:/digits_mlp-defense@production`` alone builds a complete archive. The registered name, version, run id
 and alias go into model-config.yaml (``stealguard.version``); the response header then reads
 ``<defense>@<name>/<version>``. ``--resolve-at-start`` (with ``--fallback embedded|fail``) lets the worker
@@ -554,7 +555,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--misinformation",
-        help="train_misinformation export directory (required by adaptive_misinformation, refused otherwise)",
+        help="train_misinformation export directory (required by adaptive_misinformation, refused otherwise; "
+        "default with a registered --defense: the one in its bundle)",
     )
     p.add_argument(
         "--misinformation-runtime",
@@ -643,10 +645,14 @@ def main(argv: list[str] | None = None) -> Path:
             shape = input_spec_from_args(args)["shape"]
             surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
         needs_misinformation = bool(getattr(defense_class(defense["name"]), "needs_misinformation", False))
+        if bundle is not None and bundle.misinformation is not None and not args.misinformation:
+            args.misinformation = str(bundle.misinformation_dir)  # the registered version's own model
         if needs_misinformation and not args.misinformation:
             raise ValueError(
                 f"--misinformation: defense '{defense['name']}' needs a misinformation model "
-                "(a train_misinformation export directory)"
+                "(a train_misinformation export directory"
+                + ("; this registered version carries none: re-register it with register --misinformation)"
+                   if bundle is not None else ")")
             )
         if args.misinformation and not needs_misinformation:
             raise ValueError(

@@ -6,8 +6,14 @@
     mlflow run . -e register -P config=defense.json -P victim=artifacts/victims/fashion_mnist_lenet --env-manager local
 
 The version's artifact is a defense bundle (defense_bundle.py: config, surrogate weights, the victim it was tuned
-for) served through defense_pyfunc.py, so ``mlflow.pyfunc.load_model("models:/<name>@production").predict(x)``
-gives the defended probabilities the server gives. The default registered name is ``<victim>-defense``.
+for and, for adaptive_misinformation, its misinformation model) served through defense_pyfunc.py, so
+``mlflow.pyfunc.load_model("models:/<name>@production").predict(x)`` gives the defended probabilities the server
+gives. The default registered name is ``<victim>-defense``.
+
+The misinformation model (only for a defense that needs one) is ``--misinformation``: a train_misinformation
+export directory or an MLflow artifact URI (``runs:/<train_misinformation run>/misinformation``). With
+``--sweep-run`` / ``--run-id`` it defaults to the one the point was evaluated with (the run's ``misinformation``
+param, a local export directory: register on the machine that ran the sweep, or pass ``--misinformation``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from mlflow.models import infer_signature
 from mlflow_project import tracking
 from mlflow_project.defense_bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.model_uris import is_models_uri, victim_export_dir
+from plugins import defense_class
 
 PYFUNC_CODE = Path(__file__).with_name("defense_pyfunc.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +79,33 @@ def config_from_run(client: MlflowClient, run_id: str, workdir: Path) -> tuple[d
     return config, victim, tuned
 
 
+def misinformation_of_run(client: MlflowClient, run_id: str) -> str:
+    """The misinformation model an evaluate or sweep point run used (its ``misinformation`` param; "" if none)."""
+    return client.get_run(run_id).data.params.get("misinformation", "")
+
+
+def misinformation_export_dir(ref: str, workdir: Path) -> Path:
+    """A train_misinformation export directory from a path, or from an MLflow artifact URI downloaded into
+    ``workdir`` (``runs:/<id>/misinformation``, where train_misinformation logs it)."""
+    if ":/" not in ref:
+        path = Path(ref)
+        path = path.parent if path.is_file() else path
+        if not (path / "input_spec.json").is_file():
+            raise ValueError(f"misinformation: {ref} is neither an MLflow artifact URI (runs:/<id>/misinformation) "
+                             "nor an export directory written by train_misinformation (state_dict.pt, "
+                             "input_spec.json)")
+        return path
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir)))
+    except Exception as exc:  # MlflowException: unknown run, path or model
+        raise ValueError(f"misinformation: cannot download {ref}: {getattr(exc, 'message', exc)}") from None
+    found = sorted(local.rglob("input_spec.json")) if local.is_dir() else []
+    if not found:
+        raise ValueError(f"misinformation: {ref} holds no train_misinformation export (no input_spec.json); give "
+                         "runs:/<train_misinformation run id>/misinformation")
+    return found[0].parent
+
+
 def load_config(value: str) -> dict[str, Any]:
     from mlflow_project.evaluate import parse_defense
 
@@ -85,14 +119,20 @@ def register(
     surrogate_seed: int = 0,
     alias: str | None = None,
     provenance: dict[str, Any] | None = None,
+    misinformation: str | None = None,
 ) -> dict[str, str]:
-    """Log a defense bundle as a pyfunc in a new run and register it; return name, version, run id, model URI."""
+    """Log a defense bundle as a pyfunc in a new run and register it; return name, version, run id, model URI.
+
+    ``misinformation``: the train_misinformation export directory (or artifact URI) of a defense that needs one
+    (adaptive_misinformation); refused for any other defense."""
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="stealguard-register-") as tmp:
         victim_dir, victim_info = victim_export_dir(victim, Path(tmp) / "victim-download", client)
         name = name or default_name(victim, victim_dir)
+        mis_dir = misinformation_export_dir(misinformation, Path(tmp) / "misinformation") if misinformation else None
         bundle = write_bundle(Path(tmp) / "bundle", config, victim_dir, surrogate_seed=surrogate_seed,
-                              victim_source=victim, provenance={**(provenance or {}), "victim": victim_info})
+                              victim_source=victim, provenance={**(provenance or {}), "victim": victim_info},
+                              misinformation_dir=mis_dir, misinformation_source=misinformation or None)
         doc = json.loads((bundle / "defense.json").read_text())
         defended = DefendedVictim(read_bundle(bundle))
         example = np.zeros((2, *defended.bundle.input_spec["shape"]), dtype=np.float32)
@@ -102,6 +142,8 @@ def register(
                              "stealguard.victim": victim})
             mlflow.log_params({f"defense.{k}": v for k, v in doc["defense"].items()})
             mlflow.log_params({"victim": victim, "surrogate_seed": surrogate_seed})
+            if misinformation:
+                mlflow.log_param("misinformation", misinformation)
             mlflow.log_dict(doc, "defense.json")
             info = mlflow.pyfunc.log_model(
                 name="defense",
@@ -134,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     p.add_argument("--name", default="", help="registered model name (default: <victim>-defense)")
     p.add_argument("--surrogate-seed", type=int, default=0)
     p.add_argument("--alias", default="", help="also point this alias (e.g. candidate) at the new version")
+    p.add_argument("--misinformation", default="",
+                   help="adaptive_misinformation's model: train_misinformation export directory or runs:/<id>/"
+                   "misinformation (default with --sweep-run/--run-id: the one the run was evaluated with)")
     p.add_argument("--tracking-uri", default="")
     a = p.parse_args(argv)
     sources = [flag for flag, value in (("--sweep-run", a.sweep_run), ("--run-id", a.run_id), ("--config", a.config))
@@ -148,14 +193,19 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             if not a.victim:
                 p.error("--config needs --victim (an export directory or a models:/ URI)")
             config, victim, tuned = load_config(a.config), a.victim, {"config": a.config}
+            misinformation = a.misinformation
         else:
             run_id = recommended_child(client, a.sweep_run) if a.sweep_run else a.run_id
             config, victim, tuned = config_from_run(client, run_id, Path(tmp))
             if a.victim:
                 victim = a.victim
+            if not a.misinformation and getattr(defense_class(config["name"]), "needs_misinformation", False):
+                misinformation = misinformation_of_run(client, run_id)
+            else:  # a run's param is only used by a defense that needs it; an explicit flag is checked as given
+                misinformation = a.misinformation
     try:
         result = register(config, victim, name=a.name or None, surrogate_seed=a.surrogate_seed,
-                          alias=a.alias or None, provenance={"tuned": tuned})
+                          alias=a.alias or None, provenance={"tuned": tuned}, misinformation=misinformation or None)
     except ValueError as exc:
         print(f"register: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -3,12 +3,15 @@
 - attacker accuracy vs defender accuracy (x: benign users' top-1 accuracy, y: clone accuracy);
 - attacker accuracy vs mean L1 perturbation of the returned probabilities.
 
-One curve per defense, ordered along its budget parameter; single-point defenses (label-only) are markers; the
-undefended point is a black star. Lower-right is better for the defender on the first plot.
+One curve per defense (per defense and target for gradient redirection: :func:`curve_name`), ordered along its
+budget parameter (:func:`curve_value`, e.g. adaptive misinformation's tau); single-point defenses (label-only)
+are markers; the undefended point is a black star. Lower-right is better for the defender on the first plot.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +31,64 @@ STYLE = {
     "rounding": ("tab:brown", "v"),
     "label_only": ("tab:blue", "P"),
     "top_k": ("tab:gray", "x"),
+    "adaptive_misinformation": ("tab:olive", "h"),
+    "gradient_redirection": ("tab:pink", "<"),
+    "gradient_redirection[reverse]": ("tab:pink", "<"),
+    "gradient_redirection[shift]": ("tab:cyan", ">"),
+    "gradient_redirection[least_likely]": ("darkgoldenrod", "p"),
+    "gradient_redirection[random]": ("slategray", "8"),
 }
+# Config fields that split a defense into several curves (a curve per value), e.g. gradient_redirection[shift].
+CURVE_VARIANT = {"gradient_redirection": "target"}
 AXES = {
     "defender_accuracy": "defender accuracy (benign top-1, %)",
     "perturbation_l1_mean": "mean L1 perturbation ||y~ - y||_1",
     "attacker_accuracy": "attacker (clone) accuracy, %",
 }
 PERCENT = {"defender_accuracy", "attacker_accuracy"}
+
+
+def _field(point: Mapping[str, Any], key: str) -> Any:
+    """``point[key]``, else the key of its ``defense_config`` JSON (CSVs older than the column); None if neither."""
+    value = point.get(key)
+    if value not in (None, ""):
+        return value
+    raw = point.get("defense_config")
+    if not raw:
+        return None
+    config = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    return config.get(key)
+
+
+def curve_name(point: Mapping[str, Any]) -> str:
+    """The curve a point belongs to: its defense, plus the variant field's value in brackets for defenses that
+    have one (``gradient_redirection[reverse]``, ``gradient_redirection[shift]``: different targets are
+    different defenses, never one curve)."""
+    name = point["defense"]
+    variant = CURVE_VARIANT.get(name)
+    value = _field(point, variant) if variant else None
+    return f"{name}[{value}]" if value not in (None, "") else name
+
+
+def curve_value(point: Mapping[str, Any]) -> float:
+    """Where a point sits along its curve: its defense's curve parameter (sweep_presets.CURVE_PARAMETER, e.g.
+    ``tau`` for adaptive_misinformation, ``epsilon`` for gradient_redirection); NaN if it has none."""
+    param = CURVE_PARAMETER.get(point["defense"])
+    value = _field(point, param) if param else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def curves(points: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """``{curve_name: its points ordered along the curve parameter}``, in order of first appearance."""
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for p in points:
+        out.setdefault(curve_name(p), []).append(p)
+    for name, mine in out.items():
+        out[name] = sorted(mine, key=lambda p: (math.isnan(curve_value(p)), curve_value(p)))
+    return out
 
 
 def _value(p: Mapping[str, Any], key: str) -> float:
@@ -57,14 +111,10 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], x: str, path: str | Path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5.0, 3.8), dpi=100)
-    for name in dict.fromkeys(p["defense"] for p in points):
+    for name, mine in curves(points).items():
         if name == "identity":
             continue
-        mine = [p for p in points if p["defense"] == name]
-        param = CURVE_PARAMETER.get(name)
-        if param:
-            mine = sorted(mine, key=lambda p: float(p.get(param) or 0.0))
-        color, marker = STYLE.get(name, ("tab:cyan", "*"))
+        color, marker = STYLE.get(name) or STYLE.get(mine[0]["defense"], ("tab:cyan", "*"))
         ax.plot([_value(p, x) for p in mine], [_value(p, y) for p in mine], marker=marker, color=color,
                 label=name, linewidth=1.2, markersize=5, linestyle="-" if len(mine) > 1 else "none")
     for p in points:

@@ -5,8 +5,10 @@
 
 For each sweep CSV: the undefended victim and attacker accuracies, and per defense the lowest attacker
 accuracy reachable with a defender-accuracy drop of at most 0.5, 1 and 5 points
-(:func:`sweep_select.attacker_accuracy_at_drops`; the undefended point counts for every defense). With
-``--plots-dir``, the sweep's two plots are copied there under names that say which sweep they belong to.
+(:func:`sweep_select.attacker_accuracy_at_drops`; the undefended point counts for every defense). A row is a
+curve of the plots (:func:`sweep_plots.curve_name`): gradient redirection gets one row per target, e.g.
+``gradient_redirection[reverse]``. With ``--plots-dir``, the sweep's two plots are copied there under names
+that say which sweep they belong to.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlflow_project.sweep import read_points
+from mlflow_project.sweep_plots import curve_name
 from mlflow_project.sweep_select import attacker_accuracy_at_drops
 
 DROPS = (0.5, 1.0, 5.0)
-ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only")
+ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only",
+         "adaptive_misinformation", "gradient_redirection")
+
+
+def _rank(defense: str) -> int:
+    return ORDER.index(defense) if defense in ORDER else len(ORDER)
 
 
 def sweep_name(csv_path: Path) -> str:
@@ -37,12 +45,12 @@ def describe_sweep(csv_path: Path) -> dict:
 
 def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
     csv_path = Path(csv_path)
-    points = read_points(csv_path)
+    points = [{**p, "curve": curve_name(p)} for p in read_points(csv_path)]
     if not points:
         raise ValueError(f"{csv_path}: no points")
     preset = describe_sweep(csv_path)
     und = next((p for p in points if p["defense"] == "identity"), None)
-    at = attacker_accuracy_at_drops(points, drops)
+    at = attacker_accuracy_at_drops(points, drops, by="curve")
     head = (f"**{preset.get('attack', '?')}** attacker, query set **{preset.get('queryset', '?')}**, "
             f"budget {preset.get('budget', '?')}, clone epochs {preset.get('epochs', '?')} "
             f"(sweep `{sweep_name(csv_path)}`, {len(points)} points)")
@@ -53,10 +61,10 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
         lines.append("")
     cols = " | ".join(f"drop <= {d:g}" for d in drops)
     lines += [f"| defense | {cols} | best point within 1 point |", "|---" * (len(drops) + 2) + "|"]
-    names = [n for n in ORDER if n in at] + [n for n in at if n not in ORDER]
-    for name in names:
+    curves = {name: [p for p in points if p["curve"] == name] for name in at}
+    for name in sorted(at, key=lambda n: _rank(curves[n][0]["defense"])):  # stable: grid order within a rank
         cells = " | ".join("n/a" if at[name][d] is None else f"{100 * at[name][d]:.1f}" for d in drops)
-        mine = [p for p in points if p["defense"] == name and p["accuracy_drop_points"] <= 1.0 + 1e-9]
+        mine = [p for p in curves[name] if p["accuracy_drop_points"] <= 1.0 + 1e-9]
         best = min(mine, key=lambda p: p["attacker_accuracy"])["label"] if mine else "(none: undefended)"
         lines.append(f"| {name} | {cells} | {best} |")
     lines.append("")

@@ -12,11 +12,12 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_project import data, tracking
-from mlflow_project.defense_bundle import DefendedVictim, read_bundle, write_bundle
+from mlflow_project.defense_bundle import DefendedVictim, build_victim, read_bundle, write_bundle
 from mlflow_project.models import build_model
 from mlflow_project.promote import promote
 from mlflow_project.register import config_from_run, recommended_child, register
 from mlflow_project.train_victim import export_victim
+from plugins import build_defense
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 
@@ -113,3 +114,101 @@ def test_register_from_a_sweep_point_tagged_recommended(store, victim_dir, tmp_p
         pass
     with pytest.raises(ValueError, match="no point of sweep"):
         recommended_child(client, empty.info.run_id)
+
+
+AM = {"name": "adaptive_misinformation", "tau": 1.0}  # tau = 1: every row is gated, the model always shows
+
+
+def _misinformation_dir(root, seed: int):
+    """A train_misinformation-shaped export directory (the victim's layout) with seeded random weights."""
+    out = root / f"misinformation-{seed}"
+    torch.manual_seed(seed)
+    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), out, check=False,
+                  runtimes=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def misinformation_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("misinformation")
+    return _misinformation_dir(root, 1), _misinformation_dir(root, 2)
+
+
+def _am_expected(victim_dir, misinformation_dir, x):
+    """adaptive_misinformation built directly on the two export directories (what the bundle must reproduce)."""
+    victim, mis = build_victim(victim_dir), build_victim(misinformation_dir)
+    with torch.no_grad():
+        y = torch.softmax(victim(x).to(torch.float64), dim=1)
+    return build_defense(AM, misinformation=mis, num_classes=10)(y, x).probs
+
+
+def test_a_bundle_carries_the_misinformation_model_and_uses_it(tmp_path, victim_dir, misinformation_dirs):
+    first, second = misinformation_dirs
+    bundle = read_bundle(write_bundle(tmp_path / "b", AM, victim_dir, misinformation_dir=first))
+    assert bundle.misinformation["source"] == str(first) and bundle.surrogate is None
+    assert (bundle.root / bundle.misinformation["file"]).is_file()
+    x = torch.randn(8, 64)
+    got = DefendedVictim(read_bundle(bundle.root))(x).probs
+    torch.testing.assert_close(got, _am_expected(victim_dir, first, x), rtol=0, atol=1e-12)
+    assert not torch.allclose(got, _am_expected(victim_dir, second, x))  # the bundled model, not any model
+
+
+def test_the_misinformation_model_is_required_exactly_when_the_defense_needs_it(tmp_path, victim_dir,
+                                                                              misinformation_dirs):
+    with pytest.raises(ValueError, match="needs a misinformation model"):
+        write_bundle(tmp_path / "b", AM, victim_dir)
+    with pytest.raises(ValueError, match="does not use a misinformation model.*adaptive_misinformation"):
+        write_bundle(tmp_path / "b", MAD, victim_dir, misinformation_dir=misinformation_dirs[0])
+    with pytest.raises(ValueError, match="not a misinformation export directory"):
+        write_bundle(tmp_path / "b", AM, victim_dir, misinformation_dir=tmp_path)
+    other = _misinformation_dir(tmp_path, 3)  # then said to answer 3 classes (trained for another victim)
+    spec = json.loads((other / "input_spec.json").read_text())
+    (other / "input_spec.json").write_text(json.dumps({**spec, "num_classes": 3}))
+    with pytest.raises(ValueError, match="answers 3 classes but the victim has 10"):
+        write_bundle(tmp_path / "b", AM, victim_dir, misinformation_dir=other)
+
+
+def test_register_ships_the_misinformation_model_in_the_pyfunc(store, victim_dir, misinformation_dirs):
+    first, second = misinformation_dirs
+    with mlflow.start_run(run_name="misinformation") as trained:  # where train_misinformation logs its export
+        mlflow.log_artifacts(str(second), artifact_path="misinformation")
+    x = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    for ref, expected_dir in ((str(first), first), (f"runs:/{trained.info.run_id}/misinformation", second)):
+        reg = register(AM, str(victim_dir), name="am", misinformation=ref)
+        model = mlflow.pyfunc.load_model(reg["model_uri"])
+        assert model.metadata.metadata["stealguard"]["misinformation"]["source"] == ref
+        expected = _am_expected(victim_dir, expected_dir, torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(model.predict(x), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs a misinformation model"):
+        register(AM, str(victim_dir), name="am")
+    with pytest.raises(ValueError, match="neither an MLflow artifact URI.*nor an export directory"):
+        register(AM, str(victim_dir), name="am", misinformation=str(victim_dir.parent / "nowhere"))
+
+
+def test_register_from_a_point_run_takes_the_misinformation_model_it_was_evaluated_with(store, victim_dir,
+                                                                                      misinformation_dirs, capsys):
+    from mlflow_project.register import main
+
+    first, second = misinformation_dirs
+    runs = {}
+    for name, config, mis in (("am", AM, first), ("mad", MAD, "")):
+        with mlflow.start_run(run_name=name) as run:  # what evaluate logs for a sweep point
+            mlflow.log_params({"victim": str(victim_dir), "misinformation": str(mis)})
+            mlflow.log_dict(config, "defense.json")
+        runs[name] = run.info.run_id
+    x = torch.randn(5, 64)
+
+    def registered(*argv):
+        local = mlflow.artifacts.download_artifacts(main([*argv, "--tracking-uri", store])["model_uri"])
+        return read_bundle(f"{local}/artifacts/bundle")
+
+    bundle = registered("--run-id", runs["am"])
+    assert bundle.misinformation["source"] == str(first)
+    torch.testing.assert_close(DefendedVictim(bundle)(x).probs, _am_expected(victim_dir, first, x), rtol=0, atol=1e-12)
+    explicit = registered("--run-id", runs["am"], "--misinformation", str(second))
+    torch.testing.assert_close(DefendedVictim(explicit)(x).probs, _am_expected(victim_dir, second, x), rtol=0,
+                               atol=1e-12)
+    assert registered("--run-id", runs["mad"]).misinformation is None  # the run's empty param is not used
+    with pytest.raises(SystemExit):
+        main(["--run-id", runs["mad"], "--misinformation", str(first), "--tracking-uri", store])
+    assert "does not use a misinformation model" in capsys.readouterr().err

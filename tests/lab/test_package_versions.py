@@ -62,6 +62,15 @@ def _serve(model_dir):
     return handler, context
 
 
+def _serve_and_ask(model_dir, x: np.ndarray) -> tuple[str, np.ndarray]:
+    """Initialise the unpacked archive's handler and send it ``x``: (its header label, the probabilities)."""
+    handler, context = _serve(model_dir)
+    context.request_ids = {0: "r0"}
+    context.request_processor = [RequestProcessor({"body": {"content-type": "application/json"}})]
+    (body,) = handler.handle([{"body": {"instances": x.tolist()}}], context)
+    return handler.model.header, np.array([p["probabilities"] for p in json.loads(body)["predictions"]])
+
+
 def test_a_registered_alias_alone_builds_a_complete_archive_that_serves_like_the_pyfunc(registry, tmp_path):
     mar = package(["--name", "dv", "--defense", f"models:/{NAME}@production", "--export-path", str(tmp_path)])
     model_dir, sg = _unpack(mar, tmp_path / "unpacked")
@@ -78,13 +87,9 @@ def test_a_registered_alias_alone_builds_a_complete_archive_that_serves_like_the
     assert all(torch.equal(victim[k], v) for k, v in
                torch.load(registry["victim"] / "state_dict.pt", weights_only=True).items())
 
-    handler, context = _serve(model_dir)
-    assert handler.model.header == f"mad_argmax@{NAME}/1"
     x = np.random.default_rng(1).random((6, 64), dtype=np.float32)
-    context.request_ids = {0: "r0"}
-    context.request_processor = [RequestProcessor({"body": {"content-type": "application/json"}})]
-    (body,) = handler.handle([{"body": {"instances": x.tolist()}}], context)
-    served = np.array([p["probabilities"] for p in json.loads(body)["predictions"]])
+    header, served = _serve_and_ask(model_dir, x)
+    assert header == f"mad_argmax@{NAME}/1"
     expected = mlflow.pyfunc.load_model(f"models:/{NAME}@production").predict(x)
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-12)
 
@@ -137,3 +142,37 @@ def test_bad_registry_references_are_refused_with_the_field_named(registry, tmp_
     assert message in text
     assert not list(tmp_path.glob("*.mar"))
     assert str(MlflowClient().get_model_version_by_alias(NAME, "production").version) == "1"
+
+
+def _weights_equal(a, b) -> bool:
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_registered_adaptive_misinformation_ships_its_own_misinformation_model(registry, tmp_path):
+    mis = {}
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        mis[seed] = tmp_path / f"misinformation-{seed}"
+        export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), mis[seed],
+                      check=False, runtimes=False)
+    name = "digits_mlp-am"
+    register({"name": "adaptive_misinformation", "tau": 1.0}, str(registry["victim"]), name=name,
+             misinformation=str(mis[7]))
+    mar = package(["--name", "am", "--defense", f"models:/{name}/1", "--export-path", str(tmp_path)])
+    model_dir, sg = _unpack(mar, tmp_path / "u")
+    assert sg["defense"]["name"] == "adaptive_misinformation" and "surrogate" not in sg
+    assert _weights_equal(model_dir / sg["misinformation"]["file"], mis[7] / "state_dict.pt")
+
+    x = np.random.default_rng(2).random((5, 64), dtype=np.float32)
+    header, served = _serve_and_ask(model_dir, x)
+    assert header == f"adaptive_misinformation@{name}/1"
+    np.testing.assert_allclose(served, mlflow.pyfunc.load_model(f"models:/{name}/1").predict(x), rtol=0, atol=1e-12)
+
+    mar = package(["--name", "am2", "--defense", f"models:/{name}/1", "--misinformation", str(mis[8]),
+                   "--export-path", str(tmp_path)])  # an explicit model still wins over the bundle's
+    model_dir, sg = _unpack(mar, tmp_path / "u2")
+    assert _weights_equal(model_dir / sg["misinformation"]["file"], mis[8] / "state_dict.pt")
+    with pytest.raises(ValueError, match="does not use a misinformation model"):
+        package(["--name", "x", "--defense", f"models:/{NAME}/1", "--misinformation", str(mis[8]),
+                 "--export-path", str(tmp_path)])

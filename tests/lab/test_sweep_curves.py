@@ -1,0 +1,118 @@
+"""Sweep tables and plots split gradient redirection by target and order adaptive misinformation by tau, from
+synthetic points.csv files (the current columns, and an older CSV without the tau and target columns)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from mlflow_project import sweep_plots, sweep_report
+from mlflow_project.sweep import CSV_COLUMNS, read_points
+
+VICTIM = 0.90
+
+
+def point(config: dict, defender: float, attacker: float, l1: float) -> dict:
+    from mlflow_project.sweep_presets import describe
+
+    row = {"label": describe(config), "defense": config["name"], "defense_config": json.dumps(config, sort_keys=True),
+           "victim_accuracy": VICTIM, "defender_accuracy": defender, "attacker_accuracy": attacker,
+           "perturbation_l1_mean": l1, "accuracy_drop_points": 100 * (VICTIM - defender), "status": "new",
+           "point_key": describe(config), "run_id": describe(config)}
+    for key in ("epsilon", "beta", "gamma", "decimals", "norm", "tau", "target"):
+        row[key] = config.get(key, "")
+    return row
+
+
+POINTS = [
+    point({"name": "identity"}, 0.90, 0.80, 0.0),
+    point({"name": "gradient_redirection", "epsilon": 0.5, "target": "reverse"}, 0.897, 0.60, 0.5),
+    point({"name": "gradient_redirection", "epsilon": 0.5, "target": "shift"}, 0.899, 0.70, 0.5),
+    point({"name": "gradient_redirection", "epsilon": 1.0, "target": "reverse"}, 0.80, 0.20, 1.0),
+    point({"name": "gradient_redirection", "epsilon": 1.0, "target": "shift"}, 0.895, 0.50, 1.0),
+    # taus out of order: the curve must be drawn along tau, not in CSV order
+    point({"name": "adaptive_misinformation", "tau": 0.9}, 0.70, 0.30, 0.9),
+    point({"name": "adaptive_misinformation", "tau": 0.5}, 0.899, 0.75, 0.1),
+    point({"name": "adaptive_misinformation", "tau": 0.7}, 0.85, 0.55, 0.4),
+    point({"name": "mad", "epsilon": 0.5, "norm": "l1"}, 0.898, 0.65, 0.5),
+    point({"name": "label_only"}, 0.90, 0.78, 0.6),
+]
+
+
+def write_csv(path, rows, columns=CSV_COLUMNS):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+@pytest.fixture(params=["current", "without_tau_and_target"])
+def points_csv(request, tmp_path):
+    columns = CSV_COLUMNS if request.param == "current" else [c for c in CSV_COLUMNS if c not in ("tau", "target")]
+    return write_csv(tmp_path / "s-1234abcd" / "points.csv", POINTS, columns)
+
+
+def rows_of(text: str) -> dict[str, list[str]]:
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("defense",):
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_curve_names_split_gradient_redirection_by_target_from_column_or_config(points_csv):
+    names = [sweep_plots.curve_name(p) for p in read_points(points_csv)]
+    assert names[:5] == ["identity", "gradient_redirection[reverse]", "gradient_redirection[shift]",
+                         "gradient_redirection[reverse]", "gradient_redirection[shift]"]
+    assert names[5:] == ["adaptive_misinformation"] * 3 + ["mad", "label_only"]
+    assert [sweep_plots.curve_value(p) for p in read_points(points_csv)][5:8] == [0.9, 0.5, 0.7]
+
+
+def test_report_has_one_row_per_gradient_redirection_target_in_order(points_csv):
+    text = sweep_report.table(points_csv)
+    rows = rows_of(text)
+    assert "gradient_redirection" not in rows  # never the merged curve
+    # reverse: 0.5 -> drop 0.3 (attacker 60%); 1.0 -> drop 10 (20%). shift: drops 0.1 and 0.5 (70%, 50%)
+    assert rows["gradient_redirection[reverse]"] == ["60.0", "60.0", "60.0", "gradient_redirection(epsilon=0.5, "
+                                                                              "target=reverse)"]
+    assert rows["gradient_redirection[shift]"] == ["50.0", "50.0", "50.0", "gradient_redirection(epsilon=1, "
+                                                                          "target=shift)"]
+    # adaptive misinformation: tau 0.5 drop 0.1 (75%), tau 0.7 drop 5 (55%), tau 0.9 drop 20
+    assert rows["adaptive_misinformation"] == ["75.0", "75.0", "55.0", "adaptive_misinformation(tau=0.5)"]
+    order = list(rows)
+    assert order == ["identity", "mad", "label_only", "adaptive_misinformation", "gradient_redirection[reverse]",
+                     "gradient_redirection[shift]"]
+
+
+def test_report_puts_unknown_defenses_last(tmp_path):
+    extra = point({"name": "third_party", "epsilon": 0.1}, 0.90, 0.79, 0.1)
+    csv_path = write_csv(tmp_path / "s-0000" / "points.csv", [extra, *POINTS])
+    assert list(rows_of(sweep_report.table(csv_path)))[-1] == "third_party"
+
+
+def test_plots_draw_one_curve_per_target_and_am_along_tau(points_csv, tmp_path, monkeypatch):
+    figures = []
+    close = sweep_plots.plt.close
+    monkeypatch.setattr(sweep_plots.plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    points = read_points(points_csv)
+    names = {}
+    for x, file in (("defender_accuracy", "attacker_vs_defender_accuracy.png"),
+                    ("perturbation_l1_mean", "attacker_vs_l1.png")):
+        out = sweep_plots.plot_tradeoff(points, x, tmp_path / file)
+        assert out.is_file() and out.stat().st_size > 0
+        lines = {line.get_label(): line for line in figures[-1].axes[0].get_lines()}
+        names[x] = lines
+        assert "gradient_redirection" not in lines
+        for target, eps_attacker in (("reverse", [60.0, 20.0]), ("shift", [70.0, 50.0])):
+            assert list(lines[f"gradient_redirection[{target}]"].get_ydata()) == pytest.approx(eps_attacker)
+        # along tau 0.5, 0.7, 0.9 whatever the CSV order
+        assert list(lines["adaptive_misinformation"].get_ydata()) == pytest.approx([75.0, 55.0, 30.0])
+    assert list(names["perturbation_l1_mean"]["adaptive_misinformation"].get_xdata()) == pytest.approx([0.1, 0.4, 0.9])
+    assert names["defender_accuracy"]["gradient_redirection[reverse]"].get_color() != \
+        names["defender_accuracy"]["gradient_redirection[shift]"].get_color()
