@@ -12,8 +12,9 @@ gives. The default registered name is ``<victim>-defense``.
 
 The misinformation model (only for a defense that needs one) is ``--misinformation``: a train_misinformation
 export directory or an MLflow artifact URI (``runs:/<train_misinformation run>/misinformation``). With
-``--sweep-run`` / ``--run-id`` it defaults to the one the point was evaluated with (the run's ``misinformation``
-param, a local export directory: register on the machine that ran the sweep, or pass ``--misinformation``).
+``--sweep-run`` / ``--run-id`` it defaults to the one the point was evaluated with: a sweep point's
+``runs:/<sweep parent>/misinformation`` (the sweep logs the model there), else the run's ``misinformation``
+param (a local export directory: register on the machine that ran it, or pass ``--misinformation``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mlflow.models import infer_signature
 from mlflow_project import tracking
 from mlflow_project.defense_bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.model_uris import is_models_uri, victim_export_dir
+from mlflow_project.sweep_select import MISINFORMATION_TAG
 from plugins import defense_class
 
 PYFUNC_CODE = Path(__file__).with_name("defense_pyfunc.py")
@@ -80,8 +82,11 @@ def config_from_run(client: MlflowClient, run_id: str, workdir: Path) -> tuple[d
 
 
 def misinformation_of_run(client: MlflowClient, run_id: str) -> str:
-    """The misinformation model an evaluate or sweep point run used (its ``misinformation`` param; "" if none)."""
-    return client.get_run(run_id).data.params.get("misinformation", "")
+    """The misinformation model an evaluate or sweep point run used ("" if none): the artifact URI a sweep
+    point is tagged with (``runs:/<sweep parent>/misinformation``, reachable from any machine), else the run's
+    ``misinformation`` param (a local export directory, from the machine that ran it)."""
+    run = client.get_run(run_id)
+    return run.data.tags.get(MISINFORMATION_TAG) or run.data.params.get("misinformation", "")
 
 
 def misinformation_export_dir(ref: str, workdir: Path) -> Path:

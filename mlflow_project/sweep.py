@@ -41,6 +41,7 @@ from mlflow_project import data
 from mlflow_project.sweep_presets import PRESETS, Preset, defense_grid, describe, get_preset
 from mlflow_project.sweep_select import (
     KIND_TAG,
+    MISINFORMATION_TAG,
     POINT_KEY_TAG,
     RECOMMENDED_TAG,
     SWEEP_KEY_TAG,
@@ -51,6 +52,7 @@ from mlflow_project.sweep_select import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "results" / "sweeps"
+MISINFORMATION_ARTIFACT = "misinformation"  # on the parent run: the model the adaptive_misinformation points used
 METRIC_COLUMNS = (
     "victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
     "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
@@ -311,6 +313,10 @@ def run_sweep(
             mlflow.log_params({**{k: v for k, v in spec.context().items()}, "preset": preset.name,
                                "victim": victim_path, "arch": vict.arch})
         mlflow.log_dict({"preset": preset.to_dict(), "context": spec.context(), "grid": configs}, "sweep.json")
+        if misinformation and not client.list_artifacts(parent_id, MISINFORMATION_ARTIFACT):
+            # the model every adaptive_misinformation point used, in the store: `register --sweep-run` finds it
+            # on any machine (the points' `misinformation` param is a path on the machine that ran the sweep)
+            mlflow.log_artifacts(misinformation, MISINFORMATION_ARTIFACT)
         done = finished_points(client, experiment_id, sweep_key)
         bar = tqdm(configs, desc=f"sweep {preset.name}", unit="point", disable=not progress)
         for defense in bar:
@@ -330,6 +336,8 @@ def run_sweep(
                              misinformation=misinformation if needs_misinformation(defense) else "")
             tags = {KIND_TAG: POINT_KIND, SWEEP_KEY_TAG: sweep_key, POINT_KEY_TAG: key,
                     "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
+            if needs_misinformation(defense):
+                tags[MISINFORMATION_TAG] = f"runs:/{parent_id}/{MISINFORMATION_ARTIFACT}"
             with mlflow.start_run(run_name=label, nested=True, tags=tags) as child:
                 result = evaluate_fn(cfg, victim=vict, progress=False)
                 log_evaluation(result)

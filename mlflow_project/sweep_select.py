@@ -22,6 +22,7 @@ RECOMMENDED_TAG = "stealguard.recommended"
 SWEEP_KEY_TAG = "stealguard.sweep_key"
 POINT_KEY_TAG = "stealguard.point_key"
 KIND_TAG = "stealguard.kind"
+MISINFORMATION_TAG = "stealguard.misinformation_uri"  # an AM point: runs:/<sweep parent>/misinformation
 RECOMMENDED_RUN_TAG = "stealguard.recommended_run_id"
 
 

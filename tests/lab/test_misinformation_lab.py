@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_project import evaluate as ev
 from mlflow_project import sweep as sw
+from mlflow_project.register import misinformation_of_run
 from mlflow_project.sweep_presets import defense_grid, get_preset
+from mlflow_project.sweep_select import MISINFORMATION_TAG
 
 TINY = get_preset("tiny")
 
@@ -86,6 +88,13 @@ def test_tiny_sweep_with_the_new_grid_flags_and_the_evaluate_cli(tmp_path, digit
     run = client.get_run(by[labels[1]]["run_id"])
     assert run.data.params["misinformation"] == str(misinformation_dir)  # the cached model, not a new one
     assert client.get_run(by[labels[0]]["run_id"]).data.params["misinformation"] == ""
+    # ... and the store has it too: the parent run carries the export, the point names it (register uses that)
+    parent = run.data.tags["stealguard.sweep_parent"]
+    assert run.data.tags[MISINFORMATION_TAG] == f"runs:/{parent}/misinformation"
+    assert misinformation_of_run(client, run.info.run_id) == f"runs:/{parent}/misinformation"
+    assert MISINFORMATION_TAG not in client.get_run(by[labels[2]]["run_id"]).data.tags
+    logged = {Path(a.path).name for a in client.list_artifacts(parent, "misinformation")}
+    assert logged == {p.name for p in misinformation_dir.iterdir()}
     again = sw.main([*argv, "--results-dir", str(tmp_path / "b")])
     assert again.new_points == 0 and again.reused_points == 4
 
