@@ -11,6 +11,9 @@
    (target >= 100x), and for jacobian=all (cost per row; the reference is timed on a few rows, it is linear
    in the number of rows by construction).
 3. mad_argmax cost per row for K = 10 (all 512 subsets) and K = 100 (greedy, max_candidates=4096).
+4. per-call cost of the M = I NumPy path (plugins/mad/euclidean.py, what last_layer l1/l2 runs) against the
+   general torch pipeline on the same rows and surrogate softmax, batch 1, 8 and 256 (CPU time, minimum over
+   rounds).
 Not a test: nothing here asserts; it prints what it measured.
 """
 
@@ -205,6 +208,38 @@ def main() -> None:
         desc = "2^(K-1) = 512 (exhaustive)" if k <= 10 else f"greedy, {used} (bound 4096)"
         per_row = [t / 256 * 1e6 for t in (t_s, t_d, t_a)]
         print(f"{k:>4}  {desc:<28}{per_row[0]:>17.1f}{per_row[1]:>15.1f}{per_row[2]:>18.1f}")
+
+    print("\n4) M = I: NumPy path vs the torch pipeline, per call given the surrogate's softmax (CPU us, min over"
+          f" {max(args.rounds, 15)} rounds), LeNet K=10, last_layer, eps=0.5")
+    print(f"{'batch':>5}  {'defense':<11}{'norm':<5}{'torch us':>9}{'numpy us':>9}{'numpy/torch':>12}")
+    victim, surrogate, x = setup(10, 256)
+    with torch.no_grad():
+        probs = torch.softmax(victim(x), dim=1).to(torch.float64)
+    for batch in (1, 8, 256):
+        xb, pb = x[:batch], probs[:batch]
+        for name in ("mad", "mad_argmax"):
+            for norm in ("l1", "l2"):
+                defense = build_defense({"name": name, "epsilon": 0.5, "norm": norm}, surrogate=surrogate)
+                geometry = defense.geometry(pb, xb)
+                kind = defense.euclidean_kind(10)
+                torch_path = lambda d=defense, p=pb, g=geometry, xx=xb: d._perturb_torch(p, g, xx)  # noqa: E731
+                numpy_path = lambda d=defense, p=pb, g=geometry, k=kind: d._perturb_euclidean(p, g, k)  # noqa: E731
+                t_torch, t_numpy = (cpu_min(fn, max(args.rounds, 15), 20 if batch < 256 else 2)
+                                    for fn in (torch_path, numpy_path))
+                print(f"{batch:>5}  {name:<11}{norm:<5}{t_torch * 1e6:>9.0f}{t_numpy * 1e6:>9.0f}"
+                      f"{t_numpy / t_torch:>12.2f}")
+
+
+def cpu_min(fn, rounds: int, calls: int) -> float:
+    """Minimum over rounds of the per-call CPU time (time.thread_time) of ``fn``."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - start) / calls)
+    return best
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,42 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
     return "\n".join(lines)
 
 
+def across_table(csv_paths: Sequence[str | Path], defenses: Sequence[str]) -> str:
+    """One row per point of ``defenses`` (plus the undefended and label-only points): its defender accuracy and
+    drop, mean L1 and top-1 flip rate (measured on the test set, the same in every sweep of one victim), and
+    the attacker accuracy in each sweep (one column per sweep: attack / query set / budget)."""
+    sweeps = []
+    for c in csv_paths:
+        path = Path(c)
+        preset = describe_sweep(path)
+        head = f"{preset.get('attack', '?')} / {preset.get('queryset', '?')} / {preset.get('budget', '?')}"
+        sweeps.append((head, {p["label"]: p for p in read_points(path)}))
+    keep = ("identity", "label_only", *defenses)
+    labels: list[str] = []
+    for _, by_label in sweeps:
+        for label, p in by_label.items():
+            if p["defense"] in keep and label not in labels:
+                labels.append(label)
+    rank = {lab: i for i, lab in enumerate(labels)}
+    first = {}
+    for _, by_label in sweeps:
+        for label, p in by_label.items():
+            first.setdefault(label, p)
+    labels.sort(key=lambda lab: (keep.index(first[lab]["defense"]), curve_name(first[lab]), rank[lab]))
+    cols = " | ".join(f"attacker: {h}" for h, _ in sweeps)
+    lines = [f"| point | defender accuracy (drop) | mean L1 | top-1 flips | {cols} |",
+             "|---" * (4 + len(sweeps)) + "|"]
+    for label in labels:
+        p = first[label]
+        cells = " | ".join(f"{100 * s[label]['attacker_accuracy']:.1f}" if label in s else "-" for _, s in sweeps)
+        flips = p.get("top1_flip_rate")
+        flips = f"{100 * flips:.1f}%" if isinstance(flips, float) and math.isfinite(flips) else "-"
+        lines.append(f"| {label} | {100 * p['defender_accuracy']:.1f} ({p['accuracy_drop_points']:+.1f}) | "
+                     f"{p['perturbation_l1_mean']:.2f} | {flips} | {cells} |")
+    lines += ["", "Accuracies in %; drop in points (victim minus defender accuracy); '-': not in that sweep."]
+    return "\n".join(lines)
+
+
 def copy_plots(csv_path: Path, plots_dir: Path) -> list[Path]:
     plots_dir.mkdir(parents=True, exist_ok=True)
     out = []
@@ -105,8 +142,17 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--plots-dir", default="", help="copy each sweep's plots here")
     p.add_argument("--into", default="", help=f"replace the text between {BEGIN!r} and {END!r} in this file")
     p.add_argument("--link-prefix", default="", help="prefix of the plot links (e.g. docs/results/)")
+    p.add_argument("--across", default="", metavar="CSV[,CSV...]",
+                   help="also write one table of every point of --across-defenses across these sweeps")
+    p.add_argument("--across-defenses", default="mad,mad_argmax,adaptive_misinformation,gradient_redirection",
+                   help="comma-separated defenses for the --across table")
     a = p.parse_args(argv)
     parts = []
+    if a.across:
+        names = [d for d in a.across_defenses.split(",") if d]
+        parts += ["Every point of " + ", ".join(f"`{n}`" for n in names) + " across the sweeps "
+                  + ", ".join(f"`{sweep_name(Path(c))}`" for c in a.across.split(",")) + ":",
+                  across_table(a.across.split(","), names), ""]
     for c in a.csv:
         path = Path(c)
         parts.append(table(path))

@@ -116,3 +116,22 @@ def test_plots_draw_one_curve_per_target_and_am_along_tau(points_csv, tmp_path, 
     assert list(names["perturbation_l1_mean"]["adaptive_misinformation"].get_xdata()) == pytest.approx([0.1, 0.4, 0.9])
     assert names["defender_accuracy"]["gradient_redirection[reverse]"].get_color() != \
         names["defender_accuracy"]["gradient_redirection[shift]"].get_color()
+
+
+def test_across_table_lines_up_each_point_over_the_sweeps(tmp_path):
+    ood = [{**p, "attacker_accuracy": p["attacker_accuracy"] / 4} for p in POINTS if p["defense"] != "mad"]
+    a = write_csv(tmp_path / "in-aaaa" / "points.csv", POINTS)
+    b = write_csv(tmp_path / "ood-bbbb" / "points.csv", ood)
+    for path, queryset in ((a, "fashion_mnist"), (b, "mnist5k")):
+        (path.parent / "selection.json").write_text(json.dumps(
+            {"preset": {"attack": "knockoff", "queryset": queryset, "budget": 2000}}))
+    text = sweep_report.across_table([a, b], ["mad", "adaptive_misinformation", "gradient_redirection"])
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[0].endswith("| attacker: knockoff / fashion_mnist / 2000 | attacker: knockoff / mnist5k / 2000 |")
+    body = {ln.split(" | ")[0][2:]: ln.strip("| ").split(" | ") for ln in lines[1:]}
+    assert list(body)[:3] == ["identity", "label_only", "mad(epsilon=0.5)"]
+    assert body["mad(epsilon=0.5)"][1:] == ["89.8 (+0.2)", "0.50", "-", "65.0", "-"]  # no flip rate in these rows
+    assert body["adaptive_misinformation(tau=0.9)"][-2:] == ["30.0", "7.5"]
+    gr = [k for k in body if k.startswith("gradient_redirection")]  # grouped by target, in grid order within
+    assert gr == [f"gradient_redirection(epsilon={e}, target={t})" for t in ("reverse", "shift") for e in (0.5, 1)]
+    assert "reverse_sigmoid" not in text
