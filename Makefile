@@ -63,8 +63,9 @@ demo: setup
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# --- serving (issue 6): archives in model_store/, TorchServe on loopback. The resolved config, pid file, logs,
-# TMPDIR (worker sockets) and key_file.json (token auth) live in the git-ignored .run/serve/.
+# --- serving (issue 6): archives in model_store/, TorchServe on loopback, started and stopped by
+# mlflow_project/torchserve_launcher.py. The resolved config, pid file, logs, TMPDIR (worker sockets) and
+# key_file.json (token auth) live in the git-ignored .run/serve/.
 ARCHIVE_NAME ?= fashion_mnist_mad_argmax
 ARCHIVE_VICTIM ?= artifacts/victims/fashion_mnist_lenet
 ARCHIVE_DEFENSE ?= {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
@@ -81,41 +82,13 @@ archive: $(STAMP)
 		--defense '$(ARCHIVE_DEFENSE)' --export-path $(MODEL_STORE) $(ARCHIVE_ARGS)
 
 serve: $(STAMP)
-	@mkdir -p $(SERVE_DIR)/tmp $(SERVE_DIR)/logs
-	@if [ -f $(SERVE_PID) ] && kill -0 "$$(cat $(SERVE_PID))" 2>/dev/null; then \
-		echo "TorchServe already running (pid $$(cat $(SERVE_PID))); run make stop first"; exit 1; fi; \
-	ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "no archives in $(MODEL_STORE)/: run make archive first"; exit 1; }; \
-	root="$(CURDIR)"; run="$$root/$(SERVE_DIR)"; store="$$(cd $(MODEL_STORE) && pwd)"; \
-	sed -e "s#^model_store=.*#model_store=$$store#" -e "s#^metrics_config=.*#metrics_config=$$root/deploy/metrics.yaml#" \
-		$(TS_CONFIG) > "$$run/config.properties"; \
-	echo "vmargs=-Xmx1g -Djava.io.tmpdir=$$run/tmp" >> "$$run/config.properties"; \
-	(cd "$$run" && exec env TMPDIR="$$run/tmp" LOG_LOCATION="$$run/logs" METRICS_LOCATION="$$run/logs" \
-		setsid "$$root/$(VENV)/bin/torchserve" --start --foreground --ncs --ts-config "$$run/config.properties" \
-		--model-store "$$store" >"$$run/torchserve.out" 2>&1) & echo $$! > $(SERVE_PID); \
-	addr="$$(sed -n 's/^inference_address=//p' $(TS_CONFIG))"; \
-	for i in $$(seq 1 240); do \
-		auth=(); key="$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' \
-			"$$run/key_file.json" 2>/dev/null)"; [ -n "$$key" ] && auth=(-H "Authorization: Bearer $$key"); \
-		if curl -fsS "$${auth[@]}" "$$addr/ping" >/dev/null 2>&1; then \
-			echo "TorchServe ready on $$addr (pid $$(cat $(SERVE_PID)), logs $(SERVE_DIR)/logs/)"; \
-			if grep -q '^disable_token_authorization=false' $(TS_CONFIG); then \
-				echo "token auth ON: send -H \"Authorization: Bearer <inference key>\" (keys: $(SERVE_DIR)/key_file.json)"; fi; \
-			echo "stop it with: make stop"; exit 0; fi; \
-		kill -0 "$$(cat $(SERVE_PID))" 2>/dev/null || { echo "TorchServe exited:"; tail -30 "$$run/torchserve.out"; \
-			rm -f $(SERVE_PID); exit 1; }; \
-		sleep 0.5; done; \
-	echo "TorchServe not healthy after 120s (still running as pid $$(cat $(SERVE_PID))): see $(SERVE_DIR)/logs/, make stop"; exit 1
+	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "no archives in $(MODEL_STORE)/: run make archive first"; exit 1; }
+	@$(PY) -m mlflow_project.torchserve_launcher start --config $(TS_CONFIG) --model-store $(MODEL_STORE) \
+		--workdir $(SERVE_DIR) --pid-file $(SERVE_PID) --timeout 120 --stop-command "make stop"
 
 # `make stop` stops TorchServe and, when `make monitor` started it, Prometheus.
 stop: monitor-stop
-	@if [ -f $(SERVE_PID) ]; then \
-		pid="$$(cat $(SERVE_PID))"; \
-		if kill -0 "$$pid" 2>/dev/null; then kill -TERM -- "-$$pid"; \
-			for i in $$(seq 1 60); do kill -0 -- "-$$pid" 2>/dev/null || break; sleep 0.5; done; \
-			kill -0 -- "-$$pid" 2>/dev/null && kill -KILL -- "-$$pid"; echo "TorchServe (pid $$pid) stopped"; \
-		else echo "TorchServe (pid $$pid) was not running"; fi; \
-		rm -f $(SERVE_PID); \
-	else echo "TorchServe is not running (no $(SERVE_PID))"; fi
+	@$(PY) -m mlflow_project.torchserve_launcher stop --pid-file $(SERVE_PID)
 
 # --- monitoring (issue 8): Prometheus on 127.0.0.1:9090 scraping the local TorchServe (127.0.0.1:8082) and
 # loading deploy/alerts.yml. Data, log and pid file live in the git-ignored .run/.

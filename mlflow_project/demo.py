@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +29,11 @@ from typing import Any
 import requests
 import torch
 
+from mlflow_project.torchserve_launcher import TorchServe, group_alive, read_pid, stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 DEV_CONFIG = REPO / "deploy" / "config.dev.properties"
-METRICS_YAML = REPO / "deploy" / "metrics.yaml"
 ALERTS = REPO / "deploy" / "alerts.yml"
-TORCHSERVE = Path(sys.executable).with_name("torchserve")
 
 
 @dataclass
@@ -75,26 +72,10 @@ def say(msg: str) -> None:
     print(f"[demo {time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _port_busy(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # ------------------------------------------------------------------------------------------------ 1. victim
@@ -213,7 +194,7 @@ class Servers:
         self.prom_dir = self.run / "prometheus"
         self.ts_pid_file = self.serve_dir / "torchserve.pid"
         self.prom_pid_file = self.run / "prometheus.pid"
-        self.ts: subprocess.Popen | None = None
+        self.ts: TorchServe | None = None
         self.prom: subprocess.Popen | None = None
         h = cfg.host
         self.inference_url = f"http://{h}:{cfg.inference_port}"
@@ -223,9 +204,13 @@ class Servers:
 
     def _check_free(self) -> None:
         for pid_file, what in ((self.ts_pid_file, "TorchServe"), (self.prom_pid_file, "Prometheus")):
-            if pid_file.is_file() and _alive(int(pid_file.read_text().strip() or 0)):
-                raise RuntimeError(f"{what} from an earlier demo is still running (pid {pid_file.read_text().strip()}"
-                                   f", {pid_file}): run `make stop` first")
+            try:
+                pid = read_pid(pid_file)
+            except ValueError:
+                pid = None  # not a pid: nothing to stop
+            if pid is not None and group_alive(pid):
+                raise RuntimeError(f"{what} from an earlier demo is still running (pid {pid}, {pid_file}): "
+                                   "run `make stop` first")
         c = self.cfg
         for port in (c.inference_port, c.management_port, c.metrics_port, c.grpc_inference_port,
                      c.grpc_management_port, c.prometheus_port):
@@ -234,60 +219,19 @@ class Servers:
                                    "(--inference-port, --management-port, --metrics-port, --grpc-ports, "
                                    "--prometheus-port)")
 
-    def write_ts_config(self, models: list[str]) -> Path:
-        c = self.cfg
-        (self.serve_dir / "tmp").mkdir(parents=True, exist_ok=True)
-        overrides = {
-            "inference_address": self.inference_url, "management_address": self.management_url,
-            "metrics_address": self.metrics_url, "grpc_inference_port": str(c.grpc_inference_port),
-            "grpc_management_port": str(c.grpc_management_port),
-            "model_store": str(Path(c.model_store).resolve()), "metrics_config": str(METRICS_YAML),
-            "load_models": ",".join(f"{m}.mar" for m in models), "initial_worker_port": str(c.worker_port),
-        }
-        lines = []
-        for line in DEV_CONFIG.read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if not line.startswith("#") and key in overrides:
-                line = f"{key}={overrides.pop(key)}"
-            lines.append(line)
-        lines += [f"{k}={v}" for k, v in overrides.items()]
-        # worker sockets live in java.io.tmpdir: private, so another TorchServe on this machine cannot collide
-        lines.append(f"vmargs=-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={self.serve_dir / 'tmp'}")
-        path = self.serve_dir / "config.properties"
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
     def start_torchserve(self, models: list[str], timeout: float = 240.0) -> None:
         self._check_free()
-        (self.serve_dir / "logs").mkdir(parents=True, exist_ok=True)
-        conf = self.write_ts_config(models)
-        env = {**os.environ, "TMPDIR": str(self.serve_dir / "tmp"), "LOG_LOCATION": str(self.serve_dir / "logs"),
-               "METRICS_LOCATION": str(self.serve_dir / "logs"), "OMP_NUM_THREADS": "1"}
-        say(f"starting TorchServe on {self.inference_url} (config {conf}, from deploy/config.dev.properties: "
-            "TOKEN AUTHORIZATION OFF, loopback only; logs {})".format(self.serve_dir / "logs"))
-        with open(self.serve_dir / "torchserve.out", "wb") as out:
-            self.ts = subprocess.Popen(
-                [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--disable-token-auth", "--ts-config",
-                 str(conf), "--model-store", str(Path(self.cfg.model_store).resolve())],
-                cwd=self.serve_dir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.ts_pid_file.write_text(f"{self.ts.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ts.poll() is not None:
-                tail = (self.serve_dir / "torchserve.out").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"TorchServe exited with {self.ts.returncode}:\n{tail}")
-            if all(self._ready(m) for m in models):
-                say(f"TorchServe ready (pid {self.ts.pid}): {', '.join(models)}")
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s: see {self.serve_dir / 'logs'}")
-
-    def _ready(self, model: str) -> bool:
-        try:
-            r = requests.get(f"{self.management_url}/models/{model}", timeout=2)
-        except requests.RequestException:
-            return False
-        return r.status_code == 200 and any(w.get("status") == "READY" for m in r.json() for w in m.get("workers", []))
+        c = self.cfg
+        self.ts = TorchServe(
+            c.model_store, self.serve_dir, models, base_config=DEV_CONFIG, host=c.host,
+            ports={"inference": c.inference_port, "management": c.management_port, "metrics": c.metrics_port,
+                   "grpc_inference": c.grpc_inference_port, "grpc_management": c.grpc_management_port},
+            worker_port=c.worker_port, jvm_args="-Xmx1g -XX:+UseSerialGC", env={"OMP_NUM_THREADS": "1"},
+            pid_file=self.ts_pid_file)
+        say(f"starting TorchServe on {self.inference_url} (config {self.serve_dir / 'config.properties'}, from "
+            f"deploy/config.dev.properties: TOKEN AUTHORIZATION OFF, loopback only; logs {self.ts.log_dir})")
+        self.ts.start(timeout)
+        say(f"TorchServe ready (pid {self.ts.proc.pid}): {', '.join(models)}")
 
     def start_prometheus(self, timeout: float = 60.0) -> None:
         import yaml
@@ -335,29 +279,14 @@ class Servers:
 
     def stop(self) -> None:
         """Stop what this object started, by process group (its own pid: start_new_session)."""
-        for proc, pid_file, name in ((self.prom, self.prom_pid_file, "Prometheus"),
-                                     (self.ts, self.ts_pid_file, "TorchServe")):
-            if proc is None:
-                continue
-            for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.killpg(proc.pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            pid_file.unlink(missing_ok=True)
-            say(f"{name} (pid {proc.pid}) stopped")
+        if self.prom is not None:
+            stop_group(self.prom.pid, 30.0, self.prom)
+            self.prom_pid_file.unlink(missing_ok=True)
+            say(f"Prometheus (pid {self.prom.pid}) stopped")
+        if self.ts is not None and self.ts.proc is not None:
+            pid = self.ts.proc.pid
+            self.ts.stop()
+            say(f"TorchServe (pid {pid}) stopped")
         self.ts = self.prom = None
 
 
@@ -460,7 +389,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         servers.stop()
         raise
     if cfg.keep_running:
-        say(f"servers LEFT RUNNING (TorchServe pid {servers.ts.pid}, Prometheus pid {servers.prom.pid}): "
+        say(f"servers LEFT RUNNING (TorchServe pid {servers.ts.proc.pid}, Prometheus pid {servers.prom.pid}): "
             "stop them with `make stop`")
     else:
         servers.stop()

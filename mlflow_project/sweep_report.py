@@ -77,12 +77,14 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
 def across_table(csv_paths: Sequence[str | Path], defenses: Sequence[str]) -> str:
     """One row per point of ``defenses`` (plus the undefended and label-only points): its defender accuracy and
     drop, mean L1 and top-1 flip rate (measured on the test set, the same in every sweep of one victim), and
-    the attacker accuracy in each sweep (one column per sweep: attack / query set / budget)."""
+    the attacker accuracy in each sweep (one column per sweep: attack / query set / queries / clone epochs /
+    seed)."""
     sweeps = []
     for c in csv_paths:
         path = Path(c)
         preset = describe_sweep(path)
-        head = f"{preset.get('attack', '?')} / {preset.get('queryset', '?')} / {preset.get('budget', '?')}"
+        head = (f"{preset.get('attack', '?')} / {preset.get('queryset', '?')} / {preset.get('budget', '?')} q / "
+                f"{preset.get('epochs', '?')} ep / seed {preset.get('seed', '?')}")
         sweeps.append((head, {p["label"]: p for p in read_points(path)}))
     keep = ("identity", "label_only", *defenses)
     labels: list[str] = []
@@ -142,17 +144,18 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--plots-dir", default="", help="copy each sweep's plots here")
     p.add_argument("--into", default="", help=f"replace the text between {BEGIN!r} and {END!r} in this file")
     p.add_argument("--link-prefix", default="", help="prefix of the plot links (e.g. docs/results/)")
-    p.add_argument("--across", default="", metavar="CSV[,CSV...]",
-                   help="also write one table of every point of --across-defenses across these sweeps")
+    p.add_argument("--across", action="append", default=[], metavar="CSV[,CSV...]",
+                   help="also write one table of every point of --across-defenses across these sweeps "
+                   "(repeat for several tables)")
     p.add_argument("--across-defenses", default="mad,mad_argmax,adaptive_misinformation,gradient_redirection",
                    help="comma-separated defenses for the --across table")
     a = p.parse_args(argv)
     parts = []
-    if a.across:
-        names = [d for d in a.across_defenses.split(",") if d]
+    names = [d for d in a.across_defenses.split(",") if d]
+    for group in a.across:
+        csvs = group.split(",")
         parts += ["Every point of " + ", ".join(f"`{n}`" for n in names) + " across the sweeps "
-                  + ", ".join(f"`{sweep_name(Path(c))}`" for c in a.across.split(",")) + ":",
-                  across_table(a.across.split(","), names), ""]
+                  + ", ".join(f"`{sweep_name(Path(c))}`" for c in csvs) + ":", across_table(csvs, names), ""]
     for c in a.csv:
         path = Path(c)
         parts.append(table(path))

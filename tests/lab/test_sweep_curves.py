@@ -124,10 +124,11 @@ def test_across_table_lines_up_each_point_over_the_sweeps(tmp_path):
     b = write_csv(tmp_path / "ood-bbbb" / "points.csv", ood)
     for path, queryset in ((a, "fashion_mnist"), (b, "mnist5k")):
         (path.parent / "selection.json").write_text(json.dumps(
-            {"preset": {"attack": "knockoff", "queryset": queryset, "budget": 2000}}))
+            {"preset": {"attack": "knockoff", "queryset": queryset, "budget": 2000, "epochs": 4, "seed": 0}}))
     text = sweep_report.across_table([a, b], ["mad", "adaptive_misinformation", "gradient_redirection"])
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    assert lines[0].endswith("| attacker: knockoff / fashion_mnist / 2000 | attacker: knockoff / mnist5k / 2000 |")
+    assert lines[0].endswith("| attacker: knockoff / fashion_mnist / 2000 q / 4 ep / seed 0 "
+                             "| attacker: knockoff / mnist5k / 2000 q / 4 ep / seed 0 |")
     body = {ln.split(" | ")[0][2:]: ln.strip("| ").split(" | ") for ln in lines[1:]}
     assert list(body)[:3] == ["identity", "label_only", "mad(epsilon=0.5)"]
     assert body["mad(epsilon=0.5)"][1:] == ["89.8 (+0.2)", "0.50", "-", "65.0", "-"]  # no flip rate in these rows
@@ -135,3 +136,13 @@ def test_across_table_lines_up_each_point_over_the_sweeps(tmp_path):
     gr = [k for k in body if k.startswith("gradient_redirection")]  # grouped by target, in grid order within
     assert gr == [f"gradient_redirection(epsilon={e}, target={t})" for t in ("reverse", "shift") for e in (0.5, 1)]
     assert "reverse_sigmoid" not in text
+
+
+def test_the_cli_writes_one_across_table_per_flag(tmp_path, capsys):
+    a = write_csv(tmp_path / "in-aaaa" / "points.csv", POINTS)
+    b = write_csv(tmp_path / "in-bbbb" / "points.csv", POINTS)
+    text = sweep_report.main([str(a), "--across", f"{a},{b}", "--across", str(b),
+                              "--across-defenses", "adaptive_misinformation"])
+    assert text.count("| point | defender accuracy (drop) |") == 2
+    assert "`in-aaaa`, `in-bbbb`:" in text and "across the sweeps `in-bbbb`:" in text
+    assert "gradient_redirection(" not in text.split("**")[0]  # only the asked defenses in the across tables
