@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -16,3 +17,13 @@ settings.register_profile("dev", max_examples=200, deadline=None, suppress_healt
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(int(os.environ.get("STEALGUARD_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of many tiny ops (faster than two, far faster on a loaded 2-core machine);
+    the previous count is restored after the module. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

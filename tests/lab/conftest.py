@@ -9,12 +9,9 @@ from mlflow_project.train_victim import export_victim, train_victim
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
+def _one_torch_thread(one_thread):
     """The lab's tiny models run faster on one thread on a shared 2-core machine (no intra-op contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -24,18 +24,13 @@ from plugins.defenses.gradient_redirection import _generator
 from tests.unit.strategies import prob_batches, row_sums
 
 # torch.func.jvp scripts its own decompositions; that deprecation is torch's, not ours
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 IN_FEATURES = 6
 TARGETS = ("reverse", "least_likely", "shift", "random")
 _NETS: dict[int, nn.Module] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def surrogate_for(k: int) -> nn.Module:

@@ -13,13 +13,7 @@ from plugins import build_defense
 from plugins.mad import candidates, mixing
 from plugins.mad.geometry import Geometry, Reference
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def case(k: int, b: int = 12, seed: int = 0):

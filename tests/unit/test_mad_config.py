@@ -14,13 +14,7 @@ from plugins import available_defenses, build_defense, distance
 from plugins.mad import candidates
 from plugins.surrogate import make_surrogate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_case(k: int = 5, b: int = 6, seed: int = 0, dtype=torch.float64):

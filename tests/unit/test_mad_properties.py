@@ -26,17 +26,10 @@ from plugins.mad import mixing
 from plugins.mad.geometry import Reference, angle
 from tests.unit.strategies import prob_batches, row_sums
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IN_FEATURES = 6
 _SURROGATES: dict[int, nn.Module] = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: one thread is faster than two, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def surrogate_for(k: int) -> nn.Module:

@@ -22,18 +22,11 @@ from mlflow_project.models import MLP, LeNet
 from plugins import build_defense
 from plugins.mad import mixing
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-5
 TIE = 1e-9  # two candidates whose objectives differ by less than this are a tie
 MARGIN = 1e-6  # mad_argmax keeps the top class first by this much (documented in plugins/mad/mixing.py)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of tiny ops: one thread is faster than two, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyLeNet(nn.Module):
