@@ -211,7 +211,7 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
         raise ConfigError(
             f"{SECTION}.surrogate: missing; defense '{cls.name}' needs a surrogate shipped in the archive"
         )
-    needs_misinformation = bool(getattr(cls, "needs_misinformation", False))
+    needs_misinformation = cls.needs_misinformation
     if needs_misinformation and cfg.misinformation is None:
         raise ConfigError(
             f"{SECTION}.misinformation: missing; defense '{cls.name}' needs a misinformation model shipped in "

@@ -363,23 +363,20 @@ class DefenseMetrics:
             obs = observe_batch(
                 y, y_tilde, angular_deviation, latency_s, self.budget, self.extra_norm, self.ood_threshold
             )
+            updates = [(name, (value,), self.labels) for name, value in obs.counters.items()]
+            updates += [(name, values, self.labels) for name, values in obs.histograms.items() if values]
             if obs.dropped_nonfinite:
                 logger.warning("dropped %d non-finite metric values", obs.dropped_nonfinite)
+                updates.append((ERRORS, (obs.dropped_nonfinite,), self.labels + ("nonfinite_measure",)))
             emit_batch = getattr(self.sink, "emit_batch", None)
             if emit_batch is not None:  # TorchServe: every line of the batch in one log record
-                updates = [(name, (value,), self.labels) for name, value in obs.counters.items()]
-                updates += [(name, values, self.labels) for name, values in obs.histograms.items() if values]
-                if obs.dropped_nonfinite:
-                    updates.append((ERRORS, (obs.dropped_nonfinite,), self.labels + ("nonfinite_measure",)))
                 emit_batch(updates)
                 return obs
-            for name, value in obs.counters.items():
-                self.sink.inc(name, value, self.labels)
-            for name, values in obs.histograms.items():
-                if values:
-                    self.sink.observe_many(name, values, self.labels)
-            if obs.dropped_nonfinite:
-                self.sink.inc(ERRORS, obs.dropped_nonfinite, self.labels + ("nonfinite_measure",))
+            for name, values, labels in updates:
+                if METRIC_SPECS[name].kind == "histogram":
+                    self.sink.observe_many(name, values, labels)
+                else:
+                    self.sink.inc(name, values[0], labels)
             return obs
         except Exception:
             logger.exception("StealGuard metrics: recording a batch failed")

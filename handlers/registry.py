@@ -135,7 +135,7 @@ def _eager(rel_file: str, arch: str, num_classes: int, model_dir: str) -> dict[s
 
 def _needs_misinformation(defense: dict[str, Any]) -> bool:
     try:
-        return bool(getattr(defense_class(str(defense.get("name"))), "needs_misinformation", False))
+        return defense_class(str(defense.get("name"))).needs_misinformation
     except ValueError:  # an unknown defense: parse() says so with the allowed names
         return False
 

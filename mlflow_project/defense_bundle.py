@@ -73,7 +73,7 @@ def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path |
                         source: str | None) -> dict[str, Any] | None:
     """The bundle's ``misinformation`` record (None for a defense that needs no such model), after checking that
     it is given exactly when the defense needs one and that it answers with the victim's classes."""
-    needs = bool(getattr(defense_class(config["name"]), "needs_misinformation", False))
+    needs = defense_class(config["name"]).needs_misinformation
     if not needs:
         if misinformation_dir:
             raise ValueError(f"misinformation: defense '{config['name']}' does not use a misinformation model; "

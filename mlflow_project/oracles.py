@@ -96,7 +96,7 @@ def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, nu
     resources: dict[str, Any] = {"num_classes": num_classes}
     if cls.needs_surrogate:
         resources["surrogate"] = make_surrogate_for(victim, surrogate_seed)
-    if getattr(cls, "needs_misinformation", False):
+    if cls.needs_misinformation:
         if misinformation is None or misinformation == "":
             raise ValueError(
                 f"misinformation: defense '{config['name']}' needs a misinformation model "

@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> Path:
                 raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate")
             shape = input_spec_from_args(args)["shape"]
             surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
-        needs_misinformation = bool(getattr(defense_class(defense["name"]), "needs_misinformation", False))
+        needs_misinformation = defense_class(defense["name"]).needs_misinformation
         if bundle is not None and bundle.misinformation is not None and not args.misinformation:
             args.misinformation = str(bundle.misinformation_dir)  # the registered version's own model
         if needs_misinformation and not args.misinformation:

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             config, victim, tuned = config_from_run(client, run_id, Path(tmp))
             if a.victim:
                 victim = a.victim
-            if not a.misinformation and getattr(defense_class(config["name"]), "needs_misinformation", False):
+            if not a.misinformation and defense_class(config["name"]).needs_misinformation:
                 misinformation = misinformation_of_run(client, run_id)
             else:  # a run's param is only used by a defense that needs it; an explicit flag is checked as given
                 misinformation = a.misinformation

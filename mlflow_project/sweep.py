@@ -118,7 +118,7 @@ class SweepSpec:
 def needs_misinformation(defense: Mapping[str, Any]) -> bool:
     from plugins import defense_class
 
-    return bool(getattr(defense_class(defense["name"]), "needs_misinformation", False))
+    return defense_class(defense["name"]).needs_misinformation
 
 
 # ---------------------------------------------------------------------------------------------- the victim

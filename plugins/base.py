@@ -56,6 +56,7 @@ class Defense(ABC):
     Config: ClassVar[type[DefenseConfig]]
     needs_inputs: ClassVar[bool] = False
     needs_surrogate: ClassVar[bool] = False
+    needs_misinformation: ClassVar[bool] = False  # resource ``misinformation=net``
 
     def __init__(self, config: DefenseConfig, **resources: Any) -> None:
         self.config = config

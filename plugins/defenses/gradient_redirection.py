@@ -117,11 +117,7 @@ class GradientRedirection(Defense):
         self._layer_checked = False
         self._direction: dict[str, torch.Tensor] | None = None
         if config.jacobian == "last_layer":
-            _, self.layer = jacobian.find_last_linear(surrogate)
-            if num_classes is not None and self.layer.out_features != num_classes:
-                raise ValueError(
-                    f"surrogate: its last nn.Linear has {self.layer.out_features} outputs but num_classes={num_classes}"
-                )
+            _, self.layer = jacobian.last_linear_for(surrogate, num_classes)
             if config.target == "random":
                 gen = _generator(config.secret)
                 w = torch.randn(self.layer.out_features, self.layer.in_features, generator=gen, dtype=torch.float64)

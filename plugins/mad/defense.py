@@ -101,12 +101,7 @@ class MADBase(Defense):
         self.last_layer: nn.Linear | None = None
         self.param_names: list[str] = []
         if config.jacobian == "last_layer":
-            self.last_layer_name, self.last_layer = jacobian.find_last_linear(surrogate)
-            if num_classes is not None and self.last_layer.out_features != num_classes:
-                raise ValueError(
-                    f"surrogate: its last nn.Linear '{self.last_layer_name}' has "
-                    f"{self.last_layer.out_features} outputs but num_classes={num_classes}"
-                )
+            self.last_layer_name, self.last_layer = jacobian.last_linear_for(surrogate, num_classes)
         elif config.jacobian == "all":
             self.param_names = jacobian.check_param_names(surrogate, config.params)
         self._layer_checked = False

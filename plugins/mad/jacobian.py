@@ -49,6 +49,16 @@ def find_last_linear(surrogate: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
+
+def last_linear_for(surrogate: nn.Module, num_classes: int | None) -> tuple[str, nn.Linear]:
+    """:func:`find_last_linear`, checked against the victim's class count when it is known."""
+    name, layer = find_last_linear(surrogate)
+    if num_classes is not None and layer.out_features != num_classes:
+        raise ValueError(
+            f"surrogate: its last nn.Linear '{name}' has {layer.out_features} outputs but num_classes={num_classes}"
+        )
+    return name, layer
+
 def surrogate_dtype(surrogate: nn.Module) -> torch.dtype:
     for tensor in surrogate.parameters():
         if torch.is_floating_point(tensor):
