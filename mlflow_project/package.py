@@ -187,25 +187,12 @@ def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Pa
         raise ValueError(
             f"--surrogate-runtime: can convert an eager surrogate to onnx or export, not {runtime!r}"
         )
+    from mlflow_project.exports import save_onnx, save_program
+
     net = _load_eager(files)
     x = torch.zeros((2, *input_shape))
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    if runtime == "export":
-        path = workdir / "surrogate.pt2"
-        torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), str(path))
-    else:
-        path = workdir / "surrogate.onnx"
-        torch.onnx.export(
-            net,
-            (x,),
-            str(path),
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    path = workdir / ("surrogate.pt2" if runtime == "export" else "surrogate.onnx")
+    (save_program if runtime == "export" else save_onnx)(net, x, path)
     return ModelFiles(runtime, path)
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mlflow_project import data
+from mlflow_project.exports import save_onnx, save_program
 from mlflow_project.models import build_model
 from mlflow_project.training import TrainConfig, accuracy, train_classifier
 
@@ -117,14 +118,9 @@ def export_victim(model: nn.Module, arch: str, spec: data.InputSpec, out_dir: st
     paths = {name: out / name for name in EXPORT_FILES}
     torch.save(model.state_dict(), paths["state_dict.pt"])
     if runtimes:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        ep = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
-        torch.export.save(ep, paths["model.pt2"])
+        save_program(model, example, paths["model.pt2"])
         torch.jit.script(model).save(str(paths["model.torchscript.pt"]))
-        torch.onnx.export(
-            model, (example,), str(paths["model.onnx"]), input_names=["x"], output_names=["logits"],
-            dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False,
-        )
+        save_onnx(model, example, paths["model.onnx"])
     else:
         for name in ("model.pt2", "model.torchscript.pt", "model.onnx"):
             paths.pop(name)

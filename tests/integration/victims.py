@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlflow_project.exports import save_onnx, save_program
 from mlflow_project.models import build_model
 from mlflow_project.package import ModelFiles, eager_from_arch
 
@@ -30,27 +31,15 @@ def export(net: nn.Module, runtime: str, directory: Path, arch: str, num_classes
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{arch}_{runtime}{SUFFIX[runtime]}"
     x = example_input(net)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     if runtime == "eager":
         torch.save(net.state_dict(), path)
         return eager_from_arch(path, arch, num_classes)
     if runtime == "export":
-        program = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}})
-        torch.export.save(program, str(path))
+        save_program(net, x, path)
     elif runtime == "torchscript":
         torch.jit.save(torch.jit.trace(net, x), str(path))
     elif runtime == "onnx":
-        torch.onnx.export(
-            net,
-            (x,),
-            str(path),
-            input_names=["x"],
-            output_names=["logits"],
-            dynamic_shapes={"x": {0: batch}},
-            dynamo=True,
-            verbose=False,
-            external_data=False,
-        )
+        save_onnx(net, x, path)
     else:
         raise ValueError(f"runtime: unknown {runtime!r}; allowed: {', '.join(RUNTIMES)}")
     return ModelFiles(runtime, path)
