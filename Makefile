@@ -53,18 +53,18 @@ lint: $(STAMP)
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# --- the newcomer's demo (issue 9): see mlflow_project/demo.py (--help for ports, budgets, store, ...).
+# --- the newcomer's demo (issue 9): see mlflow_project/ops/demo.py (--help for ports, budgets, store, ...).
 # Leaves TorchServe and Prometheus running (pid files in .run/, as make serve / make monitor): `make stop`.
 DEMO_ARGS ?=
 
 demo: setup
-	$(PY) -m mlflow_project.demo $(DEMO_ARGS)
+	$(PY) -m mlflow_project.ops.demo $(DEMO_ARGS)
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # --- serving (issue 6): archives in model_store/, TorchServe on loopback, started and stopped by
-# mlflow_project/torchserve_launcher.py. The resolved config, pid file, logs, TMPDIR (worker sockets) and
+# mlflow_project/ops/torchserve.py. The resolved config, pid file, logs, TMPDIR (worker sockets) and
 # key_file.json (token auth) live in the git-ignored .run/serve/.
 ARCHIVE_NAME ?= fashion_mnist_mad_argmax
 ARCHIVE_VICTIM ?= artifacts/victims/fashion_mnist_lenet
@@ -78,17 +78,17 @@ SERVE_PID := $(SERVE_DIR)/torchserve.pid
 .PHONY: archive serve stop
 
 archive: $(STAMP)
-	$(PY) -m mlflow_project.package --name $(ARCHIVE_NAME) --victim $(ARCHIVE_VICTIM) \
+	$(PY) -m mlflow_project.lifecycle.package --name $(ARCHIVE_NAME) --victim $(ARCHIVE_VICTIM) \
 		--defense '$(ARCHIVE_DEFENSE)' --export-path $(MODEL_STORE) $(ARCHIVE_ARGS)
 
 serve: $(STAMP)
 	@ls $(MODEL_STORE)/*.mar >/dev/null 2>&1 || { echo "no archives in $(MODEL_STORE)/: run make archive first"; exit 1; }
-	@$(PY) -m mlflow_project.torchserve_launcher start --config $(TS_CONFIG) --model-store $(MODEL_STORE) \
+	@$(PY) -m mlflow_project.ops.torchserve start --config $(TS_CONFIG) --model-store $(MODEL_STORE) \
 		--workdir $(SERVE_DIR) --pid-file $(SERVE_PID) --timeout 120 --stop-command "make stop"
 
 # `make stop` stops TorchServe and, when `make monitor` started it, Prometheus.
 stop: monitor-stop
-	@$(PY) -m mlflow_project.torchserve_launcher stop --pid-file $(SERVE_PID)
+	@$(PY) -m mlflow_project.ops.torchserve stop --pid-file $(SERVE_PID)
 
 # --- monitoring (issue 8): Prometheus on 127.0.0.1:9090 scraping the local TorchServe (127.0.0.1:8082) and
 # loading deploy/alerts.yml. Data, log and pid file live in the git-ignored .run/.
@@ -131,7 +131,7 @@ RELIABILITY_ARGS ?= --seconds 60 --clients 16 --workers 2 --kill-seconds 30
 .PHONY: reliability
 
 reliability: setup
-	@test -f $(RELIABILITY_VICTIM)/state_dict.pt || $(PY) -m mlflow_project.train_victim --dataset fashion_mnist \
+	@test -f $(RELIABILITY_VICTIM)/state_dict.pt || $(PY) -m mlflow_project.lab.train_victim --dataset fashion_mnist \
 		--arch lenet --output-dir $(RELIABILITY_VICTIM) --no-progress
 	$(PY) bench/reliability.py $(RELIABILITY_ARGS) --averaging --victim $(RELIABILITY_VICTIM) \
 		--markdown RELIABILITY.md --json .run/reliability.json

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from mad_reference import prepare, reference_mad  # noqa: E402
 
-from mlflow_project.models import LeNet  # noqa: E402
+from mlflow_project.lab.models import LeNet  # noqa: E402
 from plugins import build_defense  # noqa: E402
 from plugins.mad import candidates  # noqa: E402
 from plugins.surrogate import make_surrogate  # noqa: E402

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlflow_project.package import build_archive, stage  # noqa: E402
+from mlflow_project.lifecycle.package import build_archive, stage  # noqa: E402
 from tests.integration.torchserve import TorchServe  # noqa: E402
 from tests.integration.victims import export, make_net  # noqa: E402
 

@@ -14,7 +14,7 @@ Phases (one TorchServe, its own process group, private ports and TMPDIR; stopped
 2. fault: the same load while one worker (a process of the group this script started, found by its pid in
    TorchServe's management API) is SIGKILLed; reports when TorchServe had it back, the requests that failed in
    that window, and the same leak/mismatch checks.
-3. averaging (``--averaging``): mlflow_project.averaging_attack in the lab (in-process), against mad_argmax and
+3. averaging (``--averaging``): mlflow_project.lab.averaging in the lab (in-process), against mad_argmax and
    random_noise, with the trained Fashion-MNIST victim (artifacts/victims/fashion_mnist_lenet).
 
 The load driver is reused by tests/integration/test_reliability.py with short bounds.
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mlflow_project.package import build_archive, stage  # noqa: E402
+from mlflow_project.lifecycle.package import build_archive, stage  # noqa: E402
 from plugins import build_defense  # noqa: E402
 from tests.integration.torchserve import TorchServe  # noqa: E402
 from tests.integration.victims import export, make_net  # noqa: E402
@@ -443,8 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             server.stop()
     if a.averaging:
-        from mlflow_project.averaging_attack import AveragingConfig, run
-        from mlflow_project.evaluate import load_victim
+        from mlflow_project.lab.averaging import AveragingConfig, run
+        from mlflow_project.lab.evaluate import load_victim
 
         torch.set_num_threads(1)
         cfg = AveragingConfig()

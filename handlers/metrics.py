@@ -11,7 +11,7 @@ dimension names still come from TorchServe's metrics cache (``deploy/metrics.yam
 
 Every metric is declared in ``deploy/metrics.yaml`` (TorchServe 0.12 silently drops undeclared custom
 metrics); :data:`METRIC_SPECS` is the single source of truth and a unit test keeps the yaml equal to it.
-The same names are exported outside TorchServe by ``mlflow_project/metrics_exporter.py`` (prometheus-client),
+The same names are exported outside TorchServe by ``mlflow_project/ops/metrics_exporter.py`` (prometheus-client),
 through the :class:`MetricSink` interface below.
 
 Units (TorchServe's histogram buckets are fixed at 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1,

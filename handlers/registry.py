@@ -35,7 +35,7 @@ from plugins import defense_class
 log = logging.getLogger(__name__)
 
 FIELD = "stealguard.version.resolve_at_start"
-MODELS_FILE = "registry_models.py"  # the architectures (mlflow_project/models.py), shipped by package
+MODELS_FILE = "registry_models.py"  # the architectures (mlflow_project/lab/models.py), shipped by package
 VICTIM_FILES = {"eager": "state_dict.pt", "export": "model.pt2", "torchscript": "model.torchscript.pt",
                 "onnx": "model.onnx"}
 TIMEOUT_S = 10.0
@@ -108,7 +108,7 @@ def _bundle_path(client: Client, name: str, version: str) -> str:
     except (KeyError, TypeError, yaml.YAMLError) as exc:
         raise ResolveError(
             f"{FIELD}: {name} version {version} is not a StealGuard defense (its MLmodel has no pyfunc "
-            "artifact 'bundle'; register it with mlflow_project.register)"
+            "artifact 'bundle'; register it with mlflow_project.lifecycle.register)"
         ) from exc
 
 

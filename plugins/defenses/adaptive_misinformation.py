@@ -2,7 +2,7 @@
 Misinformation", CVPR 2020).
 
 Queries the victim is confident about get (almost) the truth; queries that look out-of-distribution get the
-posterior of a *misinformation model* trained to be wrong (``mlflow_project/train_misinformation.py``:
+posterior of a *misinformation model* trained to be wrong (``mlflow_project/lab/train_misinformation.py``:
 minimise ``-log(1 - p_true)``):
 
     h  = sigmoid(nu * (tau - max_k y_k))          the OOD gate, from the victim's own confidence

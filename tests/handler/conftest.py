@@ -16,7 +16,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.package import ModelFiles, stage
+from mlflow_project.lifecycle.package import ModelFiles, stage
 from tests.integration.torchserve import METRICS_YAML
 from tests.integration.victims import export, make_net
 

@@ -344,7 +344,7 @@ def test_invalid_config_fails_to_load_with_a_log_line(serve, kwargs, message, ca
 
 
 def test_unloadable_surrogate_fails_to_load(serve, tmp_path):
-    from mlflow_project.package import ModelFiles
+    from mlflow_project.lifecycle.package import ModelFiles
 
     junk = tmp_path / "surrogate.onnx"
     junk.write_bytes(b"not an onnx model")

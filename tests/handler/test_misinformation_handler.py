@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.package import ModelFiles, stage
-from mlflow_project.package import main as package
+from mlflow_project.lifecycle.package import ModelFiles, stage
+from mlflow_project.lifecycle.package import main as package
 from tests.handler.conftest import Served, make_context
 from tests.integration.victims import export, make_net
 

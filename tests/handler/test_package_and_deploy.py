@@ -1,4 +1,4 @@
-"""Packaging (mlflow_project.package) and the shipped TorchServe configs, without a server."""
+"""Packaging (mlflow_project.lifecycle.package) and the shipped TorchServe configs, without a server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlflow_project.package import main as package
+from mlflow_project.lifecycle.package import main as package
 from tests.integration.torchserve import REPO
 from tests.integration.victims import export, make_net
 

@@ -2,7 +2,7 @@
 metrics and the start log; resolve_at_start's validation, and its fallback rule when MLflow cannot be reached
 (a closed loopback port, a non-http tracking URI). The success path against a real `mlflow server` is in
 tests/integration/test_versions.py; here a stand-in for its two REST endpoints serves bundles written by
-mlflow_project.defense_bundle, for the misinformation model of adaptive_misinformation versions."""
+mlflow_project.lifecycle.bundle, for the misinformation model of adaptive_misinformation versions."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from handlers.errors import ConfigError
-from mlflow_project import data
-from mlflow_project.defense_bundle import write_bundle
-from mlflow_project.package import misinformation_files
-from mlflow_project.train_victim import export_victim
+from mlflow_project.lab import data
+from mlflow_project.lab.train_victim import export_victim
+from mlflow_project.lifecycle.bundle import write_bundle
+from mlflow_project.lifecycle.package import misinformation_files
 from plugins import build_defense
 from tests.integration.torchserve import free_port
 from tests.integration.victims import make_net

@@ -1,4 +1,4 @@
-"""Fixtures for the serving tests: archives built with mlflow_project.package and one TorchServe serving them
+"""Fixtures for the serving tests: archives built with mlflow_project.lifecycle.package and one TorchServe serving them
 all (started once per module, private TMPDIR and ports, its own process group, stopped by pid)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlflow_project.package import ModelFiles, build_archive, stage
+from mlflow_project.lifecycle.package import ModelFiles, build_archive, stage
 from tests.integration.torchserve import TorchServe
 from tests.integration.victims import export, make_net
 

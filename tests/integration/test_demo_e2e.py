@@ -16,7 +16,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_project.demo import DemoConfig, run
+from mlflow_project.ops.demo import DemoConfig, run
 from tests.integration.torchserve import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

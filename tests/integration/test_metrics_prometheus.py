@@ -23,7 +23,7 @@ import requests
 import torch
 import yaml
 
-from mlflow_project.package import build_archive, stage
+from mlflow_project.lifecycle.package import build_archive, stage
 from tests.integration.torchserve import REPO, TorchServe, free_port
 from tests.integration.victims import export, make_net
 

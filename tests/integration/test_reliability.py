@@ -31,7 +31,7 @@ from bench.reliability import (
     scrape,
     wait_counter,
 )
-from mlflow_project.package import build_archive
+from mlflow_project.lifecycle.package import build_archive
 from tests.integration.torchserve import TorchServe
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

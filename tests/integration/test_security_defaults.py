@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mlflow_project.package import build_archive, stage
+from mlflow_project.lifecycle.package import build_archive, stage
 from tests.integration.torchserve import REPO, TorchServe
 from tests.integration.victims import export, make_net
 

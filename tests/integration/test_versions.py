@@ -18,12 +18,13 @@ import torch
 
 from handlers import registry
 from handlers.registry import ResolveError
-from mlflow_project import data, tracking
-from mlflow_project.models import build_model
-from mlflow_project.package import main as package
-from mlflow_project.promote import promote
-from mlflow_project.register import register
-from mlflow_project.train_victim import export_victim
+from mlflow_project.lab import data
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.train_victim import export_victim
+from mlflow_project.lifecycle import tracking
+from mlflow_project.lifecycle.package import main as package
+from mlflow_project.lifecycle.promote import promote
+from mlflow_project.lifecycle.register import register
 from tests.integration.mlflow_server import MlflowServer
 from tests.integration.torchserve import TorchServe
 

@@ -1,5 +1,5 @@
 """A private TorchServe instance for the serving, metrics and reliability tests and bench/bench_serve.py: the
-product launcher (mlflow_project/torchserve_launcher.py) with the tests' settings.
+product launcher (mlflow_project/ops/torchserve.py) with the tests' settings.
 
 Each instance gets its own work directory, five free loopback ports, a free initial_worker_port, token auth off
 unless asked, and settings sized for a 2-core machine (1 OMP thread, 2 netty threads, no system metrics).
@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from mlflow_project.torchserve_launcher import METRICS_YAML, REPO, free_port
-from mlflow_project.torchserve_launcher import TorchServe as Launcher
+from mlflow_project.ops.torchserve import METRICS_YAML, REPO, free_port
+from mlflow_project.ops.torchserve import TorchServe as Launcher
 
 __all__ = ["METRICS_YAML", "REPO", "TEST_PROPERTIES", "TorchServe", "free_port"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlflow_project.exports import save_onnx, save_program
-from mlflow_project.models import build_model
-from mlflow_project.package import ModelFiles, eager_from_arch
+from mlflow_project.lab.models import build_model
+from mlflow_project.lifecycle.exports import save_onnx, save_program
+from mlflow_project.lifecycle.package import ModelFiles, eager_from_arch
 
 RUNTIMES = ("eager", "export", "torchscript", "onnx")
 SUFFIX = {"eager": ".pt", "export": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlflow_project.train_victim import export_victim, train_victim
+from mlflow_project.lab.train_victim import export_victim, train_victim
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +31,7 @@ def digits_victim_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_victim(digits_victim_dir):
-    from mlflow_project.evaluate import load_victim
+    from mlflow_project.lab.evaluate import load_victim
 
     return load_victim(digits_victim_dir)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlflow_project import data
-from mlflow_project.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack
-from mlflow_project.models import build_model
-from mlflow_project.oracles import ArgmaxOracle, BudgetExceeded, LocalOracle, build_victim_defense
-from mlflow_project.training import accuracy
+from mlflow_project.lab import data
+from mlflow_project.lab.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.oracles import ArgmaxOracle, BudgetExceeded, LocalOracle, build_victim_defense
+from mlflow_project.lab.training import accuracy
 
 
 def tiny(name: str, budget: int, spec: data.InputSpec, **kw) -> AttackConfig:

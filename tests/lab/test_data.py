@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_project import data
+from mlflow_project.lab import data
 
 
 def test_fashion_mnist_shapes_and_labels():

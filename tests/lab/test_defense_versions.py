@@ -11,12 +11,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mlflow_project import data, tracking
-from mlflow_project.defense_bundle import DefendedVictim, build_victim, read_bundle, write_bundle
-from mlflow_project.models import build_model
-from mlflow_project.promote import promote
-from mlflow_project.register import config_from_run, recommended_child, register
-from mlflow_project.train_victim import export_victim
+from mlflow_project.lab import data
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.train_victim import export_victim
+from mlflow_project.lifecycle import tracking
+from mlflow_project.lifecycle.bundle import DefendedVictim, build_victim, read_bundle, write_bundle
+from mlflow_project.lifecycle.promote import promote
+from mlflow_project.lifecycle.register import config_from_run, recommended_child, register
 from plugins import build_defense
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
@@ -187,7 +188,7 @@ def test_register_ships_the_misinformation_model_in_the_pyfunc(store, victim_dir
 
 def test_register_from_a_point_run_takes_the_misinformation_model_it_was_evaluated_with(store, victim_dir,
                                                                                       misinformation_dirs, capsys):
-    from mlflow_project.register import main
+    from mlflow_project.lifecycle.register import main
 
     first, second = misinformation_dirs
     runs = {}

@@ -12,8 +12,8 @@ import pytest
 from mlflow.projects import _project_spec
 from mlflow.tracking import MlflowClient
 
-from mlflow_project import evaluate as ev
-from mlflow_project import train_victim as tv
+from mlflow_project.lab import evaluate as ev
+from mlflow_project.lab import train_victim as tv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def command_args(entry: str, params: dict) -> list[str]:
     ep = _project_spec.load_project(str(REPO)).get_entry_point(entry)
     argv = shlex.split(ep.compute_command(params, storage_dir=None))
-    assert argv[:3] == ["python", "-m", f"mlflow_project.{entry}"]
+    assert argv[:2] == ["python", "-m"] and argv[2] == f"mlflow_project.lab.{entry}", argv
     return argv[3:]
 
 
@@ -85,7 +85,7 @@ def test_every_mlproject_parameter_is_a_real_flag_and_reaches_it_unchanged(entry
 
 
 def test_sweep_grids_of_the_new_defenses_are_off_by_default_and_parsed_when_given(monkeypatch):
-    from mlflow_project.sweep_presets import defense_grid, get_preset
+    from mlflow_project.sweep.presets import defense_grid, get_preset
 
     _, a, _ = parse_entry_point("sweep", {}, monkeypatch)
     preset = get_preset(a.preset, adaptive_misinformation_taus=a.adaptive_misinformation_taus,

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_project import evaluate as ev
+from mlflow_project.lab import evaluate as ev
 from plugins import available_defenses
 
 BASE = ["--dataset", "digits", "--queryset", "digits", "--budget", "200", "--epochs", "3", "--batch-size", "32",

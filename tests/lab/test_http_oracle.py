@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from mlflow_project import data
-from mlflow_project import evaluate as ev
-from mlflow_project.oracles import BudgetExceeded, HTTPOracle, LocalOracle, build_victim_defense
+from mlflow_project.lab import data
+from mlflow_project.lab import evaluate as ev
+from mlflow_project.lab.oracles import BudgetExceeded, HTTPOracle, LocalOracle, build_victim_defense
 
 DEFENSE = {"name": "random_noise", "epsilon": 1.5, "norm": "l2"}
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_project import evaluate as ev
-from mlflow_project import sweep as sw
-from mlflow_project.register import misinformation_of_run
-from mlflow_project.sweep_presets import defense_grid, get_preset
-from mlflow_project.sweep_select import MISINFORMATION_TAG
+from mlflow_project.lab import evaluate as ev
+from mlflow_project.lifecycle.register import misinformation_of_run
+from mlflow_project.sweep import run as sw
+from mlflow_project.sweep.presets import defense_grid, get_preset
+from mlflow_project.sweep.select import MISINFORMATION_TAG
 
 TINY = get_preset("tiny")
 

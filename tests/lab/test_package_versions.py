@@ -17,13 +17,14 @@ from mlflow import MlflowClient
 from ts.context import RequestProcessor
 
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project import data, tracking
-from mlflow_project.defense_bundle import read_bundle
-from mlflow_project.models import build_model
-from mlflow_project.package import main as package
-from mlflow_project.promote import promote
-from mlflow_project.register import register
-from mlflow_project.train_victim import export_victim
+from mlflow_project.lab import data
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.train_victim import export_victim
+from mlflow_project.lifecycle import tracking
+from mlflow_project.lifecycle.bundle import read_bundle
+from mlflow_project.lifecycle.package import main as package
+from mlflow_project.lifecycle.promote import promote
+from mlflow_project.lifecycle.register import register
 from tests.handler.conftest import make_context
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}

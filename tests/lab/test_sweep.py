@@ -10,10 +10,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_project import sweep as sw
-from mlflow_project.evaluate import evaluate
-from mlflow_project.sweep_presets import defense_grid, get_preset, reverse_sigmoid_gamma
-from mlflow_project.sweep_select import (
+from mlflow_project.lab.evaluate import evaluate
+from mlflow_project.sweep import run as sw
+from mlflow_project.sweep.presets import defense_grid, get_preset, reverse_sigmoid_gamma
+from mlflow_project.sweep.select import (
     RECOMMENDED_TAG,
     attacker_accuracy_at_drops,
     find_recommended_run,
@@ -141,7 +141,7 @@ def test_select_point_respects_the_drop_and_breaks_ties():
 
 def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
     tracking = tracking_uri
-    from mlflow_project import tracking as tr
+    from mlflow_project.lifecycle import tracking as tr
 
     exp = tr.setup(tracking, "selection")
     client = MlflowClient(tracking)
@@ -239,7 +239,7 @@ def test_presets_follow_the_paper_gammas_and_validate():
 
 
 def test_report_tables_are_computed_from_the_csv(tiny, tmp_path):
-    from mlflow_project import sweep_report
+    from mlflow_project.sweep import report as sweep_report
 
     first = tiny["first"]
     doc = tmp_path / "RESULTS.md"

@@ -8,14 +8,15 @@ import json
 
 import pytest
 
-from mlflow_project import sweep_plots, sweep_report
-from mlflow_project.sweep import CSV_COLUMNS, read_points
+from mlflow_project.sweep import plots as sweep_plots
+from mlflow_project.sweep import report as sweep_report
+from mlflow_project.sweep.run import CSV_COLUMNS, read_points
 
 VICTIM = 0.90
 
 
 def point(config: dict, defender: float, attacker: float, l1: float) -> dict:
-    from mlflow_project.sweep_presets import describe
+    from mlflow_project.sweep.presets import describe
 
     row = {"label": describe(config), "defense": config["name"], "defense_config": json.dumps(config, sort_keys=True),
            "victim_accuracy": VICTIM, "defender_accuracy": defender, "attacker_accuracy": attacker,

@@ -1,4 +1,4 @@
-"""mlflow_project/torchserve_launcher.py without a TorchServe: config rendering, readiness errors, process-group
+"""mlflow_project/ops/torchserve.py without a TorchServe: config rendering, readiness errors, process-group
 stop, pid files and the CLI's argument errors (the real servers are in tests/integration/)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_project import torchserve_launcher as tl
+from mlflow_project.ops import torchserve as tl
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "deploy" / "config.properties"

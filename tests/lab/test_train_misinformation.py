@@ -8,8 +8,8 @@ import json
 import torch
 from mlflow.tracking import MlflowClient
 
-from mlflow_project import train_misinformation as tm
-from mlflow_project.train_victim import load_exported
+from mlflow_project.lab import train_misinformation as tm
+from mlflow_project.lab.train_victim import load_exported
 from plugins import build_defense
 from tests.lab.test_entry_points import command_args
 

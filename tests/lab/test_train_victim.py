@@ -10,8 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mlflow_project import train_victim as tv
-from mlflow_project.evaluate import load_victim
+from mlflow_project.lab import train_victim as tv
+from mlflow_project.lab.evaluate import load_victim
 
 
 def test_train_victim_logs_registers_and_exports(tracking_uri, tmp_path):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mlflow_project import data
-from mlflow_project.train_misinformation import misinformation_loss, train_misinformation
-from mlflow_project.train_victim import train_victim
+from mlflow_project.lab import data
+from mlflow_project.lab.train_misinformation import misinformation_loss, train_misinformation
+from mlflow_project.lab.train_victim import train_victim
 from plugins import build_defense
 from plugins.ood import ood_measures
 from tests.unit.strategies import prob_batches, row_sums

@@ -2,16 +2,16 @@
 the same query identically (repeated calls bit for bit; repeats inside one batch to within 1e-12, and the
 same row in batches of other sizes and positions to within 1e-6, float32 rounding), so a row's answer does
 not depend on the batch it was sent in.
-Plus the lab's averaging-attack helpers (mlflow_project/averaging_attack.py)."""
+Plus the lab's averaging-attack helpers (mlflow_project/lab/averaging.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mlflow_project.averaging_attack import augment, make_oracle
-from mlflow_project.evaluate import Victim
-from mlflow_project.models import build_model
+from mlflow_project.lab.averaging import augment, make_oracle
+from mlflow_project.lab.evaluate import Victim
+from mlflow_project.lab.models import build_model
 from plugins import available_defenses, build_defense, defense_class
 
 REPEATS = 100
@@ -125,8 +125,8 @@ def test_augment_shifts_within_bounds_adds_noise_and_is_seeded():
 
 @pytest.mark.parametrize("name", ["random_noise", "mad_argmax"])
 def test_lab_oracle_answers_repeats_identically_but_augmented_views_differently(name):
-    from mlflow_project import data
-    from mlflow_project.averaging_attack import DEFENSES
+    from mlflow_project.lab import data
+    from mlflow_project.lab.averaging import DEFENSES
 
     torch.manual_seed(0)
     victim = Victim(build_model("lenet", K).eval(), "lenet", data.input_spec("fashion_mnist"), "random")

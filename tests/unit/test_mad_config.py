@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlflow_project.models import MLP, LeNet
+from mlflow_project.lab.models import MLP, LeNet
 from plugins import available_defenses, build_defense, distance
 from plugins.mad import candidates
 from plugins.surrogate import make_surrogate

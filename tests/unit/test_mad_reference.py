@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlflow_project.models import MLP, LeNet
+from mlflow_project.lab.models import MLP, LeNet
 from plugins import build_defense
 from plugins.mad import mixing
 

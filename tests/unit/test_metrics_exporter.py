@@ -1,4 +1,4 @@
-"""mlflow_project/metrics_exporter.py serves the server's metric names from prometheus-client on 127.0.0.1."""
+"""mlflow_project/ops/metrics_exporter.py serves the server's metric names from prometheus-client on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import requests
 import torch
 
 from handlers.metrics import METRIC_SPECS
-from mlflow_project.metrics_exporter import (
+from mlflow_project.ops.metrics_exporter import (
     TORCHSERVE_BUCKETS,
     MetricsExporter,
     budget_of,
@@ -125,7 +125,7 @@ def test_evaluation_observer_is_the_evaluate_hook():
 
 
 def test_evaluate_metrics_port_hook_finds_the_observer():
-    from mlflow_project.evaluate import EvalConfig, metrics_observer
+    from mlflow_project.lab.evaluate import EvalConfig, metrics_observer
 
     cfg = EvalConfig(victim="artifacts/victims/v", defense={"name": "mad_argmax", "epsilon": 0.5})
     observe = metrics_observer(0, cfg)

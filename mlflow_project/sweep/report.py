@@ -1,12 +1,12 @@
 """Tables for RESULTS.md, computed from sweep CSVs (never typed by hand).
 
-    python -m mlflow_project.sweep_report results/sweeps/quick-*/points.csv --plots-dir docs/results \
+    python -m mlflow_project.sweep.report results/sweeps/quick-*/points.csv --plots-dir docs/results \
         --link-prefix docs/results/ --into RESULTS.md
 
 For each sweep CSV: the undefended victim and attacker accuracies, and per defense the lowest attacker
 accuracy reachable with a defender-accuracy drop of at most 0.5, 1 and 5 points
-(:func:`sweep_select.attacker_accuracy_at_drops`; the undefended point counts for every defense). A row is a
-curve of the plots (:func:`sweep_plots.curve_name`): gradient redirection gets one row per target, e.g.
+(:func:`select.attacker_accuracy_at_drops`; the undefended point counts for every defense). A row is a
+curve of the plots (:func:`plots.curve_name`): gradient redirection gets one row per target, e.g.
 ``gradient_redirection[reverse]``. With ``--plots-dir``, the sweep's two plots are copied there under names
 that say which sweep they belong to.
 """
@@ -20,9 +20,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlflow_project.sweep import read_points
-from mlflow_project.sweep_plots import curve_name
-from mlflow_project.sweep_select import attacker_accuracy_at_drops
+from mlflow_project.sweep.plots import curve_name
+from mlflow_project.sweep.run import read_points
+from mlflow_project.sweep.select import attacker_accuracy_at_drops
 
 DROPS = (0.5, 1.0, 5.0)
 ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only",
@@ -138,8 +138,8 @@ def fill_between_markers(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep_report", description=__doc__.split("\n")[0])
-    p.add_argument("csv", nargs="+", help="points.csv files written by mlflow_project.sweep")
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep.report", description=__doc__.split("\n")[0])
+    p.add_argument("csv", nargs="+", help="points.csv files written by mlflow_project.sweep.run")
     p.add_argument("--out", default="", help="write the markdown here (default: print it)")
     p.add_argument("--plots-dir", default="", help="copy each sweep's plots here")
     p.add_argument("--into", default="", help=f"replace the text between {BEGIN!r} and {END!r} in this file")

@@ -4,7 +4,7 @@
     probs = model.predict(x)      # x: N x <input shape> float32 array -> N x K defended probabilities
 
 ``predict`` runs the bundled victim and the bundled defense (with the bundled surrogate, and misinformation model
-for adaptive_misinformation: defense_bundle.DefendedVictim) exactly as the TorchServe handler does, so offline
+for adaptive_misinformation: bundle.DefendedVictim) exactly as the TorchServe handler does, so offline
 batch scoring gives the same defended probabilities as the server. This file is what MLflow logs as the model's
 code (``python_model=<this file>``); the bundle directory is its single artifact, ``bundle``.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from mlflow.pyfunc import PythonModel
 
-from mlflow_project.defense_bundle import DefendedVictim, read_bundle
+from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle
 
 
 class DefensePyfunc(PythonModel):

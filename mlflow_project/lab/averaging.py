@@ -16,7 +16,7 @@ Arms, all scored by the clone's accuracy on the victim's test set (same clone ar
 The identity check of the repeats without augmentation (``repeats`` identical queries of the same images give
 identical answers, so averaging them equals one answer) is part of every run (``identical_repeats``).
 
-    .venv/bin/python -m mlflow_project.averaging_attack --victim artifacts/victims/fashion_mnist_lenet
+    .venv/bin/python -m mlflow_project.lab.averaging --victim artifacts/victims/fashion_mnist_lenet
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from mlflow_project import data
-from mlflow_project.evaluate import Victim, load_victim
-from mlflow_project.models import build_model
-from mlflow_project.oracles import build_victim_defense
-from mlflow_project.training import TrainConfig, accuracy, train_classifier
+from mlflow_project.lab import data
+from mlflow_project.lab.evaluate import Victim, load_victim
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.oracles import build_victim_defense
+from mlflow_project.lab.training import TrainConfig, accuracy, train_classifier
 
 DEFENSES: dict[str, dict[str, Any]] = {
     "mad_argmax": {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"},

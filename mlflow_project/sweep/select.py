@@ -119,7 +119,7 @@ def find_recommended_run(sweep_key: str | None = None, parent_run_id: str | None
     """
     from mlflow.tracking import MlflowClient
 
-    from mlflow_project import tracking
+    from mlflow_project.lifecycle import tracking
 
     client = MlflowClient(tracking.resolve_tracking_uri(tracking_uri))
     exp = client.get_experiment_by_name(experiment)

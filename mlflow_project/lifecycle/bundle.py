@@ -9,7 +9,7 @@
                               the train_misinformation export directory it was tuned with (state_dict.pt,
                               input_spec.json, and the other runtimes' files when they were exported)
 
-The bundle is the artifact of the registered MLflow model version (the pyfunc in defense_pyfunc.py loads it)
+The bundle is the artifact of the registered MLflow model version (the pyfunc in lifecycle/pyfunc.py loads it)
 and the source from which ``package`` builds a .mar. This module needs torch and plugins only.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlflow_project.models import build_model
+from mlflow_project.lab.models import build_model
 from plugins import Defense, DefenseOutput, build_defense, defense_class, validate_config
 
 BUNDLE_FORMAT = 1

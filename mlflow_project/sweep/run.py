@@ -1,12 +1,12 @@
 """Sweep defenses x budgets against one attack and query set, in MLflow; choose the operating point.
 
-    python -m mlflow_project.sweep --preset quick                       # Fashion-MNIST, Knockoff, ~4 minutes
-    python -m mlflow_project.sweep --preset paper --queryset mnist5k    # the larger protocol (see RESULTS.md)
-    python -m mlflow_project.sweep --preset tiny                        # digits, seconds (what the tests run)
+    python -m mlflow_project.sweep.run --preset quick                       # Fashion-MNIST, Knockoff, ~4 minutes
+    python -m mlflow_project.sweep.run --preset paper --queryset mnist5k    # the larger protocol (see RESULTS.md)
+    python -m mlflow_project.sweep.run --preset tiny                        # digits, seconds (what the tests run)
     mlflow run . -e sweep -P preset=quick -P attack=knockoff_argmax --env-manager local
 
-Every grid point (a defense config, :func:`sweep_presets.defense_grid`) is one nested MLflow run under a parent
-run, evaluated with :func:`mlflow_project.evaluate.evaluate` against the same victim (trained once, or reused
+Every grid point (a defense config, :func:`presets.defense_grid`) is one nested MLflow run under a parent
+run, evaluated with :func:`mlflow_project.lab.evaluate.evaluate` against the same victim (trained once, or reused
 from disk) and the same attacker queries (same query set and seed for every point). A point is identified by
 a stable hash of its full configuration (victim weights, dataset, attack, query set, budget, epochs, seeds,
 defense): a rerun looks the hash up among the FINISHED point runs of the same sweep and skips it, so an
@@ -17,7 +17,7 @@ Outputs, written to ``--results-dir`` and logged as artifacts of the parent run:
 its metrics and run id), ``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` and ``selection.json``.
 The selection step picks, among points whose defender accuracy dropped by at most ``--max-drop`` points, the
 one with the lowest attacker accuracy, prints it and tags its run ``stealguard.recommended=true``
-(:func:`mlflow_project.sweep_select.find_recommended_run` finds it again for the registry).
+(:func:`select.find_recommended_run` finds it again for the registry).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mlflow_project import data
-from mlflow_project.sweep_presets import PRESETS, Preset, defense_grid, describe, get_preset
-from mlflow_project.sweep_select import (
+from mlflow_project.lab import data
+from mlflow_project.sweep.presets import PRESETS, Preset, defense_grid, describe, get_preset
+from mlflow_project.sweep.select import (
     KIND_TAG,
     MISINFORMATION_TAG,
     POINT_KEY_TAG,
@@ -50,7 +50,7 @@ from mlflow_project.sweep_select import (
     tag_recommended,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO_ROOT / "results" / "sweeps"
 MISINFORMATION_ARTIFACT = "misinformation"  # on the parent run: the model the adaptive_misinformation points used
 METRIC_COLUMNS = (
@@ -135,8 +135,8 @@ def resolve_victim(preset: Preset, victim: str = "", cache_dir: str | Path | Non
     Returns (evaluate.Victim, path). A trained victim is written to ``cache_dir`` (default
     ``results/victims``) under a name that holds dataset, arch, epochs and seed, and reused on later sweeps.
     """
-    from mlflow_project.evaluate import load_victim
-    from mlflow_project.train_victim import spec_document, train_victim
+    from mlflow_project.lab.evaluate import load_victim
+    from mlflow_project.lab.train_victim import spec_document, train_victim
 
     arch = preset.arch or data.default_arch(preset.dataset)
     if victim:
@@ -163,7 +163,7 @@ def resolve_misinformation(preset: Preset, vict, victim_path: str, progress: boo
     dataset and arch, the preset's misinformation_epochs and seed) and cached next to the victim directory
     (``<victim>.misinformation-e<epochs>-s<seed>``; under ``results/misinformation`` when the victim is an MLflow
     URI). Returns the export directory."""
-    from mlflow_project.train_misinformation import INFO_FILE, export_misinformation, train_misinformation
+    from mlflow_project.lab.train_misinformation import INFO_FILE, export_misinformation, train_misinformation
 
     epochs = preset.misinformation_epochs or None
     tag = f"e{epochs or 'default'}-s{preset.seed}"
@@ -247,7 +247,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) the sweep of ``preset``; return its points, selection and output files.
 
-    ``evaluate_fn(EvalConfig, victim=..., progress=...)`` defaults to :func:`mlflow_project.evaluate.evaluate`
+    ``evaluate_fn(EvalConfig, victim=..., progress=...)`` defaults to :func:`mlflow_project.lab.evaluate.evaluate`
     (a seam for tests that inject failures). ``grid`` overrides the preset's defense grid. ``report_only``:
     evaluate nothing and leave the parent run's state alone; write the outputs and select from the points
     finished so far (e.g. while a long sweep is still running, or after it was stopped).
@@ -255,8 +255,8 @@ def run_sweep(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mlflow_project import tracking
-    from mlflow_project.evaluate import EvalConfig, evaluate, log_evaluation
+    from mlflow_project.lab.evaluate import EvalConfig, evaluate, log_evaluation
+    from mlflow_project.lifecycle import tracking
 
     t_start = time.perf_counter()
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -275,7 +275,7 @@ def run_sweep(
     spec = SweepSpec(preset=preset, victim_path=victim_path, victim_hash=weights_hash(vict.model), grid=configs)
     misinformation = ""
     if any(needs_misinformation(c) for c in configs):
-        from mlflow_project.oracles import load_misinformation
+        from mlflow_project.lab.oracles import load_misinformation
 
         misinformation = str(resolve_misinformation(preset, vict, victim_path, progress))
         spec.misinformation_hash = weights_hash(load_misinformation(misinformation))
@@ -374,7 +374,7 @@ def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: li
 
 def select_and_tag(client, experiment_id: str, sweep_key: str, parent_run_id: str, rows: Sequence[Mapping],
                    max_drop: float) -> dict[str, Any] | None:
-    """Pick the point (see :func:`sweep_select.select_point`), tag its run, print it; None if nothing fits."""
+    """Pick the point (see :func:`select.select_point`), tag its run, print it; None if nothing fits."""
     try:
         best = dict(select_point(rows, max_drop))
     except ValueError as exc:
@@ -393,7 +393,7 @@ def select_and_tag(client, experiment_id: str, sweep_key: str, parent_run_id: st
 def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: Path, preset: Preset,
                   recommended: Mapping[str, Any] | None, max_drop: float) -> dict[str, Path]:
     """points.csv, the two trade-off plots and selection.json in ``out_dir``."""
-    from mlflow_project.sweep_plots import plot_tradeoff
+    from mlflow_project.sweep.plots import plot_tradeoff
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "points.csv"
@@ -439,7 +439,7 @@ def _int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep.run", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="quick", choices=list(PRESETS))
     p.add_argument("--victim", default="", help="export directory or MLflow model URI (default: the lab's saved "
                    "victim under artifacts/victims, else one trained once and cached under results/victims)")

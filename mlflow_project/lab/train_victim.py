@@ -1,6 +1,6 @@
 """Train a victim classifier, export it in every runtime format, log and register it in MLflow.
 
-    python -m mlflow_project.train_victim --dataset fashion_mnist --arch lenet --epochs 12 --lr 0.05 --seed 0 \
+    python -m mlflow_project.lab.train_victim --dataset fashion_mnist --arch lenet --epochs 12 --lr 0.05 --seed 0 \
         --registered-model-name fashion_mnist_lenet --output-dir artifacts/victims/fashion_mnist_lenet
     mlflow run . -e train_victim -P dataset=digits -P arch=mlp --env-manager local
 
@@ -8,7 +8,7 @@ Computation (:func:`train_victim`), export (:func:`export_victim`) and MLflow lo
 separate functions. An export directory holds:
 
 - ``state_dict.pt``: ``torch.save`` of the eager module's state dict (rebuild with
-  ``mlflow_project.models.build_model(arch, num_classes)``);
+  ``mlflow_project.lab.models.build_model(arch, num_classes)``);
 - ``model.pt2``: ``torch.export.save`` of the exported program, dynamic batch dimension;
 - ``model.torchscript.pt``: ``torch.jit.script`` module;
 - ``model.onnx``: ONNX (one file), input ``x``, output ``logits``, dynamic batch dimension;
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlflow_project import data
-from mlflow_project.exports import save_onnx, save_program
-from mlflow_project.models import build_model
-from mlflow_project.training import TrainConfig, accuracy, train_classifier
+from mlflow_project.lab import data
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.training import TrainConfig, accuracy, train_classifier
+from mlflow_project.lifecycle.exports import save_onnx, save_program
 
 # Defaults per dataset, chosen on this 2-core CPU (see the lab's report): LeNet on Fashion-MNIST reaches >= 90%.
 DEFAULTS = {
@@ -199,7 +199,7 @@ def _int(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.train_victim", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.train_victim", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", choices=data.DATASETS)
     p.add_argument("--arch", default="", help="lenet or mlp (default: lenet for 28x28 data, mlp for digits)")
     p.add_argument("--epochs", type=_int, default=None, help="default per dataset: " + json.dumps(DEFAULTS))
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import mlflow
 
-    from mlflow_project import tracking
+    from mlflow_project.lifecycle import tracking
 
     with tracking.start_run(f"victim-{a.dataset}-{a.arch or data.default_arch(a.dataset)}", a.tracking_uri) as run:
         def on_epoch(epoch: int, loss: float) -> None:

@@ -1,7 +1,7 @@
 """Move an alias (``production`` or ``candidate``) of a registered defense to a version; rollback = promote the
 old version again.
 
-    python -m mlflow_project.promote --name fashion_mnist_lenet-defense --version 2 --alias production
+    python -m mlflow_project.lifecycle.promote --name fashion_mnist_lenet-defense --version 2 --alias production
     mlflow run . -e promote -P name=fashion_mnist_lenet-defense -P version=1 --env-manager local
 """
 
@@ -14,7 +14,7 @@ import sys
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_project import tracking
+from mlflow_project.lifecycle import tracking
 
 ALIASES = ("production", "candidate")
 
@@ -39,7 +39,7 @@ def promote(name: str, version: str | int, alias: str = "production") -> dict[st
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.promote", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lifecycle.promote", description=__doc__.split("\n")[0])
     p.add_argument("--name", required=True, help="registered model name, e.g. fashion_mnist_lenet-defense")
     p.add_argument("--version", required=True, help="the version to point the alias at")
     p.add_argument("--alias", default="production", choices=ALIASES)

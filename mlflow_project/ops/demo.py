@@ -29,9 +29,9 @@ from typing import Any
 import requests
 import torch
 
-from mlflow_project.torchserve_launcher import TorchServe, group_alive, read_pid, stop_group
+from mlflow_project.ops.torchserve import TorchServe, group_alive, read_pid, stop_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEV_CONFIG = REPO / "deploy" / "config.dev.properties"
 ALERTS = REPO / "deploy" / "alerts.yml"
 
@@ -44,7 +44,7 @@ class DemoConfig:
     victim_epochs: int = 2  # a fresh clone: 60 s, 89.3 % test accuracy here (the lab trains 12: 91.8 %)
     victim_name: str = ""  # registered victim model name; "" = <dataset>_<arch>
     preset: str = "quick"
-    sweep_overrides: dict[str, Any] = field(default_factory=dict)  # sweep_presets.get_preset overrides
+    sweep_overrides: dict[str, Any] = field(default_factory=dict)  # mlflow_project.sweep.presets.get_preset overrides
     attack_budget: int = 1000
     attack_epochs: int = 4
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
@@ -86,8 +86,8 @@ def victim(cfg: DemoConfig) -> tuple[Path, str, str, float]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mlflow_project import data, tracking
-    from mlflow_project.train_victim import (
+    from mlflow_project.lab import data
+    from mlflow_project.lab.train_victim import (
         DEFAULTS,
         TrainConfig,
         VictimResult,
@@ -96,6 +96,7 @@ def victim(cfg: DemoConfig) -> tuple[Path, str, str, float]:
         log_victim,
         train_victim,
     )
+    from mlflow_project.lifecycle import tracking
 
     arch = cfg.arch or data.default_arch(cfg.dataset)
     out = Path(cfg.victim_dir) if cfg.victim_dir else REPO / "artifacts" / "victims" / f"{cfg.dataset}_{arch}"
@@ -134,10 +135,10 @@ def victim(cfg: DemoConfig) -> tuple[Path, str, str, float]:
 
 
 def sweep_and_promote(cfg: DemoConfig, victim_dir: Path, victim_uri: str, name: str) -> dict[str, Any]:
-    from mlflow_project.promote import promote
-    from mlflow_project.register import register
-    from mlflow_project.sweep import run_sweep
-    from mlflow_project.sweep_presets import get_preset
+    from mlflow_project.lifecycle.promote import promote
+    from mlflow_project.lifecycle.register import register
+    from mlflow_project.sweep.presets import get_preset
+    from mlflow_project.sweep.run import run_sweep
 
     preset = get_preset(cfg.preset, **{"dataset": cfg.dataset, "queryset": cfg.dataset, **cfg.sweep_overrides})
     say(f"sweep '{preset.name}': {preset.attack} attacker, {preset.budget} queries, {preset.epochs} clone epochs, "
@@ -164,13 +165,13 @@ def sweep_and_promote(cfg: DemoConfig, victim_dir: Path, victim_uri: str, name: 
 
 
 def build_archives(cfg: DemoConfig, defense_name: str, victim_dir: Path, prefix: str) -> tuple[str, str]:
-    from mlflow_project import package
+    from mlflow_project.lifecycle import package
 
     store = Path(cfg.model_store)
     store.mkdir(parents=True, exist_ok=True)
     defended, twin = f"{prefix}_defended", f"{prefix}_undefended"
     uri = f"models:/{defense_name}@production"
-    from mlflow_project import tracking
+    from mlflow_project.lifecycle import tracking
 
     say(f"building {store / (defended + '.mar')} from {uri}")
     package.main(["--name", defended, "--defense", uri, "--export-path", str(store),
@@ -294,7 +295,7 @@ class Servers:
 
 
 def attack(cfg: DemoConfig, victim_dir: Path, url: str) -> dict[str, float]:
-    from mlflow_project.evaluate import EvalConfig, evaluate
+    from mlflow_project.lab.evaluate import EvalConfig, evaluate
 
     r = evaluate(EvalConfig(dataset=cfg.dataset, victim=str(victim_dir), attack="knockoff", queryset=cfg.dataset,
                             budget=cfg.attack_budget, epochs=cfg.attack_epochs, oracle="http", url=url),
@@ -327,8 +328,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    from mlflow_project import data, tracking
-    from mlflow_project.train_victim import load_exported
+    from mlflow_project.lab import data
+    from mlflow_project.lab.train_victim import load_exported
+    from mlflow_project.lifecycle import tracking
 
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri or None)
     cfg.tracking_uri = uri
@@ -399,7 +401,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     d = DemoConfig()
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.ops.demo", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default=d.dataset)
     p.add_argument("--arch", default=d.arch)
     p.add_argument("--victim-dir", default=d.victim_dir, help="reused when it holds a trained victim")

@@ -1,6 +1,6 @@
 """Attack a (defended) victim and measure both sides: the defender's utility and the attacker's clone.
 
-    python -m mlflow_project.evaluate --dataset fashion_mnist --victim artifacts/victims/fashion_mnist_lenet \
+    python -m mlflow_project.lab.evaluate --dataset fashion_mnist --victim artifacts/victims/fashion_mnist_lenet \
         --defense '{"name": "mad_argmax", "epsilon": 0.5, "norm": "l1"}' --attack knockoff --queryset mnist5k \
         --budget 5000 --epochs 10 --seed 0 --oracle local
     mlflow run . -e evaluate -P dataset=digits -P victim=models:/digits_mlp/1 -P attack=jbda --env-manager local
@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlflow_project import data
-from mlflow_project.attacks import ATTACKS, AttackConfig, run_attack
-from mlflow_project.models import build_model
-from mlflow_project.oracles import HTTPOracle, LocalOracle, build_victim_defense
-from mlflow_project.training import accuracy, predict_probs
+from mlflow_project.lab import data
+from mlflow_project.lab.attacks import ATTACKS, AttackConfig, run_attack
+from mlflow_project.lab.models import build_model
+from mlflow_project.lab.oracles import HTTPOracle, LocalOracle, build_victim_defense
+from mlflow_project.lab.training import accuracy, predict_probs
 from plugins import measures
 
 METRICS = (
@@ -115,7 +115,7 @@ def load_victim(ref: str | Path) -> Victim:
         raise ValueError("victim: empty; give an export directory written by train_victim "
                          "(e.g. artifacts/victims/fashion_mnist_lenet) or an MLflow model URI (models:/name/1)")
     if "://" not in ref and ":/" not in ref:
-        from mlflow_project.train_victim import load_exported
+        from mlflow_project.lab.train_victim import load_exported
 
         p = Path(ref)
         if p.is_file():
@@ -320,13 +320,13 @@ def log_evaluation(r: EvalResult) -> None:
 
 
 def metrics_observer(port: int, cfg: EvalConfig) -> Callable[[str, dict], None]:
-    """The ``--metrics-port`` hook: ``mlflow_project.metrics_exporter.evaluation_observer(port, cfg)`` returns an
+    """The ``--metrics-port`` hook: ``mlflow_project.ops.metrics_exporter.evaluation_observer(port, cfg)`` returns an
     observer (see :func:`evaluate`) that exposes the run's metrics with prometheus-client. That function is
     the metrics issue's to write; until it exists the flag fails with this message."""
     try:
-        from mlflow_project.metrics_exporter import evaluation_observer
+        from mlflow_project.ops.metrics_exporter import evaluation_observer
     except ImportError as exc:
-        raise SystemExit(f"--metrics-port needs mlflow_project.metrics_exporter.evaluation_observer, which is not "
+        raise SystemExit(f"--metrics-port needs mlflow_project.ops.metrics_exporter.evaluation_observer, which is not "
                          f"available ({exc}); run without --metrics-port") from None
     return evaluation_observer(port, cfg)
 
@@ -340,7 +340,7 @@ def _int(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", choices=data.DATASETS)
     p.add_argument("--victim", required=True, help="export directory of train_victim, or an MLflow model URI")
     p.add_argument("--defense", default='{"name": "identity"}', help="inline JSON or a .json/.yaml config file")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     observers = [metrics_observer(a.metrics_port, cfg)] if a.metrics_port else []
 
-    from mlflow_project import tracking
+    from mlflow_project.lifecycle import tracking
 
     name = f"eval-{cfg.defense.get('name')}-{cfg.attack}-{cfg.queryset or cfg.dataset}-{cfg.budget}"
     with tracking.start_run(name, a.tracking_uri):

@@ -14,7 +14,7 @@ measurement itself is shared with the handler (:func:`handlers.metrics.observe_b
 One exporter can carry several defenses (one ``defense_metrics`` per defense). ``port=0`` picks a free port
 (``exporter.port`` tells which). Binds to 127.0.0.1 unless told otherwise.
 
-``evaluate --metrics-port PORT`` uses :func:`evaluation_observer` (the hook ``mlflow_project/evaluate.py``
+``evaluate --metrics-port PORT`` uses :func:`evaluation_observer` (the hook ``mlflow_project/lab/evaluate.py``
 calls): every batch the in-process defense answers (the test-set pass and the attacker's queries) is recorded
 with ``model_name`` = the victim, ``defense`` = the defense's name and ``defense_version="lab"``. The endpoint
 lives as long as the evaluation process.

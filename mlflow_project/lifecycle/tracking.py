@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 
 EXPERIMENT = "stealguard"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_tracking_uri() -> str:

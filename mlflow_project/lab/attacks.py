@@ -1,9 +1,9 @@
 """Model-stealing attacks from the paper's protocol (Orekondy et al. 2020, Sec. 5): Knockoff, JBDA, JB-self,
 JB-top3, and the argmax variant of each.
 
-Every attack queries a black-box oracle (:mod:`mlflow_project.oracles`) within a query budget and trains a
+Every attack queries a black-box oracle (:mod:`mlflow_project.lab.oracles`) within a query budget and trains a
 clone (the victim's architecture by default) on what came back, with the soft cross-entropy and SGD with
-momentum (:mod:`mlflow_project.training`).
+momentum (:mod:`mlflow_project.lab.training`).
 
 - ``knockoff``: Knockoff Nets, random strategy: ``budget`` images drawn without replacement from the query
   set (if the pool is smaller than the budget, the whole pool: repeating a query teaches nothing).
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlflow_project.training import TrainConfig, train_classifier
+from mlflow_project.lab.training import TrainConfig, train_classifier
 
 BASE_ATTACKS = ("knockoff", "jbda", "jbself", "jbtop3")
 ATTACKS = BASE_ATTACKS + tuple(f"{a}_argmax" for a in BASE_ATTACKS)
@@ -105,7 +105,7 @@ def run_attack(oracle, pool: torch.Tensor, make_clone: Callable[[], nn.Module], 
     ``make_clone()`` returns a freshly initialised clone (the victim's architecture by default). The oracle's
     own budget, when set, must allow ``cfg.budget`` queries.
     """
-    from mlflow_project.oracles import ArgmaxOracle
+    from mlflow_project.lab.oracles import ArgmaxOracle
 
     if len(pool) == 0:
         raise ValueError("the query set is empty")

@@ -1,6 +1,6 @@
 """Reproduce the paper's Table 1 row for an undefended victim: each attack's clone accuracy, side by side.
 
-    python -m mlflow_project.table1 --victim artifacts/victims/fashion_mnist_lenet --budget 50000 \
+    python -m mlflow_project.lab.table1 --victim artifacts/victims/fashion_mnist_lenet --budget 50000 \
         --jb-budget 10000 --epochs 10 --out results/table1_fashion_mnist.json
 
 Runs, one after another, Knockoff (query sets: the victim's dataset and mnist5k), JBDA, JB-self and JB-top3
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mlflow_project import evaluate as ev
+from mlflow_project.lab import evaluate as ev
 
 # Orekondy et al. (ICLR 2020), Table 1, undefended accuracies (%) for the FashionMNIST victim.
 PAPER_FASHION_MNIST = {"victim": 92.0, "jbda": 38.7, "jbself": 45.8, "jbtop3": 68.7, "knockoff": 69.2}
@@ -48,7 +48,7 @@ def table(results: list[dict], victim_accuracy: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.table1", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.table1", description=__doc__.split("\n")[0])
     p.add_argument("--victim", required=True)
     p.add_argument("--budget", type=int, default=50_000, help="Knockoff budget")
     p.add_argument("--jb-budget", type=int, default=50_000, help="JBDA / JB-self / JB-top3 budget")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import mlflow
 
-    from mlflow_project import tracking
+    from mlflow_project.lifecycle import tracking
 
     victim = ev.load_victim(a.victim)
     dataset = victim.spec.dataset

@@ -1,6 +1,6 @@
 """Train the misinformation model of ``adaptive_misinformation`` (Kariyappa & Qureshi, CVPR 2020), export and log it.
 
-    python -m mlflow_project.train_misinformation --victim artifacts/victims/fashion_mnist_lenet \
+    python -m mlflow_project.lab.train_misinformation --victim artifacts/victims/fashion_mnist_lenet \
         --output-dir artifacts/misinformation/fashion_mnist_lenet
     mlflow run . -e train_misinformation -P victim=artifacts/victims/fashion_mnist_lenet --env-manager local
 
@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mlflow_project import data
-from mlflow_project.train_victim import export_victim, prepare_training
-from mlflow_project.training import TrainConfig, predict_probs, train_classifier
+from mlflow_project.lab import data
+from mlflow_project.lab.train_victim import export_victim, prepare_training
+from mlflow_project.lab.training import TrainConfig, predict_probs, train_classifier
 
 # Fewer epochs than the victim: being wrong is easier than being right.
 DEFAULTS = {
@@ -127,7 +127,7 @@ def _int(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.train_misinformation",
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.train_misinformation",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--victim", default="", help="a train_victim export directory (gives dataset and arch)")
     p.add_argument("--dataset", default="", help=f"one of {', '.join(data.DATASETS)} (default: the victim's)")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import mlflow
 
-    from mlflow_project import tracking
+    from mlflow_project.lifecycle import tracking
 
     with tracking.start_run(f"misinformation-{dataset}-{arch or data.default_arch(dataset)}", a.tracking_uri) as run:
         def on_epoch(epoch: int, loss: float) -> None:

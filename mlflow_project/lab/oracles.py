@@ -79,7 +79,7 @@ def load_misinformation(misinformation: nn.Module | str | Path) -> nn.Module:
             f"misinformation: {str(directory)!r} is not a train_misinformation export directory "
             "(needs input_spec.json and state_dict.pt)"
         )
-    from mlflow_project.train_victim import load_exported
+    from mlflow_project.lab.train_victim import load_exported
 
     return load_exported(directory)[0]
 

@@ -1,6 +1,6 @@
 """``package`` entry point: build ``model_store/<name>.mar`` from a victim and a defense config.
 
-    python -m mlflow_project.package --name fmnist_mad --victim artifacts/victims/fashion_mnist_lenet \
+    python -m mlflow_project.lifecycle.package --name fmnist_mad --victim artifacts/victims/fashion_mnist_lenet \
         --defense mad_argmax.yaml [--runtime onnx]
 
 The victim is given as files: a ``train_victim`` export directory (input_spec.json supplies the architecture,
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("handlers", "plugins")
 HANDLER = REPO / "handlers" / "stealguard_handler.py"
-MODELS_PY = REPO / "mlflow_project" / "models.py"
+MODELS_PY = REPO / "mlflow_project" / "lab" / "models.py"
 EXTENSIONS = {
     ".pt2": "export",
     ".onnx": "onnx",
@@ -138,7 +138,7 @@ def read_defense_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] 
 
 
 def eager_from_arch(weights: Path, arch: str, num_classes: int) -> ModelFiles:
-    from mlflow_project.models import ARCHITECTURES
+    from mlflow_project.lab.models import ARCHITECTURES
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch: unknown {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
@@ -187,7 +187,7 @@ def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Pa
         raise ValueError(
             f"--surrogate-runtime: can convert an eager surrogate to onnx or export, not {runtime!r}"
         )
-    from mlflow_project.exports import save_onnx, save_program
+    from mlflow_project.lifecycle.exports import save_onnx, save_program
 
     net = _load_eager(files)
     x = torch.zeros((2, *input_shape))
@@ -254,10 +254,10 @@ def misinformation_files(directory: Path, runtime: str) -> ModelFiles:
 
 
 def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> ModelFiles:
-    """A randomly initialised ``arch`` from mlflow_project.models (``make_surrogate``), as eager files."""
+    """A randomly initialised ``arch`` from mlflow_project.lab.models (``make_surrogate``), as eager files."""
     import functools
 
-    from mlflow_project.models import ARCHITECTURES
+    from mlflow_project.lab.models import ARCHITECTURES
     from plugins.surrogate import make_surrogate
 
     net = make_surrogate(functools.partial(ARCHITECTURES[arch], num_classes=num_classes), seed)
@@ -274,8 +274,8 @@ def registered_defense(uri: str, workdir: Path) -> tuple[Any, dict[str, Any]]:
     ``workdir``, and the ``stealguard.version`` record: registered name, version, run id, alias, source."""
     import mlflow.artifacts
 
-    from mlflow_project.defense_bundle import BUNDLE_FILE, read_bundle
-    from mlflow_project.model_uris import resolve
+    from mlflow_project.lifecycle.bundle import BUNDLE_FILE, read_bundle
+    from mlflow_project.lifecycle.model_uris import resolve
 
     try:
         version = resolve(uri)
@@ -287,7 +287,7 @@ def registered_defense(uri: str, workdir: Path) -> tuple[Any, dict[str, Any]]:
     found = sorted(local.rglob(BUNDLE_FILE))
     if not found:
         raise ValueError(f"--defense: {uri} (version {version.version}) is not a StealGuard defense bundle "
-                         f"(no {BUNDLE_FILE}); register defenses with mlflow_project.register")
+                         f"(no {BUNDLE_FILE}); register defenses with mlflow_project.lifecycle.register")
     record = {"name": version.name, "version": version.version, "run_id": version.run_id or None,
               "alias": version.alias, "source": uri}
     return read_bundle(found[0].parent), record
@@ -299,7 +299,7 @@ def resolve_victim(args: argparse.Namespace, workdir: Path) -> ModelFiles:
     run logged, else its MLflow pytorch model)."""
     source = args.victim
     if source.startswith("models:/"):
-        from mlflow_project.model_uris import resolve, victim_export_dir
+        from mlflow_project.lifecycle.model_uris import resolve, victim_export_dir
 
         try:
             registered = resolve(source)
@@ -346,7 +346,7 @@ def _pick_model_file(local: Path, args: argparse.Namespace, workdir: Path) -> Pa
     if (local / "MLmodel").is_file():  # an MLflow pytorch model: load it, keep its weights
         import mlflow.pytorch
 
-        from mlflow_project.models import ARCHITECTURES
+        from mlflow_project.lab.models import ARCHITECTURES
 
         meta = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("metadata") or {}
         if isinstance(meta.get("stealguard"), dict):
@@ -458,7 +458,7 @@ def input_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.input_shape:
         shape = [int(d) for d in args.input_shape.split(",")]
     elif args.arch:
-        from mlflow_project.models import ARCHITECTURES
+        from mlflow_project.lab.models import ARCHITECTURES
 
         shape = list(ARCHITECTURES[args.arch].input_shape)
     else:
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.defense.startswith("models:/") or (args.victim or "").startswith(("models:/", "runs:/")):
         import mlflow
 
-        from mlflow_project.tracking import resolve_tracking_uri
+        from mlflow_project.lifecycle.tracking import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri or None))
     from plugins import defense_class

@@ -1,6 +1,6 @@
 """Run one local TorchServe: render its config.properties, start it, wait until it serves, stop it, read its log.
 
-Used by `make serve` / `make stop` (through the CLI below), by `make demo` (mlflow_project/demo.py) and by the
+Used by `make serve` / `make stop` (through the CLI below), by `make demo` (mlflow_project/ops/demo.py) and by the
 integration tests and benches (tests/integration/torchserve.py).
 
 An instance owns a work directory: ``config.properties`` (a base file such as deploy/config.properties with
@@ -13,9 +13,9 @@ instance.
 
 CLI (a detached server and its pid file)::
 
-    python -m mlflow_project.torchserve_launcher start --config deploy/config.properties --model-store model_store \
+    python -m mlflow_project.ops.torchserve start --config deploy/config.properties --model-store model_store \
         --workdir .run/serve
-    python -m mlflow_project.torchserve_launcher stop --pid-file .run/serve/torchserve.pid
+    python -m mlflow_project.ops.torchserve stop --pid-file .run/serve/torchserve.pid
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHSERVE = Path(sys.executable).with_name("torchserve")
 METRICS_YAML = REPO / "deploy" / "metrics.yaml"
 ADDRESSES = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
@@ -355,7 +355,7 @@ def _models(value: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.torchserve_launcher",
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.ops.torchserve",
                                 description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="start a detached TorchServe, wait until it serves, write its pid file")
@@ -378,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_start(a: argparse.Namespace) -> int:
     pid_file = a.pid_file or os.path.join(a.workdir, "torchserve.pid")
-    stop_cmd = a.stop_command or f"python -m mlflow_project.torchserve_launcher stop --pid-file {pid_file}"
+    stop_cmd = a.stop_command or f"python -m mlflow_project.ops.torchserve stop --pid-file {pid_file}"
     try:
         running = read_pid(pid_file)
     except ValueError:

@@ -1,12 +1,12 @@
 """Register a defense configuration as a new version of an MLflow registered model (a pyfunc).
 
-    python -m mlflow_project.register --sweep-run <parent run id>            # the run the sweep recommended
-    python -m mlflow_project.register --run-id <evaluation run id>
-    python -m mlflow_project.register --config defense.yaml --victim models:/fashion_mnist_lenet@production
+    python -m mlflow_project.lifecycle.register --sweep-run <parent run id>            # the run the sweep recommended
+    python -m mlflow_project.lifecycle.register --run-id <evaluation run id>
+    python -m mlflow_project.lifecycle.register --config defense.yaml --victim models:/fashion_mnist_lenet@production
     mlflow run . -e register -P config=defense.json -P victim=artifacts/victims/fashion_mnist_lenet --env-manager local
 
-The version's artifact is a defense bundle (defense_bundle.py: config, surrogate weights, the victim it was tuned
-for and, for adaptive_misinformation, its misinformation model) served through defense_pyfunc.py, so
+The version's artifact is a defense bundle (lifecycle/bundle.py: config, surrogate weights, the victim it was tuned
+for and, for adaptive_misinformation, its misinformation model) served through lifecycle/pyfunc.py, so
 ``mlflow.pyfunc.load_model("models:/<name>@production").predict(x)`` gives the defended probabilities the server
 gives. The default registered name is ``<victim>-defense``.
 
@@ -32,14 +32,14 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from mlflow_project import tracking
-from mlflow_project.defense_bundle import DefendedVictim, read_bundle, write_bundle
-from mlflow_project.model_uris import is_models_uri, victim_export_dir
-from mlflow_project.sweep_select import MISINFORMATION_TAG
+from mlflow_project.lifecycle import tracking
+from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
+from mlflow_project.lifecycle.model_uris import is_models_uri, victim_export_dir
+from mlflow_project.sweep.select import MISINFORMATION_TAG
 from plugins import defense_class
 
-PYFUNC_CODE = Path(__file__).with_name("defense_pyfunc.py")
-REPO = Path(__file__).resolve().parents[1]
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
+REPO = Path(__file__).resolve().parents[2]
 RECOMMENDED_TAG = "stealguard.recommended"
 
 
@@ -112,7 +112,7 @@ def misinformation_export_dir(ref: str, workdir: Path) -> Path:
 
 
 def load_config(value: str) -> dict[str, Any]:
-    from mlflow_project.evaluate import parse_defense
+    from mlflow_project.lab.evaluate import parse_defense
 
     return parse_defense(value)
 
@@ -173,7 +173,7 @@ def register(
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
-    p = argparse.ArgumentParser(prog="python -m mlflow_project.register", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lifecycle.register", description=__doc__.split("\n")[0])
     p.add_argument("--sweep-run", default="", help="a sweep's parent run id: register its recommended point")
     p.add_argument("--run-id", default="", help="an evaluate (or sweep point) run id: register its defense")
     p.add_argument("--config", default="", help="a defense config: .json/.yaml file or inline JSON")

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mlflow_project.sweep_presets import CURVE_PARAMETER  # noqa: E402
+from mlflow_project.sweep.presets import CURVE_PARAMETER  # noqa: E402
 
 STYLE = {
     "mad": ("tab:red", "o"),
@@ -71,7 +71,7 @@ def curve_name(point: Mapping[str, Any]) -> str:
 
 
 def curve_value(point: Mapping[str, Any]) -> float:
-    """Where a point sits along its curve: its defense's curve parameter (sweep_presets.CURVE_PARAMETER, e.g.
+    """Where a point sits along its curve: its defense's curve parameter (presets.CURVE_PARAMETER, e.g.
     ``tau`` for adaptive_misinformation, ``epsilon`` for gradient_redirection); NaN if it has none."""
     param = CURVE_PARAMETER.get(point["defense"])
     value = _field(point, param) if param else None
