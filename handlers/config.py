@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from handlers.errors import ConfigError
 from plugins import defense_class, validate_config
+from plugins.base import describe_validation_error
 
 SECTION = "stealguard"
 RUNTIMES = ("eager", "export", "torchscript", "onnx")
@@ -177,19 +178,6 @@ class ServeConfig(_Strict):
         return "unversioned" if self.version is None else self.version.label
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in (SECTION, *err["loc"]))
-        if err["type"] == "missing":
-            parts.append(f"{field}: missing")
-        elif err["type"] == "extra_forbidden":
-            parts.append(f"{field}: unknown key")
-        else:
-            parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid stealguard config: " + "; ".join(parts)
-
-
 def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeConfig:
     """Validate the ``stealguard`` section (defense included) and check that every named file exists."""
     section = (model_yaml_config or {}).get(SECTION)
@@ -201,7 +189,7 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
     try:
         cfg = ServeConfig.model_validate(dict(section))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(describe_validation_error(exc, "invalid stealguard config", (SECTION,))) from None
     try:
         defense_cfg = validate_config(cfg.defense)
     except ValueError as exc:

@@ -36,14 +36,13 @@ from typing import Any, Protocol
 
 import torch
 
-from plugins.base import Budget
+from plugins.base import BUDGET_TOLERANCE, Budget
 from plugins.measures import distance, measures
 from plugins.ood import DEFAULT_OOD_THRESHOLD, check_threshold, ood_score
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "stealguard_"
-BUDGET_TOLERANCE = 1e-6  # a row violates a probs-space budget when dist(y~, y) > epsilon + BUDGET_TOLERANCE
 PERTURBATION_NORMS = ("l1", "l2", "linf", "kl")
 BASE_LABELS = ("model_name", "defense", "defense_version")
 

@@ -18,11 +18,9 @@ from handlers.codec import Codec, load_labels
 from handlers.config import ServeConfig, resolve
 from handlers.errors import ConfigError
 from handlers.runtimes import LogitsHead, Runtime, load_runtime
-from plugins import Defense, DefenseOutput, build_defense, check_probs, distance
+from plugins import BUDGET_TOLERANCE, Defense, DefenseOutput, build_defense, check_probs, distance
 
 log = logging.getLogger(__name__)
-
-BUDGET_TOLERANCE = 1e-5  # slack for float rounding when the handler re-checks a probs-space budget
 
 
 class DefenseFailed(RuntimeError):

@@ -6,7 +6,7 @@
     measures(probs, out.probs)          # per-row l1, l2, kl, top1_flip, top1_confidence_drop
 """
 
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_probs
+from plugins.base import BUDGET_TOLERANCE, Budget, Defense, DefenseConfig, DefenseOutput, check_probs
 from plugins.measures import distance, kl_divergence, measures
 from plugins.registry import (
     ENTRY_POINT_GROUP,
@@ -19,6 +19,7 @@ from plugins.registry import (
 )
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "ENTRY_POINT_GROUP",
     "Budget",
     "Defense",

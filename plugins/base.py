@@ -14,9 +14,36 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 SIMPLEX_TOL = 1e-4  # how far an incoming row may be from summing to 1 before it is refused
+
+# The contract's slack on a probs-space budget (docs/concepts.md, "Guarantees every defense keeps"): a row is
+# within budget when dist(y~, y) <= epsilon + BUDGET_TOLERANCE. The server's fail-closed re-check and the
+# budget-violation metric both use it. It also covers the output's cast back to the victim's dtype: rounding a
+# row of total mass 1 to float32 moves its l1 distance by at most about 2^-24 * 2 ~ 1.2e-7 (less in l2, and
+# KL's change is relative to the same rounding), well under 1e-6.
+BUDGET_TOLERANCE = 1e-6
+
+
+def describe_validation_error(
+    exc: ValidationError, title: str, prefix: tuple[str, ...] = (), missing: str = "missing",
+    unknown: str = "unknown key",
+) -> str:
+    """One message for a pydantic ValidationError (a defense config, the archive's ``stealguard:`` section):
+    ``<title>: <field>: <what is wrong>; ...`` with each field's dotted path under ``prefix``, ``missing`` for
+    a required field that is absent, ``unknown`` for a key the schema does not have, else pydantic's message
+    and the value given."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in (*prefix, *err["loc"])) or "config"
+        if err["type"] == "missing":
+            parts.append(f"{field}: {missing}")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{field}: {unknown}")
+        else:
+            parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return f"{title}: " + "; ".join(parts)
 
 
 class DefenseConfig(BaseModel):

@@ -43,7 +43,8 @@ import math
 
 import torch
 
-EXHAUSTIVE_MAX_CLASSES = 10
+from plugins.mad.geometry import EXHAUSTIVE_MAX_CLASSES, subset_masks
+
 GOLDEN_ITERS = 72  # log-scale interval of width ~41 shrinks to ~1e-13
 LOG_S_RANGE = (math.log(1e-9), math.log(1e9))  # the step along g from c, in l2 units (P has diameter <= 2)
 CHUNK_ELEMENTS = 1 << 20  # candidate patterns scored at once in the exhaustive vertex search
@@ -165,12 +166,6 @@ def cone_search(y: torch.Tensor, c: torch.Tensor, g: torch.Tensor, eps: float, i
 # ------------------------------------------------------------------------------------------------ regime 2
 
 
-def subset_masks(num_classes: int) -> torch.Tensor:
-    """Every subset of K classes (including the empty one) as 0/1 rows (2^K x K), float64."""
-    codes = torch.arange(2**num_classes, dtype=torch.int64)
-    return ((codes.unsqueeze(1) >> torch.arange(num_classes, dtype=torch.int64)) & 1).to(torch.float64)
-
-
 def simplex_vertices_in_budget(y, c, g, gram, eps):
     """Score of every simplex vertex e_j (B x K), -inf where ||e_j - y||_1 = 2 (1 - y_j) > eps."""
     k = y.shape[1]
@@ -191,7 +186,7 @@ def exhaustive_vertex(y, c, g, gram, eps):
     B x S x K x K score costs a handful of broadcast additions.
     """
     b, k = y.shape
-    masks = subset_masks(k)  # S x K
+    masks = subset_masks(k)  # S x K, the donor sets S (the empty one included)
     ns = masks.shape[0]
     m = eps / 2.0
     rows = max(1, CHUNK_ELEMENTS // (ns * k * k))

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from plugins.base import Defense, DefenseConfig
+from plugins.base import Defense, DefenseConfig, describe_validation_error
 
 ENTRY_POINT_GROUP = "stealguard.defenses"
 BUILTIN_MODULES = (
@@ -110,21 +110,17 @@ def validate_config(config: Mapping[str, Any] | DefenseConfig) -> DefenseConfig:
     try:
         return cls.Config.model_validate(dict(config))
     except ValidationError as exc:
-        raise ValueError(describe_validation_error(cls.name, exc)) from None
+        raise ValueError(_describe(cls.name, exc)) from None
 
 
-def describe_validation_error(defense: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "missing":
-            parts.append(f"{field}: missing (required by defense '{defense}')")
-        elif err["type"] == "extra_forbidden":
-            allowed = ", ".join(defense_class(defense).Config.model_fields)
-            parts.append(f"{field}: not a parameter of defense '{defense}' (allowed: {allowed})")
-        else:
-            parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
-    return f"invalid config for defense '{defense}': " + "; ".join(parts)
+def _describe(defense: str, exc: ValidationError) -> str:
+    allowed = ", ".join(defense_class(defense).Config.model_fields)
+    return describe_validation_error(
+        exc,
+        f"invalid config for defense '{defense}'",
+        missing=f"missing (required by defense '{defense}')",
+        unknown=f"not a parameter of defense '{defense}' (allowed: {allowed})",
+    )
 
 
 def build_defense(config: Mapping[str, Any] | DefenseConfig, **resources: Any) -> Defense:

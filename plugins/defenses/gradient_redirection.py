@@ -6,8 +6,9 @@ MAD pushes the attacker's training update ``u(y~) = G^T y~`` *away* from the tru
 
     y~ = argmax cos(u(v), T)   over v on the simplex with ||v - y||_1 <= epsilon      (Budget("l1", epsilon))
 
-with G = d log F(x; w) / dw of the defender's fixed surrogate (as MAD: DESIGN.md "MAD, precisely"), so that
-``u(v) = J^T (v - c)`` and every inner product reduces to K x K terms (plugins.mad.geometry):
+with G = d log F(x; w) / dw of the defender's fixed surrogate (as MAD: docs/concepts.md, "The geometry"), so
+that ``u(v) = J^T (v - c)`` and every inner product reduces to K x K terms (plugins.mad.geometry, which also runs
+the surrogate for both families: SurrogateGeometry):
 ``<u(v), T> = (v - c)^T g`` and ``|u(v)|^2 = (v - c)^T M (v - c)``. Targets (``target``):
 
 - ``reverse``: T = -u(y), the negative of the true update (GRAD²'s untargeted setting; the exact counterpart
@@ -40,9 +41,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from plugins import redirection
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_num_classes, require_network
-from plugins.mad import jacobian
-from plugins.mad.geometry import Geometry, Reference, angle
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.mad.geometry import Geometry, Reference, SurrogateGeometry, angle
 from plugins.registry import register
 
 _TINY = torch.finfo(torch.float64).tiny
@@ -107,17 +107,17 @@ class GradientRedirection(Defense):
         **resources: Any,
     ) -> None:
         super().__init__(config)
-        self.surrogate = require_network("surrogate", surrogate, self.name)
-        check_num_classes(num_classes)
+        self.view = SurrogateGeometry(
+            surrogate, num_classes, config.jacobian, config.params, config.jacobian_memory_mb, self.name
+        )
+        self.surrogate = self.view.surrogate
         if num_classes is not None and config.target == "shift" and config.shift % num_classes == 0:
             raise ValueError(f"shift: must not be a multiple of num_classes={num_classes}; got {config.shift}")
         self.num_classes = num_classes
-        self.layer: nn.Linear | None = None
-        self.param_names: list[str] = []
-        self._layer_checked = False
+        self.layer = self.view.last_layer
+        self.param_names = self.view.param_names
         self._direction: dict[str, torch.Tensor] | None = None
         if config.jacobian == "last_layer":
-            _, self.layer = jacobian.last_linear_for(surrogate, num_classes)
             if config.target == "random":
                 gen = _generator(config.secret)
                 w = torch.randn(self.layer.out_features, self.layer.in_features, generator=gen, dtype=torch.float64)
@@ -126,10 +126,9 @@ class GradientRedirection(Defense):
                     d["bias"] = torch.randn(self.layer.out_features, generator=gen, dtype=torch.float64)
                 self._direction = _unit(d)
         elif config.jacobian == "all":
-            self.param_names = jacobian.check_param_names(surrogate, config.params)
             if config.target == "random":
                 gen = _generator(config.secret)
-                params = dict(surrogate.named_parameters())
+                params = dict(self.surrogate.named_parameters())
                 d = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in self.param_names}
                 self._direction = _unit(d)
 
@@ -139,43 +138,11 @@ class GradientRedirection(Defense):
 
     # -- the reduced geometry and the target ----------------------------------------------------------------
 
-    def _surrogate_input(self, inputs: Any, b: int) -> torch.Tensor:
-        x = jacobian.as_surrogate_input(self.surrogate, inputs)
-        if x.dim() == 0 or x.shape[0] != b:
-            raise ValueError(f"inputs: need one input per row of probabilities ({b}); got shape {tuple(x.shape)}")
-        return x
-
-    def _check_classes(self, p: torch.Tensor, y: torch.Tensor) -> None:
-        if p.shape != y.shape:
-            raise ValueError(
-                f"surrogate: returns {p.shape[1]} classes for {p.shape[0]} rows but the probabilities are "
-                f"{y.shape[0]} x {y.shape[1]}; the surrogate must have the victim's architecture"
-            )
-
     def problem(self, y: torch.Tensor, inputs: Any):
         """(geometry, g, |T| per row, target class per row) for this batch."""
         b, k = y.shape
-        mode, target = self.config.jacobian, self.config.target
-        h = None
-        if mode == "identity":
-            geometry = Geometry(centre=torch.zeros_like(y))
-        elif mode == "last_layer":
-            x = self._surrogate_input(inputs, b)
-            captured: list[torch.Tensor] = []
-            handle = self.layer.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0]))
-            try:
-                p = jacobian.softmax_with_check(self.surrogate, x, None if self._layer_checked else self.layer)
-            finally:
-                handle.remove()
-            self._layer_checked = self._layer_checked or b > 0
-            self._check_classes(p, y)
-            geometry = Geometry(centre=p)
-            h = captured[-1].detach().to(torch.float64).reshape(b, -1)
-        else:
-            x = self._surrogate_input(inputs, b)
-            p, gram = jacobian.gram_all(self.surrogate, x, self.param_names, self.config.jacobian_memory_mb << 20)
-            self._check_classes(p, y)
-            geometry = Geometry(centre=p, gram=gram)
+        target = self.config.target
+        geometry, h = self.view.of(y, inputs, hidden=target == "random")
         c = geometry.centre
         label = torch.full((b,), -1, dtype=torch.int64)
         if target == "random":
@@ -211,8 +178,7 @@ class GradientRedirection(Defense):
             # M = I in the reduced geometry drops the factor |h|^2 (+ 1): put it back on g so that
             # num / sqrt(quad) is exactly cos(u(v), T) with |T| = 1.
             return g / scale.clamp_min(_TINY).sqrt().unsqueeze(1), ones
-        x = self._surrogate_input(inputs, b)
-        return self._jvp(x), ones
+        return self._jvp(self.view.input(inputs, b)), ones
 
     def _jvp(self, x: torch.Tensor) -> torch.Tensor:
         """J T per row (B x K): the directional derivative of the surrogate's logits along T."""

@@ -22,20 +22,12 @@ import numpy as np
 import torch
 
 from plugins import seeding
-from plugins.mad.geometry import Reference
+from plugins.mad.geometry import EXHAUSTIVE_MAX_CLASSES, Reference, subset_masks
 
-EXHAUSTIVE_MAX_CLASSES = 10
 _TINY = torch.finfo(torch.float64).tiny
 
 # Oracle -> sign applied to the cosine before taking the row-wise argmax.
 _SIGN = {"extreme": -1.0, "argmin": 1.0}
-
-
-def subset_masks(num_classes: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Every non-empty subset of K classes as 0/1 rows ((2^K - 1) x K); row i - 1 holds the bits of i."""
-    codes = torch.arange(1, 2**num_classes, dtype=torch.int64)
-    bits = (codes.unsqueeze(1) >> torch.arange(num_classes, dtype=torch.int64)) & 1
-    return bits.to(dtype)
 
 
 def greedy_steps(num_classes: int, max_candidates: int) -> int:
@@ -92,8 +84,7 @@ def exhaustive_tables(num_classes: int) -> ExhaustiveTables:
         ar = torch.arange(k - 1)
         top = torch.arange(k)
         others = ar.unsqueeze(0) + (ar.unsqueeze(0) >= top.unsqueeze(1)).to(torch.int64)
-        table = subset_masks(k - 1) if k > 1 else torch.zeros(0, 0, dtype=torch.float64)
-        table = torch.cat([torch.zeros(1, k - 1, dtype=torch.float64), table])  # code 0: S = {c}
+        table = subset_masks(k - 1)  # code 0 (the empty set of others): S = {c}
         size = 1.0 + table.sum(1)
         members = torch.zeros(k, table.shape[0], k, dtype=torch.float64)
         members.scatter_(2, others.unsqueeze(1).expand(k, table.shape[0], k - 1), table.expand(k, -1, -1))

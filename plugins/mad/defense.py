@@ -2,7 +2,7 @@
 
     surrogate view of x -> Geometry (c, M) -> candidates scored by angle -> target y* -> mixing a -> y~
 
-Decisions (see DESIGN.md "MAD, precisely"):
+Decisions (see docs/concepts.md "MAD, precisely"):
 - Both defenses need the inputs and a surrogate (``needs_inputs = needs_surrogate = True``) for every
   ``jacobian`` mode, so one deployment serves every config of the family. With ``jacobian="identity"`` the
   surrogate is accepted but never run, and the inputs only seed the ``random`` oracle.
@@ -30,16 +30,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from plugins import seeding
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_num_classes, require_network
-from plugins.mad import euclidean, jacobian, mixing
-from plugins.mad.geometry import (
-    Geometry,
-    Reference,
-    all_params_geometry,
-    angle,
-    identity_geometry,
-    last_layer_geometry,
-)
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.mad import euclidean, mixing
+from plugins.mad.geometry import Geometry, Reference, SurrogateGeometry, angle
 
 
 class MADFields(DefenseConfig):
@@ -95,19 +88,12 @@ class MADBase(Defense):
         **resources: Any,
     ) -> None:
         super().__init__(config)
-        self.surrogate = require_network("surrogate", surrogate, self.name)
-        check_num_classes(num_classes)
+        self.view = SurrogateGeometry(
+            surrogate, num_classes, config.jacobian, config.params, config.jacobian_memory_mb, self.name
+        )
+        self.surrogate = self.view.surrogate
         self.num_classes = num_classes
-        self.last_layer: nn.Linear | None = None
-        self.param_names: list[str] = []
-        if config.jacobian == "last_layer":
-            self.last_layer_name, self.last_layer = jacobian.last_linear_for(surrogate, num_classes)
-        elif config.jacobian == "all":
-            self.param_names = jacobian.check_param_names(surrogate, config.params)
-        self._layer_checked = False
-        # The surrogate's first floating parameter, kept so that each batch reads the input dtype from it
-        # instead of walking surrogate.parameters() (Module.double() etc. convert it in place).
-        self._dtype_probe = next((t for t in surrogate.parameters() if torch.is_floating_point(t)), None)
+        self.last_layer_name, self.last_layer = self.view.last_layer_name, self.view.last_layer
 
     @property
     def budget(self) -> Budget:
@@ -117,31 +103,7 @@ class MADBase(Defense):
 
     def geometry(self, y: torch.Tensor, inputs: Any) -> Geometry:
         """Per-row centre and Gram matrix for this batch (runs the surrogate unless jacobian='identity')."""
-        mode = self.config.jacobian
-        if mode == "identity":
-            return identity_geometry(y)
-        dtype = torch.float32 if self._dtype_probe is None else self._dtype_probe.dtype
-        x = jacobian.as_surrogate_input(self.surrogate, inputs, dtype)
-        if x.dim() == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"inputs: need one input per row of probabilities ({y.shape[0]}); got shape {tuple(x.shape)}"
-            )
-        if mode == "last_layer":
-            layer = None if self._layer_checked else self.last_layer
-            p = jacobian.softmax_with_check(self.surrogate, x, layer)
-            self._layer_checked = self._layer_checked or x.shape[0] > 0
-            self._check_classes(p, y)
-            return last_layer_geometry(p)
-        p, gram = jacobian.gram_all(self.surrogate, x, self.param_names, self.config.jacobian_memory_mb << 20)
-        self._check_classes(p, y)
-        return all_params_geometry(p, gram)
-
-    def _check_classes(self, p: torch.Tensor, y: torch.Tensor) -> None:
-        if p.shape != y.shape:
-            raise ValueError(
-                f"surrogate: returns {p.shape[1]} classes for {p.shape[0]} rows but the probabilities are "
-                f"{y.shape[0]} x {y.shape[1]}; the surrogate must have the victim's architecture"
-            )
+        return self.view.of(y, inputs)[0]
 
     def choose_target(self, ref: Reference, y: torch.Tensor, top: torch.Tensor, inputs: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -16,16 +16,38 @@ The attacker's update for a posterior v is ``u(v) = G^T v`` with ``G = d log F(x
 
 Everything here is float64 and batched; the angle between u(v) and u(y) is
 ``cos = (v - c)^T M (y - c) / sqrt((v - c)^T M (v - c) * (y - c)^T M (y - c))``.
+
+This module is the one home of what ``mad``, ``mad_argmax`` and ``gradient_redirection`` (plugins.redirection)
+share about the surrogate: ``SurrogateGeometry`` (the surrogate checked once at build time, then one
+``Geometry`` per batch, with the same input-count and class-count checks), the class-subset table
+``subset_masks`` and the class count up to which a search over subsets is exhaustive
+(``EXHAUSTIVE_MAX_CLASSES``). See docs/concepts.md ("MAD, precisely").
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+
+from plugins.base import check_num_classes, require_network
+from plugins.mad import jacobian
 
 _TINY = torch.finfo(torch.float64).tiny
+
+# Up to this many classes the subset searches (mad_argmax's subsets containing the top class,
+# gradient_redirection's budget vertices) score every subset; above it they are greedy.
+EXHAUSTIVE_MAX_CLASSES = 10
+
+
+def subset_masks(num_classes: int) -> torch.Tensor:
+    """Every subset of K classes, the empty one included, as 0/1 rows (2^K x K, float64): row i holds the
+    bits of i (class k is in subset i iff bit k of i is set), so row 0 is the empty set."""
+    codes = torch.arange(2**num_classes, dtype=torch.int64)
+    return ((codes.unsqueeze(1) >> torch.arange(num_classes, dtype=torch.int64)) & 1).to(torch.float64)
 
 
 @dataclass(frozen=True)
@@ -136,3 +158,74 @@ def identity_geometry(y: torch.Tensor) -> Geometry:
 def all_params_geometry(p: torch.Tensor, gram: torch.Tensor) -> Geometry:
     """Geometry for G over all (or the named) parameters: centre p, M = J J^T."""
     return Geometry(centre=p.to(torch.float64), gram=gram.to(torch.float64))
+
+
+class SurrogateGeometry:
+    """The defender's surrogate seen through one ``jacobian`` mode, checked once at build time (a network is
+    given, num_classes >= 2, the last linear layer matches num_classes, the named parameters exist); ``of``
+    gives each batch's Geometry (``last_layer``: one forward pass, whose softmax is checked against the last
+    linear layer on the first non-empty batch; ``all``: M = J J^T; ``identity``: the surrogate is not run)."""
+
+    def __init__(
+        self,
+        surrogate: nn.Module | None,
+        num_classes: int | None,
+        mode: str,
+        params: Sequence[str] | None,
+        memory_mb: int,
+        defense: str,
+    ) -> None:
+        self.surrogate = require_network("surrogate", surrogate, defense)
+        check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.mode = mode
+        self.memory_bytes = memory_mb << 20
+        self.last_layer_name: str | None = None
+        self.last_layer: nn.Linear | None = None
+        self.param_names: list[str] = []
+        if mode == "last_layer":
+            self.last_layer_name, self.last_layer = jacobian.last_linear_for(self.surrogate, num_classes)
+        elif mode == "all":
+            self.param_names = jacobian.check_param_names(self.surrogate, params)
+        self._layer_checked = False
+        # The surrogate's first floating parameter, kept so that each batch reads the input dtype from it
+        # instead of walking surrogate.parameters() (Module.double() etc. convert it in place).
+        self._dtype_probe = next((t for t in self.surrogate.parameters() if torch.is_floating_point(t)), None)
+
+    def input(self, inputs: Any, rows: int) -> torch.Tensor:
+        """The inputs as the surrogate's tensor, one per row of probabilities (else ValueError)."""
+        dtype = torch.float32 if self._dtype_probe is None else self._dtype_probe.dtype
+        x = jacobian.as_surrogate_input(self.surrogate, inputs, dtype)
+        if x.dim() == 0 or x.shape[0] != rows:
+            raise ValueError(f"inputs: need one input per row of probabilities ({rows}); got shape {tuple(x.shape)}")
+        return x
+
+    def of(self, y: torch.Tensor, inputs: Any, hidden: bool = False) -> tuple[Geometry, torch.Tensor | None]:
+        """This batch's Geometry and, with ``hidden`` and jacobian='last_layer', the last linear layer's input
+        h per row (B x H float64; None otherwise)."""
+        if self.mode == "identity":
+            return identity_geometry(y), None
+        x = self.input(inputs, y.shape[0])
+        if self.mode == "all":
+            p, gram = jacobian.gram_all(self.surrogate, x, self.param_names, self.memory_bytes)
+            _check_classes(p, y)
+            return all_params_geometry(p, gram), None
+        captured: list[torch.Tensor] = []
+        handle = self.last_layer.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0])) if hidden else None
+        try:
+            p = jacobian.softmax_with_check(self.surrogate, x, None if self._layer_checked else self.last_layer)
+        finally:
+            if handle is not None:
+                handle.remove()
+        self._layer_checked = self._layer_checked or x.shape[0] > 0
+        _check_classes(p, y)
+        h = captured[-1].detach().to(torch.float64).reshape(y.shape[0], -1) if hidden else None
+        return last_layer_geometry(p), h
+
+
+def _check_classes(p: torch.Tensor, y: torch.Tensor) -> None:
+    if p.shape != y.shape:
+        raise ValueError(
+            f"surrogate: returns {p.shape[1]} classes for {p.shape[0]} rows but the probabilities are "
+            f"{y.shape[0]} x {y.shape[1]}; the surrogate must have the victim's architecture"
+        )
