@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.lab.attacks import ATTACKS, AttackConfig, run_attack
 from mlflow_project.lab.models import build_model
@@ -331,14 +332,6 @@ def metrics_observer(port: int, cfg: EvalConfig) -> Callable[[str, dict], None]:
     return evaluation_observer(port, cfg)
 
 
-def _int(value: str) -> int:
-    """An integer parameter; MLproject may pass it as a float string ('12.0')."""
-    f = float(value)
-    if f != int(f):
-        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
-    return int(f)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", choices=data.DATASETS)
@@ -346,9 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--defense", default='{"name": "identity"}', help="inline JSON or a .json/.yaml config file")
     p.add_argument("--attack", default="knockoff", choices=ATTACKS)
     p.add_argument("--queryset", default="", help="fashion_mnist, mnist5k or digits (default: the dataset)")
-    p.add_argument("--budget", type=_int, default=1000)
-    p.add_argument("--epochs", type=_int, default=10, help="clone training epochs")
-    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--budget", type=integer, default=1000)
+    p.add_argument("--epochs", type=integer, default=10, help="clone training epochs")
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--misinformation", default="",
                    help="train_misinformation export directory (for adaptive_misinformation)")
     p.add_argument("--oracle", default="local", choices=ORACLES)
@@ -356,11 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--http-send", default="normalised", choices=["normalised", "pixels"])
     p.add_argument("--clone-arch", default="")
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=_int, default=128)
+    p.add_argument("--batch-size", type=integer, default=128)
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
-    p.add_argument("--metrics-port", type=_int, default=0, help="expose Prometheus metrics (metrics issue)")
+    p.add_argument("--metrics-port", type=integer, default=0, help="expose Prometheus metrics (metrics issue)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=_int, default=0,
+    p.add_argument("--threads", type=integer, default=0,
                    help="torch threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
     a = p.parse_args(argv)
     if a.threads > 0:

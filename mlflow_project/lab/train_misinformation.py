@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.lab.train_victim import export_victim, prepare_training
 from mlflow_project.lab.training import TrainConfig, predict_probs, train_classifier
@@ -119,23 +120,16 @@ def victim_dataset_and_arch(victim_dir: str | Path) -> tuple[str, str]:
     return doc["dataset"], doc["arch"]
 
 
-def _int(value: str) -> int:
-    f = float(value)
-    if f != int(f):
-        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
-    return int(f)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.train_misinformation",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--victim", default="", help="a train_victim export directory (gives dataset and arch)")
     p.add_argument("--dataset", default="", help=f"one of {', '.join(data.DATASETS)} (default: the victim's)")
     p.add_argument("--arch", default="", help="lenet or mlp (default: the victim's, else the dataset's default)")
-    p.add_argument("--epochs", type=_int, default=None, help="default per dataset: " + json.dumps(DEFAULTS))
+    p.add_argument("--epochs", type=integer, default=None, help="default per dataset: " + json.dumps(DEFAULTS))
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=_int, default=None)
-    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--batch-size", type=integer, default=None)
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--output-dir", default="", help="also keep the exports here (default: a temporary directory)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
     p.add_argument("--no-progress", action="store_true")

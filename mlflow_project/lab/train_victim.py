@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.lab.models import build_model
 from mlflow_project.lab.training import TrainConfig, accuracy, train_classifier
@@ -190,27 +191,19 @@ def log_victim(result: VictimResult, export_dir: str | Path, registered_model_na
     return {"model_uri": info.model_uri, "registered_model_version": getattr(info, "registered_model_version", None)}
 
 
-def _int(value: str) -> int:
-    """An integer parameter; MLproject may pass it as a float string ('12.0')."""
-    f = float(value)
-    if f != int(f):
-        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
-    return int(f)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.train_victim", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", choices=data.DATASETS)
     p.add_argument("--arch", default="", help="lenet or mlp (default: lenet for 28x28 data, mlp for digits)")
-    p.add_argument("--epochs", type=_int, default=None, help="default per dataset: " + json.dumps(DEFAULTS))
+    p.add_argument("--epochs", type=integer, default=None, help="default per dataset: " + json.dumps(DEFAULTS))
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=_int, default=None)
-    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--batch-size", type=integer, default=None)
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--registered-model-name", default="", help="register the MLflow model under this name")
     p.add_argument("--output-dir", default="", help="also keep the exports here (default: a temporary directory)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=_int, default=0,
+    p.add_argument("--threads", type=integer, default=0,
                    help="torch threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
     a = p.parse_args(argv)
     if a.threads > 0:

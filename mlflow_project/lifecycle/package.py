@@ -43,6 +43,8 @@ from typing import Any
 import torch
 import yaml
 
+from mlflow_project.cli import integer
+
 REPO = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("handlers", "plugins")
 HANDLER = REPO / "handlers" / "stealguard_handler.py"
@@ -477,14 +479,6 @@ def input_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _int(value: str) -> int:
-    """An integer argument that also accepts MLflow's rendering of float parameters ("8.0")."""
-    number = float(value)
-    if not number.is_integer():
-        raise argparse.ArgumentTypeError(f"expected an integer; got {value!r}")
-    return int(number)
-
-
 def _runtime(value: str) -> str | None:
     if value in ("", "auto"):
         return None
@@ -503,7 +497,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runtime", type=_runtime, help="default: by extension")
     p.add_argument("--arch", choices=["lenet", "mlp"], help="architecture of an eager state dict")
-    p.add_argument("--num-classes", type=_int, default=10)
+    p.add_argument("--num-classes", type=integer, default=10)
     p.add_argument("--model-file", help="eager: .py file defining the victim class (instead of --arch)")
     p.add_argument("--model-class", help="eager: class name in --model-file")
     p.add_argument("--model-kwargs", help="eager: JSON constructor arguments")
@@ -533,7 +527,7 @@ def parser() -> argparse.ArgumentParser:
         "--surrogate", help="surrogate file (any runtime; by extension); default: random victim arch"
     )
     p.add_argument("--surrogate-arch", choices=["lenet", "mlp"], help="random-init surrogate of this arch")
-    p.add_argument("--surrogate-seed", type=_int, default=0)
+    p.add_argument("--surrogate-seed", type=integer, default=0)
     p.add_argument(
         "--surrogate-runtime",
         choices=["eager", "onnx", "export"],
@@ -552,7 +546,7 @@ def parser() -> argparse.ArgumentParser:
         help="ship the misinformation model in this runtime (from the export directory's files)",
     )
     p.add_argument("--input-shape", help="one row's shape, e.g. 1,28,28 (default: the --arch input shape)")
-    p.add_argument("--max-rows", type=_int, default=256, help="most instances per request")
+    p.add_argument("--max-rows", type=integer, default=256, help="most instances per request")
     p.add_argument(
         "--image",
         action=argparse.BooleanOptionalAction,
@@ -564,10 +558,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="index_to_name.json to ship")
     p.add_argument("--version-name", help="registered name of the defense config (MLflow)")
     p.add_argument("--version", help="version of the defense config (header X-StealGuard-Defense)")
-    p.add_argument("--batch-size", type=_int, default=8)
-    p.add_argument("--max-batch-delay", type=_int, default=5, help="milliseconds")
-    p.add_argument("--workers", type=_int, default=1)
-    p.add_argument("--threads", type=_int, default=1, help="intra-op threads per worker")
+    p.add_argument("--batch-size", type=integer, default=8)
+    p.add_argument("--max-batch-delay", type=integer, default=5, help="milliseconds")
+    p.add_argument("--workers", type=integer, default=1)
+    p.add_argument("--threads", type=integer, default=1, help="intra-op threads per worker")
     p.add_argument("--export-path", default=str(REPO / "model_store"))
     return p
 

@@ -29,7 +29,8 @@ from typing import Any
 import requests
 import torch
 
-from mlflow_project.ops.torchserve import TorchServe, group_alive, read_pid, stop_group
+from mlflow_project.ops.processes import group_alive, stop_group
+from mlflow_project.ops.torchserve import TorchServe, read_pid
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_CONFIG = REPO / "deploy" / "config.dev.properties"

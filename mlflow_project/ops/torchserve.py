@@ -1,7 +1,7 @@
 """Run one local TorchServe: render its config.properties, start it, wait until it serves, stop it, read its log.
 
 Used by `make serve` / `make stop` (through the CLI below), by `make demo` (mlflow_project/ops/demo.py) and by the
-integration tests and benches (tests/integration/torchserve.py).
+integration tests and benches (tests/support/torchserve.py).
 
 An instance owns a work directory: ``config.properties`` (a base file such as deploy/config.properties with
 overrides), ``torchserve.out``, ``logs/`` (LOG_LOCATION, METRICS_LOCATION), ``tmp/`` (TMPDIR and java.io.tmpdir:
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import requests
+
+from mlflow_project.ops.processes import group_alive, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHSERVE = Path(sys.executable).with_name("torchserve")
@@ -74,39 +75,6 @@ def render_config(base: Path | str | None, overrides: Mapping[str, str]) -> str:
         lines.append(line)
     lines += [f"{k}={v}" for k, v in overrides.items() if k not in done]
     return "\n".join(lines) + "\n"
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def stop_group(pgid: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> bool:
-    """SIGTERM to process group ``pgid``, SIGKILL if any of it outlives ``timeout``; True once the group is gone.
-    ``proc`` (the group leader, when it is our child) is reaped: a zombie still counts in its group."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc is not None:
-                proc.poll()
-            else:
-                try:
-                    os.waitpid(pgid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            if not group_alive(pgid):
-                return True
-            time.sleep(0.2)
-    return not group_alive(pgid)
 
 
 def read_pid(pid_file: Path | str) -> int | None:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.sweep.presets import PRESETS, Preset, defense_grid, describe, get_preset
 from mlflow_project.sweep.select import (
@@ -430,14 +431,6 @@ def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _int(text: str) -> int:
-    """An integer that MLproject may pass as a float ("2000.0")."""
-    value = float(text)
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}")
-    return int(value)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep.run", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="quick", choices=list(PRESETS))
@@ -446,9 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="", choices=["", *data.DATASETS])
     p.add_argument("--attack", default="", help="knockoff, jbda, jbself, jbtop3, or any of them + _argmax")
     p.add_argument("--queryset", default="", choices=["", *data.DATASETS])
-    p.add_argument("--budget", type=_int, default=0, help="attacker queries (default: the preset's)")
-    p.add_argument("--epochs", type=_int, default=0, help="clone training epochs (default: the preset's)")
-    p.add_argument("--seed", type=_int, default=-1)
+    p.add_argument("--budget", type=integer, default=0, help="attacker queries (default: the preset's)")
+    p.add_argument("--epochs", type=integer, default=0, help="clone training epochs (default: the preset's)")
+    p.add_argument("--seed", type=integer, default=-1)
     for name in ("mad_epsilons", "mad_argmax_epsilons", "reverse_sigmoid_betas", "random_noise_epsilons",
                  "rounding_decimals", "adaptive_misinformation_taus", "gradient_redirection_epsilons"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")

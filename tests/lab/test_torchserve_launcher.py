@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_project.ops import processes
 from mlflow_project.ops import torchserve as tl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,10 +123,10 @@ def test_stop_group_escalates_to_sigkill():
     proc = _group("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
                   "time.sleep(60)")
     t0 = time.monotonic()
-    assert tl.stop_group(proc.pid, timeout=0.5, proc=proc)
+    assert processes.stop_group(proc.pid, timeout=0.5, proc=proc)
     assert proc.returncode == -9 and time.monotonic() - t0 < 10
-    assert not tl.group_alive(proc.pid)
-    assert tl.stop_group(proc.pid)  # already gone
+    assert not processes.group_alive(proc.pid)
+    assert processes.stop_group(proc.pid)  # already gone
 
 
 def test_pid_files(tmp_path):
@@ -166,9 +167,9 @@ def test_cli_stop(tmp_path, capsys):
         assert tl.main(["stop", "--pid-file", str(pid_file), "--timeout", "5"]) == 0
         assert f"TorchServe (pid {live.pid}) stopped" in capsys.readouterr().out
         live.wait(timeout=5)
-        assert not pid_file.exists() and not tl.group_alive(live.pid)
+        assert not pid_file.exists() and not processes.group_alive(live.pid)
     finally:
-        tl.stop_group(live.pid, 1, live)
+        processes.stop_group(live.pid, 1, live)
 
 
 @pytest.mark.parametrize(
