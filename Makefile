@@ -10,12 +10,13 @@ STAMP := $(VENV)/.stealguard-requirements
 DEBS := prometheus dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: help setup debs test lint bench demo
+.PHONY: help setup debs test test-fast lint bench demo
 
 help:
 	@echo "make setup   create .venv, install pinned packages and the Debian packages the tests need"
 	@echo "make demo    setup, then victim -> sweep -> register/promote -> archives -> TorchServe + Prometheus -> attack (DEMO_ARGS)"
 	@echo "make test    setup, then ruff and the whole test suite (what CI runs)"
+	@echo "make test-fast  unit + handler tests only: no TorchServe, MLflow or Prometheus server (under 2 min)"
 	@echo "make bench   run the benchmarks in bench/ and print their ratios"
 	@echo "make archive build model_store/\$$(ARCHIVE_NAME).mar (ARCHIVE_VICTIM, ARCHIVE_DEFENSE, ARCHIVE_ARGS)"
 	@echo "make serve   start TorchServe on 127.0.0.1 with model_store/*.mar (TS_CONFIG)"
@@ -52,6 +53,10 @@ lint: $(STAMP)
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: plugins and the handler called in-process (tests/unit, tests/handler); no server is started.
+test-fast: setup
+	$(PY) -m pytest tests/unit tests/handler -m "not integration" $(PYTEST_ARGS)
 
 # --- the newcomer's demo (issue 9): see mlflow_project/ops/demo.py (--help for ports, budgets, store, ...).
 # Leaves TorchServe and Prometheus running (pid files in .run/, as make serve / make monitor): `make stop`.

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlflow_project.lifecycle.package import build_archive, stage  # noqa: E402
-from tests.integration.torchserve import TorchServe  # noqa: E402
-from tests.integration.victims import export, make_net  # noqa: E402
+from tests.support.torchserve import TorchServe  # noqa: E402
+from tests.support.victims import export, make_net  # noqa: E402
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 # archive name -> (defense, surrogate runtime). Last-layer MAD needs only the surrogate's softmax, so the

@@ -47,8 +47,8 @@ if str(ROOT) not in sys.path:
 
 from mlflow_project.lifecycle.package import build_archive, stage  # noqa: E402
 from plugins import build_defense  # noqa: E402
-from tests.integration.torchserve import TorchServe  # noqa: E402
-from tests.integration.victims import export, make_net  # noqa: E402
+from tests.support.torchserve import TorchServe  # noqa: E402
+from tests.support.victims import export, make_net  # noqa: E402
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 NOISE = {"name": "random_noise", "epsilon": 2.0, "norm": "l2"}

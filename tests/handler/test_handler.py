@@ -14,8 +14,8 @@ from PIL import Image
 
 from plugins import Budget, Defense, DefenseConfig, DefenseOutput, register
 from plugins.measures import distance
-from tests.handler.conftest import make_context
-from tests.integration.victims import RUNTIMES, example_input
+from tests.support.handler import make_context
+from tests.support.victims import RUNTIMES, example_input
 
 JSON = "application/json"
 
@@ -353,7 +353,7 @@ def test_unloadable_surrogate_fails_to_load(serve, tmp_path):
 
 
 def test_surrogate_with_the_wrong_class_count_fails_to_load(serve, tmp_path):
-    from tests.integration.victims import export, make_net
+    from tests.support.victims import export, make_net
 
     wrong = export(make_net("mlp", num_classes=7), "eager", tmp_path / "s", "mlp", num_classes=7)
     with pytest.raises(ValueError, match="stealguard"):
@@ -377,7 +377,7 @@ def test_handle_before_initialize_fails_closed(tmp_path):
 # --- MAD-argmax in the handler ----------------------------------------------------------------------------
 @pytest.mark.parametrize("surrogate_runtime", ["eager", "onnx", "export"])
 def test_mad_argmax_keeps_top1_stays_within_budget_and_perturbs(serve, tmp_path, surrogate_runtime):
-    from tests.integration.victims import export, make_net
+    from tests.support.victims import export, make_net
 
     sur = export(make_net("mlp", seed=77), surrogate_runtime, tmp_path / f"s_{surrogate_runtime}", "mlp")
     s = serve({"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}, surrogate=sur)
@@ -394,7 +394,7 @@ def test_mad_argmax_keeps_top1_stays_within_budget_and_perturbs(serve, tmp_path,
 
 def test_same_defense_from_eager_and_onnx_surrogates(serve, tmp_path):
     """last_layer MAD needs only the surrogate's softmax: an ONNX surrogate defends like the eager one."""
-    from tests.integration.victims import export, make_net
+    from tests.support.victims import export, make_net
 
     net = make_net("mlp", seed=77)
     cfg = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}

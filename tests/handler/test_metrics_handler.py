@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plugins.measures import measures
-from tests.unit.test_metrics import _emitted
+from tests.support import metrics_log
 
 JSON = "application/json"
 DEFENSE = {"name": "mad", "epsilon": 0.1, "norm": "l2"}
@@ -25,7 +25,7 @@ def lines(serve, caplog):
     s = serve(DEFENSE, surrogate="random", version={"name": "sg", "version": "9"})
     a, b = _rows(3, 1), _rows(2, 2)
     answers = s.batch([(a.tolist(), JSON), ([[1.0]], JSON), (b.tolist(), JSON)])
-    return s, torch.cat([a, b]), answers, _emitted(caplog)
+    return s, torch.cat([a, b]), answers, metrics_log.emitted(caplog)
 
 
 def _values(lines, name):

@@ -17,8 +17,8 @@ import yaml
 from handlers.stealguard_handler import StealGuardHandler
 from mlflow_project.lifecycle.package import ModelFiles, stage
 from mlflow_project.lifecycle.package import main as package
-from tests.handler.conftest import Served, make_context
-from tests.integration.victims import export, make_net
+from tests.support.handler import Served, make_context
+from tests.support.victims import export, make_net
 
 TAU = 0.7
 DEFENSE = {"name": "adaptive_misinformation", "tau": TAU}

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from mlflow_project.lifecycle.package import main as package
-from tests.integration.torchserve import REPO
-from tests.integration.victims import export, make_net
+from tests.support.torchserve import REPO
+from tests.support.victims import export, make_net
 
 MAD = '{"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}'
 
@@ -159,7 +159,7 @@ def test_package_refuses_bad_input(tmp_path, args, message, capsys):
 
 def test_package_ships_an_onnx_surrogate_that_the_handler_loads(tmp_path):
     from handlers.stealguard_handler import StealGuardHandler
-    from tests.handler.conftest import make_context
+    from tests.support.handler import make_context
 
     victim = _export_dir(tmp_path)
     mar = package(

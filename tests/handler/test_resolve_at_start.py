@@ -23,9 +23,9 @@ from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle.bundle import write_bundle
 from mlflow_project.lifecycle.package import misinformation_files
 from plugins import build_defense
-from tests.integration.torchserve import free_port
-from tests.integration.victims import make_net
-from tests.unit.test_metrics import _emitted
+from tests.support import metrics_log
+from tests.support.torchserve import free_port
+from tests.support.victims import make_net
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 REGISTERED = {"name": "digits-defense", "version": "3", "run_id": "abc123", "alias": "production"}
@@ -47,7 +47,7 @@ def test_the_version_label_in_the_header_and_every_metric(serve, version, label,
     caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
     s = serve({"name": "random_noise", "epsilon": 1.0}, **({"version": version} if version else {}))
     assert s.one({"instances": [[0.0] * 64]}).headers["X-StealGuard-Defense"] == f"random_noise@{label}"
-    emitted = _emitted(caplog)
+    emitted = metrics_log.emitted(caplog)
     names = {ln["name"] for ln in emitted}
     assert {"stealguard_defense_info", "stealguard_rows_total"} <= names
     assert {ln["labels"]["defense_version"] for ln in emitted} == {label}

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from mlflow_project.lifecycle.package import ModelFiles, build_archive, stage
-from tests.integration.torchserve import TorchServe
-from tests.integration.victims import export, make_net
+from tests.support.torchserve import TorchServe
+from tests.support.victims import export, make_net
 
-HERE = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 IMAGE = {
     "size": [28, 28],
@@ -87,14 +87,14 @@ def build_store(root: Path) -> tuple[Path, dict[str, nn.Module], Path]:
     booby = src / "booby"
     booby.mkdir(parents=True)
     torch.manual_seed(3)
-    from tests.integration.booby_model import BoobyMLP
+    from tests.support.booby_model import BoobyMLP
 
     torch.save(BoobyMLP().state_dict(), booby / "booby.pt")
     specs["mlp_explode"] = dict(
         victim=export(mlp, "eager", src / "mlp_eager", "mlp"),
         defense=MAD,
         input_spec=mlp_input,
-        surrogate=ModelFiles("eager", booby / "booby.pt", HERE / "booby_model.py", "BoobyMLP"),
+        surrogate=ModelFiles("eager", booby / "booby.pt", SUPPORT / "booby_model.py", "BoobyMLP"),
     )
     for name, spec in specs.items():
         build_archive(name, stage(root / "stage" / name, **spec, **common), store)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_project.ops.demo import DemoConfig, run
-from tests.integration.torchserve import free_port
+from mlflow_project.ops.processes import stop_group
+from tests.support.torchserve import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -25,23 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def _kill_group(pid_file) -> None:
     if not pid_file.is_file():
         return
-    pid = int(pid_file.read_text().strip())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap the group leader (our child): a zombie still counts in its group
-            except ChildProcessError:
-                pass
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+    stop_group(int(pid_file.read_text().strip()), 20.0)
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian package prometheus not installed")

@@ -28,7 +28,7 @@ from bench.reliability import build_store, ready_pids
 from handlers.codec import Codec
 from handlers.config import InputSpec
 from handlers.errors import RequestError
-from tests.integration.torchserve import TorchServe
+from tests.support.torchserve import TorchServe
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,9 +10,7 @@ served rows and that their per-worker amounts add up to R.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +22,9 @@ import torch
 import yaml
 
 from mlflow_project.lifecycle.package import build_archive, stage
-from tests.integration.torchserve import REPO, TorchServe, free_port
-from tests.integration.victims import export, make_net
+from mlflow_project.ops.processes import stop_group
+from tests.support.torchserve import REPO, TorchServe, free_port
+from tests.support.victims import export, make_net
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,14 +113,7 @@ class Prometheus:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc.pid, 20.0, self.proc)
         self.proc = None
 
 

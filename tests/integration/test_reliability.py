@@ -32,7 +32,7 @@ from bench.reliability import (
     wait_counter,
 )
 from mlflow_project.lifecycle.package import build_archive
-from tests.integration.torchserve import TorchServe
+from tests.support.torchserve import TorchServe
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from mlflow_project.lifecycle.package import build_archive, stage
-from tests.integration.torchserve import REPO, TorchServe
-from tests.integration.victims import export, make_net
+from tests.support.torchserve import REPO, TorchServe
+from tests.support.victims import export, make_net
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

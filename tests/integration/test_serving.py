@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from plugins.measures import distance
-from tests.integration.booby_model import SENTINEL
 from tests.integration.conftest import LABELS, MAD
-from tests.integration.torchserve import REPO
+from tests.support.booby_model import SENTINEL
+from tests.support.torchserve import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

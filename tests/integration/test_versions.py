@@ -25,8 +25,8 @@ from mlflow_project.lifecycle import tracking
 from mlflow_project.lifecycle.package import main as package
 from mlflow_project.lifecycle.promote import promote
 from mlflow_project.lifecycle.register import register
-from tests.integration.mlflow_server import MlflowServer
-from tests.integration.torchserve import TorchServe
+from tests.support.mlflow_server import MlflowServer
+from tests.support.torchserve import TorchServe
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -25,7 +25,7 @@ from mlflow_project.lifecycle.bundle import read_bundle
 from mlflow_project.lifecycle.package import main as package
 from mlflow_project.lifecycle.promote import promote
 from mlflow_project.lifecycle.register import register
-from tests.handler.conftest import make_context
+from tests.support.handler import make_context
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 NAME = "digits_mlp-defense"

@@ -22,6 +22,7 @@ from handlers.metrics import (
     observe_batch,
 )
 from plugins.base import Budget
+from tests.support import metrics_log
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS_YAML = ROOT / "deploy" / "metrics.yaml"
@@ -32,10 +33,6 @@ TS_DEFAULT_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 Y = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]], dtype=torch.float64)
 YT = 0.7 * Y + 0.3 * torch.roll(Y, 1, dims=1)
 
-# One TorchServe metric log line, as the worker writes it (our own reading of the format).
-LINE = re.compile(
-    r"\[METRICS\](?P<name>\w+)\.(?P<unit>\w+):(?P<value>[^|]+)\|#(?P<dims>[^|]*)\|#type:(?P<type>\w+)\|#hostname:"
-)
 NUMBER = re.compile(r"^-?[0-9.]+(e-?[0-9]+)?$")
 
 
@@ -43,19 +40,6 @@ def _cache(path: Path = METRICS_YAML) -> MetricsCacheYamlImpl:
     cache = MetricsCacheYamlImpl(config_file_path=str(path))
     cache.initialize_cache()
     return cache
-
-
-def _emitted(caplog) -> list[dict]:
-    out = []
-    for rec in caplog.records:  # one record may carry several lines (TorchServeSink.emit_batch)
-        for line in rec.getMessage().splitlines():
-            m = LINE.search(line)
-            if not m:
-                continue
-            d = m.groupdict()
-            d["labels"] = dict(kv.split(":", 1) for kv in d["dims"].split(",")) if d["dims"] else {}
-            out.append(d)
-    return out
 
 
 def test_yaml_declares_exactly_the_specs_and_keeps_torchserve_defaults():
@@ -168,7 +152,7 @@ def test_torchserve_emission_one_observation_per_row(caplog):
     m.record_error("bad_input", rows=2)
     m.record_error("defense_failed")
     m.record_error("ignored", rows=0)
-    lines = _emitted(caplog)
+    lines = metrics_log.emitted(caplog)
     base = {"model_name": "mnist", "defense": "mad", "defense_version": "3"}
     for ln in lines:
         assert NUMBER.match(ln["value"]), ln  # never nan / inf, always a number TorchServe parses
@@ -213,11 +197,11 @@ def test_one_record_per_batch_with_exactly_the_lines_torchserves_own_api_writes(
     m.record_batch(torch.cat([Y, Y]), torch.cat([YT, YT]), torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.004)
     assert len(caplog.records) == 1, "one log record per batch"
     ours = caplog.records[0].getMessage().splitlines()
-    assert len(ours) == len(_emitted(caplog)) == 4 + 4 * 3 + 1  # 4 counters, 3 per-row histograms, latency
+    assert len(ours) == len(metrics_log.emitted(caplog)) == 4 + 4 * 3 + 1  # 4 counters, 3 per-row histograms, latency
     caplog.clear()
     labels = ["mnist", "mad", "3"]
     for line in ours:
-        parsed = LINE.search(line).groupdict()
+        parsed = metrics_log.LINE.search(line).groupdict()
         metric = cache.get_metric(parsed["name"], MetricTypes(METRIC_SPECS[parsed["name"]].kind))
         metric.add_or_update(float(parsed["value"]), labels)
     theirs = [r.getMessage() for r in caplog.records]

@@ -4,7 +4,6 @@ artifact store in a temp dir, its own process group, stopped by signalling that 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import requests
 
-from tests.integration.torchserve import free_port
+from mlflow_project.ops.processes import stop_group
+from tests.support.torchserve import free_port
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -66,22 +66,5 @@ class MlflowServer:
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc is None:
             return
-        pgid = self.proc.pid  # start_new_session: the server leads its own group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline + 5:  # the leader is gone; its workers (same group) follow, or die
-            try:
-                os.killpg(pgid, signal.SIGKILL if time.monotonic() > deadline else 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
+        stop_group(self.proc.pid, timeout, self.proc)  # start_new_session: the server leads its own group
         self.proc = None
