@@ -91,14 +91,20 @@ def ship(names: list[str], dest: Path) -> list[dict[str, Any]]:
     return records
 
 
+def pins(*files: Path) -> dict[str, str]:
+    """``{canonical name: "name==version"}`` of the pins in requirements files (``-r`` lines are not followed)."""
+    found = {}
+    for path in files:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not line.startswith("-"):
+                found[canonicalize_name(Requirement(line).name)] = line
+    return found
+
+
 def serve_pins() -> set[str]:
     """Canonical names of the distributions the server's environment pins (requirements/serve.txt)."""
-    names = set()
-    for line in SERVE_REQUIREMENTS.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line and not line.startswith("-"):
-            names.add(canonicalize_name(Requirement(line).name))
-    return names
+    return set(pins(SERVE_REQUIREMENTS))
 
 
 def warnings_for(defense: str, shipped: list[dict[str, Any]]) -> list[str]:
