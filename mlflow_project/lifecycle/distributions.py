@@ -112,7 +112,10 @@ def warnings_for(defense: str, shipped: list[dict[str, Any]]) -> list[str]:
     shipped distributions that neither requirements/serve.txt nor another --extra-dist provides."""
     notes = []
     shipped_names = {canonicalize_name(r["name"]) for r in shipped}
-    top = defense_class(defense).__module__.split(".")[0]
+    try:
+        top = defense_class(defense).__module__.split(".")[0]
+    except ValueError:  # an unknown name: the archive's config check refuses it (handlers/config.py), not this
+        top = "plugins"
     if top not in RESERVED:
         for dist_name in packages_distributions().get(top, []):
             if canonicalize_name(dist_name) not in shipped_names:
