@@ -26,11 +26,16 @@ help:
 
 setup: $(STAMP) debs
 
-# torch first, from the pinned CPU wheel (an unpinned torch would pull a multi-GB CUDA build), then the rest.
-$(STAMP): requirements.txt
+# torch first, from the pinned CPU wheel (an unpinned torch would pull a multi-GB CUDA build), then the rest
+# (requirements/dev.txt: serve + lab + dev), then the project itself, editable, built with the pinned setuptools
+# (no build isolation: nothing is fetched to build it).
+REQUIREMENTS := requirements.txt $(wildcard requirements/*.txt) pyproject.toml
+
+$(STAMP): $(REQUIREMENTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet "$$(grep -E '^torch==' requirements.txt)"
-	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet "$$(grep -E '^torch==' requirements/serve.txt)"
+	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch; assert not torch.version.cuda, 'a CUDA build of torch was installed'; print('torch', torch.__version__)"
 	@touch $@
 

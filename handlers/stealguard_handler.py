@@ -24,6 +24,8 @@ if _ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import plugins  # noqa: E402
+from handlers import EXTRA_CODE_DIR  # noqa: E402
 from handlers import config as sg_config  # noqa: E402
 from handlers import registry as sg_registry  # noqa: E402
 from handlers.codec import error_body  # noqa: E402
@@ -51,6 +53,7 @@ class StealGuardHandler:
         if model_dir not in sys.path:
             sys.path.insert(0, model_dir)
         try:
+            use_extra_code(model_dir)
             cfg = sg_config.parse(context.model_yaml_config, model_dir)
             torch.set_num_threads(cfg.threads.intra_op)
             try:
@@ -79,7 +82,7 @@ class StealGuardHandler:
         v = cfg.version
         log.info(
             "StealGuard: serving %r with %s [version: %s; run_id %s, alias %s] "
-            "(victim %s, surrogate %s, K=%d, max_rows=%d; code from %s)",
+            "(victim %s, surrogate %s, K=%d, max_rows=%d; code from %s; defense class from %s)",
             context.model_name,
             self.model.header,
             origin,
@@ -90,6 +93,7 @@ class StealGuardHandler:
             self.model.num_classes,
             cfg.input.max_rows,
             os.path.dirname(os.path.dirname(os.path.abspath(sg_config.__file__))),
+            getattr(sys.modules.get(type(defense).__module__), "__file__", "?"),
         )
 
     def handle(self, data, context) -> list:
@@ -152,6 +156,17 @@ class StealGuardHandler:
         context.set_response_status(status, REASONS.get(status, "Error"), idx)
         context.set_response_content_type(idx, JSON)
         return error_body(status, kind, message)
+
+
+def use_extra_code(model_dir: str) -> None:
+    """Put the archive's shipped distributions (``pylib/``, from ``package --extra-dist``) on ``sys.path`` and
+    register the defenses their entry points declare, so a third-party defense is found by name."""
+    extra = os.path.join(model_dir, EXTRA_CODE_DIR)
+    if not os.path.isdir(extra) or extra in sys.path:
+        return
+    sys.path.insert(0, extra)
+    plugins.available_defenses()  # the built-in defenses first (a no-op once loaded) ...
+    plugins.load_entry_points()  # ... then the entry points, now including the shipped distributions'
 
 
 def _body(request, context, idx: int):

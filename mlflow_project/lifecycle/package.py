@@ -15,7 +15,9 @@ carries ``handlers/`` and ``plugins/`` and a ``model-config.yaml`` whose ``steal
 validates when the worker starts. The undefended twin of an archive is the same victim packaged with
 ``{name: identity}``. A defense that needs a misinformation model (``adaptive_misinformation``) gets
 ``--misinformation DIR`` (a ``train_misinformation`` export directory, shipped in ``--misinformation-runtime``,
-eager by default) under ``misinformation/``; passing it for any other defense is refused.
+eager by default) under ``misinformation/``; passing it for any other defense is refused. A third-party defense
+(an installed distribution declaring a ``stealguard.defenses`` entry point) reaches the server with ``--extra-dist
+NAME``: its files and metadata go into the archive's ``pylib/`` (lifecycle/distributions.py).
 
 A registered defense (``--defense models:/<name>@<alias>`` or ``models:/<name>/<version>``, see register.py) is
 resolved now, when the archive is built: its bundle supplies the defense config, the surrogate's weights, the
@@ -386,10 +388,19 @@ def stage(
     workers: int = 1,
     response_timeout_s: int = 60,
     threads: dict[str, int] | None = None,
+    extra_dists: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Lay out an archive's contents in ``root`` (what TorchServe unpacks to model_dir); return the
-    model-config.yaml path. Used by :func:`build_archive` and by the handler tests (no archive needed)."""
+    model-config.yaml path. Used by :func:`build_archive` and by the handler tests (no archive needed).
+    ``extra_dists``: installed distributions to ship under ``pylib/`` (lifecycle/distributions.py)."""
     root.mkdir(parents=True, exist_ok=True)
+    from handlers import EXTRA_CODE_DIR
+    from mlflow_project.lifecycle import distributions
+
+    if (root / EXTRA_CODE_DIR).exists():
+        shutil.rmtree(root / EXTRA_CODE_DIR)
+    shipped = distributions.ship(list(extra_dists), root / EXTRA_CODE_DIR)
+    distributions.report(defense["name"], shipped)
     section: dict[str, Any] = {"defense": dict(defense), "victim": victim.stage(root / "victim")}
     if surrogate is not None:
         section["surrogate"] = surrogate.stage(root / "surrogate")
@@ -556,6 +567,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", default=None, help="image normalisation mean(s), comma-separated (default 0)")
     p.add_argument("--std", default=None, help="image normalisation std(s), comma-separated (default 1)")
     p.add_argument("--labels", help="index_to_name.json to ship")
+    p.add_argument(
+        "--extra-dist",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME...]",
+        help="ship this installed distribution (e.g. a third-party defense declaring a stealguard.defenses entry "
+        "point) in the archive's pylib/, with its metadata; repeatable, or comma-separated",
+    )
     p.add_argument("--version-name", help="registered name of the defense config (MLflow)")
     p.add_argument("--version", help="version of the defense config (header X-StealGuard-Defense)")
     p.add_argument("--batch-size", type=integer, default=8)
@@ -659,6 +678,7 @@ def main(argv: list[str] | None = None) -> Path:
             max_batch_delay_ms=args.max_batch_delay,
             workers=args.workers,
             threads={"intra_op": args.threads, "inter_op": 1},
+            extra_dists=[n for value in args.extra_dist for n in value.split(",") if n.strip()],
         )
         mar_version = (version or {}).get("version") if registered else args.version
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
+from importlib.metadata import packages_distributions
+from modulefinder import ModuleFinder
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,9 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
+from packaging.utils import canonicalize_name
 
-from mlflow_project.lifecycle import tracking
+from mlflow_project.lifecycle import distributions, tracking
 from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.lifecycle.model_uris import is_models_uri, victim_export_dir
 from mlflow_project.sweep.select import MISINFORMATION_TAG
@@ -41,6 +45,54 @@ from plugins import defense_class
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 REPO = Path(__file__).resolve().parents[2]
 RECOMMENDED_TAG = "stealguard.recommended"
+FIRST_PARTY = ("plugins", "handlers", "mlflow_project")
+# Shipped whole: plugins.registry imports the built-in defenses by name (BUILTIN_MODULES), which no import
+# statement shows.
+WHOLE_PACKAGES = ("plugins",)
+REQUIREMENTS = (REPO / "requirements" / "serve.txt", REPO / "requirements" / "lab.txt")
+
+
+def pyfunc_code() -> tuple[list[str], list[str]]:
+    """What the pyfunc (lifecycle/pyfunc.py) imports: the first-party modules (``plugins`` whole, the rest module
+    by module, packages' ``__init__`` included) and the pinned distributions behind its third-party imports,
+    with mlflow (``name==version`` lines from requirements/serve.txt and lab.txt)."""
+    finder = ModuleFinder(path=[str(REPO)])  # only first-party modules resolve; everything else is "missing"
+    finder.run_script(str(PYFUNC_CODE))
+    for package in WHOLE_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            finder.import_hook(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    modules = sorted(name for name, m in finder.modules.items() if name.split(".")[0] in FIRST_PARTY and m.__file__)
+    imported = {name.split(".")[0] for name in finder.badmodules} - set(sys.stdlib_module_names) - set(FIRST_PARTY)
+    imported.add("mlflow")
+    pinned = distributions.pins(*REQUIREMENTS)
+    owners = packages_distributions()
+    requirements, unpinned = set(), []
+    for top in sorted(imported):
+        dists = owners.get(top, [])
+        named = [d for d in dists if canonicalize_name(d) == canonicalize_name(top)]  # mlflow, not mlflow-skinny
+        for dist in named or dists:
+            key = canonicalize_name(dist)
+            (requirements.add(pinned[key]) if key in pinned else unpinned.append(f"{dist} (import {top})"))
+        if not dists:
+            unpinned.append(f"import {top}")
+    if unpinned:
+        raise ValueError(f"the pyfunc imports what requirements/serve.txt and lab.txt do not pin: "
+                         f"{', '.join(unpinned)}")
+    return modules, sorted(requirements, key=str.lower)
+
+
+def stage_code(modules: list[str], dest: Path) -> list[str]:
+    """Copy the pyfunc's first-party modules under ``dest`` (one folder per top-level package); return the
+    folders, as ``log_model(code_paths=...)`` takes them."""
+    for name in modules:
+        parts = name.split(".")
+        source = REPO.joinpath(*parts)
+        source = source / "__init__.py" if source.is_dir() else source.with_suffix(".py")
+        target = dest / source.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return [str(dest / top) for top in sorted({m.split(".")[0] for m in modules})]
 
 
 def default_name(victim_ref: str, victim_dir: Path) -> str:
@@ -131,6 +183,7 @@ def register(
     ``misinformation``: the train_misinformation export directory (or artifact URI) of a defense that needs one
     (adaptive_misinformation); refused for any other defense."""
     client = MlflowClient()
+    modules, requirements = pyfunc_code()
     with tempfile.TemporaryDirectory(prefix="stealguard-register-") as tmp:
         victim_dir, victim_info = victim_export_dir(victim, Path(tmp) / "victim-download", client)
         name = name or default_name(victim, victim_dir)
@@ -154,12 +207,12 @@ def register(
                 name="defense",
                 python_model=str(PYFUNC_CODE),
                 artifacts={"bundle": str(bundle)},
-                code_paths=[str(REPO / "plugins"), str(REPO / "mlflow_project")],
+                code_paths=stage_code(modules, Path(tmp) / "code"),
                 registered_model_name=name,
                 signature=signature,
                 input_example=example,
                 metadata={"stealguard": doc},
-                pip_requirements=[f"-r {REPO / 'requirements.txt'}"],
+                pip_requirements=requirements,
             )
             run_id = run.info.run_id
     version = str(info.registered_model_version)

@@ -188,7 +188,8 @@ class TorchServe:
     def launch(self) -> subprocess.Popen:
         """Start the process (its own session and process group) and return at once; see :meth:`wait_ready`."""
         if not TORCHSERVE.is_file():
-            raise FileNotFoundError(f"torchserve not found at {TORCHSERVE}: install requirements.txt (make setup)")
+            raise FileNotFoundError(f"torchserve not found at {TORCHSERVE}: install requirements/serve.txt "
+                                    "(make setup)")
         if not self.model_store.is_dir():
             raise FileNotFoundError(f"model store {self.model_store} is not a directory")
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,11 @@ pyfunc that scores offline exactly as the server does."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,6 +25,7 @@ from mlflow_project.lifecycle.promote import promote
 from mlflow_project.lifecycle.register import config_from_run, recommended_child, register
 from plugins import build_defense
 
+REPO = Path(__file__).resolve().parents[2]
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 
 
@@ -86,6 +92,46 @@ def test_register_promote_and_roll_back_with_the_pyfunc_scoring_like_the_server(
     mv = client.get_model_version(v1["name"], "1")
     assert json.loads(mv.tags["stealguard.defense_config"])["epsilon"] == 0.5
     assert mv.tags["stealguard.promoted_production_from"] == "2"
+
+
+def test_a_version_carries_only_the_pins_and_code_the_pyfunc_scores_with(store, victim_dir, tmp_path):
+    reg = register(MAD, str(victim_dir), name="lean")
+    local = Path(mlflow.artifacts.download_artifacts(reg["model_uri"], dst_path=str(tmp_path / "version")))
+    requirements = {line for line in (local / "requirements.txt").read_text().splitlines() if line}
+    pins = {}
+    for name in ("serve", "lab", "dev"):
+        for line in (REPO / "requirements" / f"{name}.txt").read_text().splitlines():
+            if "==" in line:
+                pins[line.split("==")[0].lower()] = line
+    assert {pins["torch"], pins["numpy"], pins["pydantic"], pins["mlflow"]} <= requirements, requirements
+    assert requirements <= set(pins.values()), "every requirement of a version is one of the project's pins"
+    for unwanted in ("pytest", "ruff", "hypothesis", "torchserve", "torch-model-archiver", "matplotlib",
+                     "scikit-learn", "mlxtend", "tqdm"):
+        assert pins[unwanted] not in requirements, f"{unwanted} is not needed to score"
+    code = local / "code"
+    shipped = {p.relative_to(code).as_posix() for p in code.rglob("*.py")}
+    assert {"plugins/registry.py", "plugins/defenses/mad_argmax.py", "mlflow_project/lifecycle/bundle.py",
+            "mlflow_project/lab/models.py", "mlflow_project/__init__.py"} <= shipped, shipped
+    assert not {p for p in shipped if p.startswith(("mlflow_project/sweep", "mlflow_project/ops"))}, shipped
+    assert not {"mlflow_project/lifecycle/register.py", "mlflow_project/lifecycle/package.py",
+                "mlflow_project/lab/attacks.py", "mlflow_project/lab/training.py"} & shipped, shipped
+    # A fresh process outside the repository scores with the version's own code/ only.
+    script = textwrap.dedent(f"""
+        import sys, mlflow, numpy as np
+        model = mlflow.pyfunc.load_model({str(local)!r})
+        print(model.predict(np.zeros((3, 64), dtype=np.float32)).sum(axis=1).tolist())
+        for name, module in sorted(sys.modules.items()):
+            if name.split(".")[0] in ("plugins", "handlers", "mlflow_project"):
+                print(name, getattr(module, "__file__", None))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sums, *loaded = r.stdout.splitlines()
+    np.testing.assert_allclose(json.loads(sums), 1.0, atol=1e-6)
+    assert any(line.startswith("mlflow_project.lifecycle.bundle ") for line in loaded), loaded
+    outside = [line for line in loaded if not line.split(" ", 1)[1].startswith(str(code))]
+    assert not outside, f"imported from outside the version's code/: {outside}"
 
 
 def test_promote_refuses_unknown_aliases_and_versions(store, victim_dir):
