@@ -122,9 +122,25 @@ def describe_validation_error(defense: str, exc: ValidationError) -> str:
         elif err["type"] == "extra_forbidden":
             allowed = ", ".join(defense_class(defense).Config.model_fields)
             parts.append(f"{field}: not a parameter of defense '{defense}' (allowed: {allowed})")
+        elif err["loc"][:1] == ("secret",):  # never echo a secret, even a rejected one
+            parts.append(f"{field}: {err['msg']} (value not shown)")
         else:
             parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
     return f"invalid config for defense '{defense}': " + "; ".join(parts)
+
+
+def needs_secret(config: Mapping[str, Any] | DefenseConfig) -> bool:
+    """True when the (validated) config is randomised and so must be built with a deploy-time secret."""
+    return validate_config(config).needs_secret
+
+
+def with_secret(config: Mapping[str, Any] | DefenseConfig, secret: str | None) -> DefenseConfig:
+    """The validated config, keyed by ``secret`` when it needs one (configs that draw no keyed randomness are
+    returned unchanged, and ``secret`` may then be None)."""
+    cfg = validate_config(config)
+    if not cfg.needs_secret or secret is None:
+        return cfg
+    return validate_config({**cfg.model_dump(), "secret": secret})
 
 
 def build_defense(config: Mapping[str, Any] | DefenseConfig, **resources: Any) -> Defense:
