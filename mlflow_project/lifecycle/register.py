@@ -41,6 +41,7 @@ from plugins import defense_class
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 REPO = Path(__file__).resolve().parents[2]
 RECOMMENDED_TAG = "stealguard.recommended"
+FINGERPRINT_TAG = "stealguard.secret_fingerprint"
 
 
 def default_name(victim_ref: str, victim_dir: Path) -> str:
@@ -130,6 +131,9 @@ def register(
 
     ``misinformation``: the train_misinformation export directory (or artifact URI) of a defense that needs one
     (adaptive_misinformation); refused for any other defense."""
+    from mlflow_project.lifecycle.package import refuse_secret
+
+    refuse_secret(dict(config), "config")
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="stealguard-register-") as tmp:
         victim_dir, victim_info = victim_export_dir(victim, Path(tmp) / "victim-download", client)
@@ -145,6 +149,8 @@ def register(
         with mlflow.start_run(run_name=f"register {name}") as run:
             mlflow.set_tags({"stealguard.kind": "defense-registration", "stealguard.defense": doc["defense"]["name"],
                              "stealguard.victim": victim})
+            if defended.secret_fingerprint:  # which secret the signature example was built with; never the secret
+                mlflow.set_tag(FINGERPRINT_TAG, defended.secret_fingerprint)
             mlflow.log_params({f"defense.{k}": v for k, v in doc["defense"].items()})
             mlflow.log_params({"victim": victim, "surrogate_seed": surrogate_seed})
             if misinformation:
@@ -154,7 +160,7 @@ def register(
                 name="defense",
                 python_model=str(PYFUNC_CODE),
                 artifacts={"bundle": str(bundle)},
-                code_paths=[str(REPO / "plugins"), str(REPO / "mlflow_project")],
+                code_paths=[str(REPO / "plugins"), str(REPO / "handlers"), str(REPO / "mlflow_project")],
                 registered_model_name=name,
                 signature=signature,
                 input_example=example,
@@ -166,6 +172,8 @@ def register(
     client.set_model_version_tag(name, version, "stealguard.defense", doc["defense"]["name"])
     client.set_model_version_tag(name, version, "stealguard.defense_config", json.dumps(doc["defense"], sort_keys=True))
     client.set_model_version_tag(name, version, "stealguard.victim", victim)
+    if defended.secret_fingerprint:
+        client.set_model_version_tag(name, version, FINGERPRINT_TAG, defended.secret_fingerprint)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",
