@@ -115,7 +115,7 @@ def find_secret(
     if env.get(ENV_SECRET_FILE):
         return _read_file(env[ENV_SECRET_FILE], ENV_SECRET_FILE, model_dir)
     if archive_file:
-        return _read_file(archive_file, "stealguard.secret.file", model_dir)
+        return _read_file(archive_file, "stealguard.secret.file", model_dir, base=model_dir)
     path, props = ts_properties(env)
     if props.get(PROPERTY_SECRET_FILE):
         return _read_file(props[PROPERTY_SECRET_FILE], f"{path}: {PROPERTY_SECRET_FILE}", model_dir,
