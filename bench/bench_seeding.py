@@ -92,10 +92,10 @@ def main() -> None:
         g = torch.Generator().manual_seed(batch)
         x = torch.rand(batch, ROW, generator=g)
         y = torch.softmax(torch.randn(batch, K, generator=g), dim=1)
-        old = per_row_us(lambda: old_normal(old_query_seeds(x, SECRET), K), batch, a.rounds)
-        new = per_row_us(lambda: seeding.normal(seeding.query_seeds(x, SECRET), K), batch, a.rounds)
-        seed = per_row_us(lambda: seeding.query_seeds(x, SECRET), batch, a.rounds)
-        call = per_row_us(lambda: defense(y, x), batch, a.rounds)
+        old = per_row_us(lambda x=x: old_normal(old_query_seeds(x, SECRET), K), batch, a.rounds)
+        new = per_row_us(lambda x=x: seeding.normal(seeding.query_seeds(x, SECRET), K), batch, a.rounds)
+        seed = per_row_us(lambda x=x: seeding.query_seeds(x, SECRET), batch, a.rounds)
+        call = per_row_us(lambda x=x, y=y: defense(y, x), batch, a.rounds)
         print(f"{batch:>5}  {old:>14.1f}  {new:>14.1f}  {seed:>13.1f}  {call:>17.1f}")
 
 
