@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mlflow_project.lifecycle.package import build_archive, stage  # noqa: E402
-from plugins import build_defense  # noqa: E402
+from tests.dev_secret import build_defense  # noqa: E402  (DEV_SECRET, the test servers' secret)
 from tests.support.torchserve import TorchServe  # noqa: E402
 from tests.support.victims import export, make_net  # noqa: E402
 

@@ -86,7 +86,6 @@ class Codec:
             raise RequestError(400, f"body is not accepted as JSON: {exc}") from None
 
     def from_json(self, obj: Any) -> torch.Tensor:
-        shape = self.spec.shape
         if isinstance(obj, dict):
             if "instances" not in obj:
                 keys = ", ".join(sorted(map(str, obj))) or "none"
@@ -98,6 +97,14 @@ class Codec:
             )
         if not obj:
             raise RequestError(400, "empty instances: send at least one instance")
+        try:
+            return self._instances(obj)
+        except RequestError as exc:  # count every row of the refused request (stealguard_error_rows_total)
+            exc.rows = len(obj)
+            raise
+
+    def _instances(self, obj: list) -> torch.Tensor:
+        shape = self.spec.shape
         if not isinstance(obj[0], list):
             raise RequestError(
                 400,
@@ -136,6 +143,16 @@ class Codec:
             raise RequestError(
                 400, f"instances contain NaN or infinity (or values beyond float32), first in instance {row}"
             )
+        if self.spec.json_input == "pixels":
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                bad = int(np.flatnonzero(((x < 0) | (x > 1)).reshape(len(x), -1).any(axis=1))[0])
+                raise RequestError(
+                    400,
+                    f"instances must be pixels in [0, 1] for this model (JSON input space 'pixels'; the server "
+                    f"normalises them); got values in [{lo:.4g}, {hi:.4g}], first outside in instance {bad}",
+                )
+            x = self.normalise(x)
         return torch.from_numpy(x)
 
     def from_image(self, data: bytes) -> torch.Tensor:
@@ -171,10 +188,16 @@ class Codec:
             img = img.resize((w, h), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
         arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        mean = np.asarray(image.mean, dtype=np.float32).reshape(-1, 1, 1)
-        std = np.asarray(image.std, dtype=np.float32).reshape(-1, 1, 1)
-        arr = (arr - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(arr).reshape(1, *self.spec.shape))
+        return torch.from_numpy(self.normalise(np.ascontiguousarray(arr).reshape(1, *self.spec.shape)))
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """n x <input shape> pixels in [0, 1] (channels first) -> (pixels - mean) / std per channel, float32."""
+        image = self.spec.image
+        mean = np.asarray(image.mean, dtype=np.float32)
+        std = np.asarray(image.std, dtype=np.float32)
+        per_channel = pixels.reshape(len(pixels), len(mean), -1)  # 1 value, or one per channel
+        out = (per_channel - mean[None, :, None]) / std[None, :, None]
+        return np.ascontiguousarray(out.reshape(pixels.shape), dtype=np.float32)
 
     # ---------------------------------------------------------------- responses
     def encode(self, probs: torch.Tensor) -> bytes:

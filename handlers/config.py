@@ -12,6 +12,8 @@
         shape: [1, 28, 28]                                   # one row, without the batch dimension
         max_rows: 64                                         # rows per request
         image: {size: [28, 28], mode: L, mean: [0.286], std: [0.353], max_bytes: 1000000}
+        json: normalised                                     # or pixels: JSON in [0, 1], normalised like images
+      secret: {fingerprint: 1f0e..., file: /etc/stealguard/secret}  # optional; never the secret (deployment.py)
       threads: {intra_op: 1, inter_op: 1}
       labels: index_to_name.json                             # optional; used when the file is shipped
 
@@ -94,15 +96,26 @@ class ImageSpec(_Strict):
         return 1 if self.mode == "L" else 3
 
 
+JSON_INPUTS = ("normalised", "pixels")
+
+
 class InputSpec(_Strict):
     shape: tuple[int, ...] = Field(min_length=1, description="shape of one row, without the batch dimension")
     max_rows: int = Field(default=256, ge=1, le=100_000, description="most rows one request may carry")
     image: ImageSpec | None = None
+    json_input: Literal["normalised", "pixels"] = Field(
+        default="normalised",
+        alias="json",
+        description="JSON instances are the victim's normalised tensors, or pixels in [0, 1] normalised by the "
+        "handler with image.mean/std",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
         if any(d < 1 for d in self.shape):
             raise ValueError(f"shape must be positive integers; got {list(self.shape)}")
+        if self.json_input == "pixels" and self.image is None:
+            raise ValueError("json 'pixels' needs 'image' (its mean and std normalise the pixels); use 'normalised'")
         if self.image is not None:
             numel = self.image.channels * self.image.size[0] * self.image.size[1]
             want = 1
@@ -152,6 +165,15 @@ class VersionSpec(BaseModel):
         return f"{self.name}/{self.version}" if self.name else str(self.version)
 
 
+class SecretSpec(_Strict):
+    """Where the deployment's secret is and which one it must be; never the secret itself."""
+
+    fingerprint: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{16}$", description="plugins.seeding.fingerprint of the expected secret"
+    )
+    file: str | None = Field(default=None, min_length=1, description="a file outside the archive holding it")
+
+
 class Threads(_Strict):
     intra_op: int = Field(default=1, ge=1, le=256)
     inter_op: int = Field(default=1, ge=1, le=256)
@@ -164,6 +186,7 @@ class ServeConfig(_Strict):
     misinformation: RuntimeSpec | None = None
     input: InputSpec
     version: VersionSpec | None = None
+    secret: SecretSpec | None = None
     threads: Threads = Field(default_factory=Threads)
     labels: str | None = "index_to_name.json"
 

@@ -12,12 +12,14 @@ REASONS = {
 
 
 class RequestError(Exception):
-    """A request the handler refuses: ``status`` (4xx) and a message for the client."""
+    """A request the handler refuses: ``status`` (4xx), a message for the client and how many rows it carried
+    (1 when they cannot be counted)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, rows: int = 1) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.rows = max(1, int(rows))
 
     @property
     def reason(self) -> str:

@@ -100,7 +100,14 @@ METRIC_SPECS: dict[str, MetricSpec] = {
             "Count",
             f"Rows whose distance exceeds the declared probs-space budget epsilon + {BUDGET_TOLERANCE:g}.",
         ),
-        _spec("errors_total", "counter", "Count", "Rows refused, by reason.", ("reason",)),
+        _spec("errors_total", "counter", "Count", "Requests refused, by reason.", ("reason",)),
+        _spec(
+            "error_rows_total",
+            "counter",
+            "Count",
+            "Rows of the refused requests, by reason (a refused request of n instances counts n).",
+            ("reason",),
+        ),
         _spec(
             "ood_queries_total",
             "counter",
@@ -112,8 +119,8 @@ METRIC_SPECS: dict[str, MetricSpec] = {
             "defense_info",
             "gauge",
             "Info",
-            "1 per loaded defense; labels name it, its version and budget.",
-            ("budget",),
+            "1 per loaded defense; labels name it, its version, budget and the fingerprint of its secret.",
+            ("budget", "secret_fingerprint"),
         ),
     )
 }
@@ -125,6 +132,7 @@ ANGULAR = PREFIX + "angular_deviation_radians"
 LATENCY = PREFIX + "defense_latency_seconds"
 VIOLATIONS = PREFIX + "budget_violations_total"
 ERRORS = PREFIX + "errors_total"
+ERROR_ROWS = PREFIX + "error_rows_total"
 OOD_QUERIES = PREFIX + "ood_queries_total"
 INFO = PREFIX + "defense_info"
 
@@ -322,7 +330,9 @@ class DefenseMetrics:
         budget: Budget | None = None,
         extra_norm: str | None = None,
         ood_threshold: float = DEFAULT_OOD_THRESHOLD,
+        secret_fingerprint: str | None = None,
     ) -> None:
+        self.secret_fingerprint = label_value(secret_fingerprint or "none")
         self.ood_threshold = check_threshold(ood_threshold)
         if extra_norm is None and budget is not None:
             extra_norm = budget.norm
@@ -346,7 +356,7 @@ class DefenseMetrics:
     def record_info(self) -> None:
         """Set ``stealguard_defense_info`` to 1 (call once when the worker has loaded its defense)."""
         if self.sink is not None:
-            self.sink.set(INFO, 1, self.labels + (self.budget_label,))
+            self.sink.set(INFO, 1, self.labels + (self.budget_label, self.secret_fingerprint))
 
     def record_batch(
         self,
@@ -366,7 +376,8 @@ class DefenseMetrics:
             updates += [(name, values, self.labels) for name, values in obs.histograms.items() if values]
             if obs.dropped_nonfinite:
                 logger.warning("dropped %d non-finite metric values", obs.dropped_nonfinite)
-                updates.append((ERRORS, (obs.dropped_nonfinite,), self.labels + ("nonfinite_measure",)))
+                labels = self.labels + ("nonfinite_measure",)
+                updates += [(name, (obs.dropped_nonfinite,), labels) for name in (ERRORS, ERROR_ROWS)]
             emit_batch = getattr(self.sink, "emit_batch", None)
             if emit_batch is not None:  # TorchServe: every line of the batch in one log record
                 emit_batch(updates)
@@ -381,13 +392,15 @@ class DefenseMetrics:
             logger.exception("StealGuard metrics: recording a batch failed")
             return None
 
-    def record_error(self, reason: str, rows: int = 1) -> None:
-        """Count ``rows`` refused rows/requests under ``reason`` (e.g. bad_input, defense_failed)."""
+    def record_error(self, reason: str, requests: int = 1, rows: int = 1) -> None:
+        """Count ``requests`` refused requests carrying ``rows`` rows under ``reason`` (e.g. bad_input,
+        defense_failed): stealguard_errors_total counts the requests, stealguard_error_rows_total the rows."""
         if self.sink is None:
             return
         try:
-            n = int(rows)
-            if n > 0:
-                self.sink.inc(ERRORS, n, self.labels + (label_value(reason),))
+            labels = self.labels + (label_value(reason),)
+            for name, n in ((ERRORS, int(requests)), (ERROR_ROWS, int(rows))):
+                if n > 0:
+                    self.sink.inc(name, n, labels)
         except Exception:
             logger.exception("StealGuard metrics: recording an error failed")

@@ -16,9 +16,19 @@ import torch
 
 from handlers.codec import Codec, load_labels
 from handlers.config import ServeConfig, resolve
+from handlers.deployment import HOWTO, Secret
 from handlers.errors import ConfigError
 from handlers.runtimes import LogitsHead, Runtime, load_runtime
-from plugins import BUDGET_TOLERANCE, Defense, DefenseOutput, build_defense, check_probs, distance
+from plugins import (
+    BUDGET_TOLERANCE,
+    Defense,
+    DefenseOutput,
+    build_defense,
+    check_probs,
+    distance,
+    needs_secret,
+    with_secret,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +53,35 @@ def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module
     return LogitsHead(runtime, num_classes)
 
 
+def keyed_defense(cfg: ServeConfig, secret: Secret | None):
+    """The archive's defense config keyed by the deploy-time ``secret`` when it is randomised; a ConfigError
+    that says how to supply one when it is missing, or when it is not the one the archive expects."""
+    if not needs_secret(cfg.defense):
+        return with_secret(cfg.defense, None)
+    if secret is None:
+        raise ConfigError(
+            f"stealguard.defense: '{cfg.defense_name}' is randomised and keyed by a deploy-time secret; none was "
+            f"supplied and there is no default, so the model is not loaded; {HOWTO}"
+        )
+    expected = cfg.secret.fingerprint if cfg.secret is not None else None
+    if expected is not None and expected != secret.fingerprint:
+        raise ConfigError(
+            f"stealguard.secret.fingerprint: the archive expects the secret with fingerprint {expected}, but the "
+            f"one from {secret.source} has fingerprint {secret.fingerprint}; supply that secret or repackage "
+            "with the new one (`package` records the fingerprint of the secret it finds)"
+        )
+    try:
+        return with_secret(cfg.defense, secret.value)
+    except ValueError as exc:
+        raise ConfigError(f"{secret.source}: {exc}; {HOWTO}") from None
+
+
 class DefendedModel:
-    def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
+    def __init__(self, cfg: ServeConfig, model_dir: str, secret: Secret | None = None) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
+        defense_cfg = keyed_defense(cfg, secret)
+        self.secret_fingerprint = secret.fingerprint if defense_cfg.needs_secret else None
         threads = cfg.threads
         self.victim: Runtime = load_runtime(
             cfg.victim, model_dir, "stealguard.victim", threads.intra_op, threads.inter_op
@@ -76,7 +111,7 @@ class DefendedModel:
             )
             resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
         try:
-            self.defense: Defense = build_defense(cfg.defense, **resources)
+            self.defense: Defense = build_defense(defense_cfg, **resources)
         except ValueError as exc:
             raise ConfigError(f"stealguard.defense: {exc}") from exc
         try:
@@ -98,6 +133,26 @@ class DefendedModel:
             elif not default:
                 raise ConfigError(f"stealguard.labels: file {cfg.labels!r} is not in the archive")
         self.codec = Codec(cfg.input, labels)
+
+    def contract(self) -> dict:
+        """What a client needs to call this model (the describe API's answer): never the secret."""
+        spec = self.cfg.input
+        image = spec.image
+        return {
+            "input": {
+                "shape": list(spec.shape),
+                "dtype": "float32",
+                "max_rows": spec.max_rows,
+                "json": spec.json_input,
+                "mean": list(image.mean) if image else None,
+                "std": list(image.std) if image else None,
+                "image": {"size": list(image.size), "mode": image.mode} if image else None,
+                "content_types": self.codec.allowed.split(", "),
+            },
+            "classes": self.codec.labels if self.codec.labels is not None else list(range(self.num_classes)),
+            "defense": {"name": self.defense.name, "version": self.cfg.version_label},
+            "secret_fingerprint": self.secret_fingerprint,
+        }
 
     @property
     def header(self) -> str:

@@ -6,10 +6,15 @@ decodes requests and encodes responses, :mod:`handlers.metrics` emits metrics. T
 batch of requests onto one defended batch and sets each request's status code and headers.
 
 Fail closed: a request whose rows cannot be defended gets a 5xx and an error message, never probabilities.
+
+The deployment (handlers/deployment.py) supplies the secret of a randomised defense and says whether responses
+carry the ``X-StealGuard-Defense`` header (development only); ``describe_handle`` answers TorchServe's describe
+API (``GET /models/<name>?customized=true``) with the archive's input contract.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -27,6 +32,7 @@ import torch  # noqa: E402
 import plugins  # noqa: E402
 from handlers import EXTRA_CODE_DIR  # noqa: E402
 from handlers import config as sg_config  # noqa: E402
+from handlers import deployment as sg_deployment  # noqa: E402
 from handlers import registry as sg_registry  # noqa: E402
 from handlers.codec import error_body  # noqa: E402
 from handlers.errors import REASONS, RequestError  # noqa: E402
@@ -47,6 +53,7 @@ class StealGuardHandler:
         self.initialized = False
         self.model: DefendedModel | None = None
         self.metrics: DefenseMetrics | None = None
+        self.send_header = False
 
     def initialize(self, context) -> None:
         model_dir = context.system_properties.get("model_dir") or _ROOT
@@ -60,7 +67,12 @@ class StealGuardHandler:
                 torch.set_num_interop_threads(cfg.threads.inter_op)
             except RuntimeError:  # only settable before the first parallel work in this process
                 pass
-            cfg, self.model, origin = sg_registry.load(cfg, model_dir, lambda c: DefendedModel(c, model_dir))
+            ts_config, properties = sg_deployment.ts_properties()
+            self.send_header = sg_deployment.defense_header_enabled(properties)
+            secret = sg_deployment.find_secret(cfg.secret.file if cfg.secret else None, model_dir)
+            cfg, self.model, origin = sg_registry.load(
+                cfg, model_dir, lambda c: DefendedModel(c, model_dir, secret)
+            )
         except Exception as exc:
             log.error(
                 "StealGuard: model %r NOT loaded, so it is never served undefended: %s",
@@ -76,13 +88,15 @@ class StealGuardHandler:
             defense_version=cfg.version_label,
             budget=defense.budget,
             extra_norm=getattr(defense.config, "norm", None),
+            secret_fingerprint=self.model.secret_fingerprint,
         )
         self.metrics.record_info()
         self.initialized = True
         v = cfg.version
         log.info(
             "StealGuard: serving %r with %s [version: %s; run_id %s, alias %s] "
-            "(victim %s, surrogate %s, K=%d, max_rows=%d; code from %s; defense class from %s)",
+            "(victim %s, surrogate %s, K=%d, max_rows=%d, json input %s; secret %s; %s header %s; code from %s; "
+            "defense class from %s)",
             context.model_name,
             self.model.header,
             origin,
@@ -92,6 +106,10 @@ class StealGuardHandler:
             cfg.surrogate.runtime if cfg.surrogate else "none",
             self.model.num_classes,
             cfg.input.max_rows,
+            cfg.input.json_input,
+            f"fingerprint {secret.fingerprint} from {secret.source}" if self.model.secret_fingerprint else "none",
+            HEADER,
+            "on" if self.send_header else f"off ({sg_deployment.PROPERTY_HEADER} in {ts_config or 'no config'})",
             os.path.dirname(os.path.dirname(os.path.abspath(sg_config.__file__))),
             getattr(sys.modules.get(type(defense).__module__), "__file__", "?"),
         )
@@ -99,11 +117,14 @@ class StealGuardHandler:
     def handle(self, data, context) -> list:
         if not self.initialized:
             raise RuntimeError("StealGuard handler used before initialize()")
+        if _is_describe(context):  # TorchServe's describe API, GET /models/<name>?customized=true
+            return [self.describe_handle()]
         responses: list = [None] * len(data)
         rows: list[torch.Tensor] = []
         owners: list[int] = []
         for idx, request in enumerate(data):
-            context.set_response_header(idx, HEADER, self.model.header)
+            if self.send_header:
+                context.set_response_header(idx, HEADER, self.model.header)
             try:
                 body, content_type = _body(request, context, idx)
                 rows.append(self.model.codec.decode(body, content_type))
@@ -111,7 +132,7 @@ class StealGuardHandler:
             except RequestError as exc:
                 kind = exc.reason.replace(" ", "")
                 responses[idx] = self._refuse(context, idx, exc.status, kind, exc.message)
-                self.metrics.record_error("bad_input", 1)
+                self.metrics.record_error("bad_input", rows=exc.rows)
         if rows:
             self._defend(rows, owners, responses, context)
         return responses
@@ -133,7 +154,7 @@ class StealGuardHandler:
                 return
             kind = "defense_failed" if isinstance(exc, DefenseFailed) else "model_failed"
             log.error("StealGuard: request %s refused, %s: %s", context.get_request_id(owners[0]), kind, exc)
-            self.metrics.record_error(kind, 1)
+            self.metrics.record_error(kind, rows=rows[0].shape[0])
             responses[owners[0]] = self._refuse(
                 context,
                 owners[0],
@@ -151,6 +172,14 @@ class StealGuardHandler:
             context.set_response_content_type(idx, JSON)
             start += n
 
+    def describe_handle(self) -> str:
+        """TorchServe's describe API (``GET /models/<name>?customized=true``): the archive's input contract,
+        as JSON: input shape and dtype, the JSON input space (with mean/std), class names, defense name and
+        version, and the secret's fingerprint (never the secret)."""
+        if not self.initialized:
+            raise RuntimeError("StealGuard handler used before initialize()")
+        return json.dumps(self.model.contract(), sort_keys=True)
+
     @staticmethod
     def _refuse(context, idx: int, status: int, kind: str, message: str) -> bytes:
         context.set_response_status(status, REASONS.get(status, "Error"), idx)
@@ -167,6 +196,13 @@ def use_extra_code(model_dir: str) -> None:
     sys.path.insert(0, extra)
     plugins.available_defenses()  # the built-in defenses first (a no-op once loaded) ...
     plugins.load_entry_points()  # ... then the entry points, now including the shipped distributions'
+
+
+def _is_describe(context) -> bool:
+    try:
+        return context.get_request_header(0, "describe") == "True"
+    except (TypeError, IndexError, AttributeError, KeyError):
+        return False
 
 
 def _body(request, context, idx: int):

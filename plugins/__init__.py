@@ -6,7 +6,7 @@
     measures(probs, out.probs)          # per-row l1, l2, kl, top1_flip, top1_confidence_drop
 """
 
-from plugins.base import BUDGET_TOLERANCE, Budget, Defense, DefenseConfig, DefenseOutput, check_probs
+from plugins.base import BUDGET_TOLERANCE, Budget, Defense, DefenseConfig, DefenseOutput, MissingSecret, check_probs
 from plugins.measures import distance, kl_divergence, measures
 from plugins.registry import (
     ENTRY_POINT_GROUP,
@@ -14,8 +14,10 @@ from plugins.registry import (
     build_defense,
     defense_class,
     load_entry_points,
+    needs_secret,
     register,
     validate_config,
+    with_secret,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "Defense",
     "DefenseConfig",
     "DefenseOutput",
+    "MissingSecret",
     "available_defenses",
     "build_defense",
     "check_probs",
@@ -33,6 +36,8 @@ __all__ = [
     "kl_divergence",
     "load_entry_points",
     "measures",
+    "needs_secret",
     "register",
     "validate_config",
+    "with_secret",
 ]

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from plugins.seeding import MIN_SECRET_LENGTH, SECRET_HOWTO
 
 SIMPLEX_TOL = 1e-4  # how far an incoming row may be from summing to 1 before it is refused
 
@@ -41,9 +43,28 @@ def describe_validation_error(
             parts.append(f"{field}: {missing}")
         elif err["type"] == "extra_forbidden":
             parts.append(f"{field}: {unknown}")
+        elif "secret" in (str(p) for p in err["loc"]):  # never echo a secret, even a rejected one
+            parts.append(f"{field}: {err['msg']} (value not shown)")
         else:
             parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
     return f"{title}: " + "; ".join(parts)
+
+
+class MissingSecret(ValueError):
+    """A randomised defense was built without the deploy-time secret that keys it (there is no default)."""
+
+
+def secret_field(usage: str) -> Any:
+    """The ``secret`` field of a keyed defense: a SecretStr with no default, left out of repr and of every
+    dump (so of MLflow params, bundles and archives); the deployment supplies it when the defense is built."""
+    return Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        min_length=MIN_SECRET_LENGTH,
+        description=f"deploy-time secret keying {usage} (>= {MIN_SECRET_LENGTH} characters; no default; "
+        "never written to a dump)",
+    )
 
 
 class DefenseConfig(BaseModel):
@@ -52,6 +73,11 @@ class DefenseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
+
+    @property
+    def needs_secret(self) -> bool:
+        """True when this config draws keyed randomness: it then cannot be built without a ``secret``."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,12 @@ class Defense(ABC):
     needs_misinformation: ClassVar[bool] = False  # resource ``misinformation=net``
 
     def __init__(self, config: DefenseConfig, **resources: Any) -> None:
+        if config.needs_secret and getattr(config, "secret", None) is None:
+            raise MissingSecret(
+                f"secret: missing; defense '{config.name}' with this config is randomised, keyed by a deploy-time "
+                f"secret of >= {MIN_SECRET_LENGTH} characters, and has no default (build it with "
+                f"secret=...; a server reads it from STEALGUARD_SECRET or a secret file); {SECRET_HOWTO}"
+            )
         self.config = config
 
     @property

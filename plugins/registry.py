@@ -123,6 +123,20 @@ def _describe(defense: str, exc: ValidationError) -> str:
     )
 
 
+def needs_secret(config: Mapping[str, Any] | DefenseConfig) -> bool:
+    """True when the (validated) config is randomised and so must be built with a deploy-time secret."""
+    return validate_config(config).needs_secret
+
+
+def with_secret(config: Mapping[str, Any] | DefenseConfig, secret: str | None) -> DefenseConfig:
+    """The validated config, keyed by ``secret`` when it needs one (configs that draw no keyed randomness are
+    returned unchanged, and ``secret`` may then be None)."""
+    cfg = validate_config(config)
+    if not cfg.needs_secret or secret is None:
+        return cfg
+    return validate_config({**cfg.model_dump(), "secret": secret})
+
+
 def build_defense(config: Mapping[str, Any] | DefenseConfig, **resources: Any) -> Defense:
     """Build a defense from its config. ``resources`` carries what some defenses need, e.g. ``surrogate=net``
     (MAD) or ``num_classes=K`` (to check class-count-dependent parameters at build time)."""

@@ -21,7 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugins import DefenseOutput, build_defense, defense_class
+from plugins import DefenseOutput, build_defense, defense_class, with_secret
+
+# The lab's explicit development secret for randomised defenses: offline evaluations need some key, and the
+# attacks never see it. It is not a server default: an archive or a registered version never carries it, and a
+# server without its own deploy-time secret refuses to load a randomised defense (handlers/deployment.py).
+LAB_SECRET = "stealguard-lab-dev-secret-not-for-serving"
 
 
 class BudgetExceeded(RuntimeError):
@@ -103,7 +108,8 @@ def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, nu
                 "(a train_misinformation export directory)"
             )
         resources["misinformation"] = load_misinformation(misinformation)
-    return build_defense(config, **resources)
+    keyed = config if "secret" in config else with_secret(config, LAB_SECRET)
+    return build_defense(keyed, **resources)
 
 
 class LocalOracle(Oracle):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mlflow_project.lab.models import build_model
-from plugins import Defense, DefenseOutput, build_defense, defense_class, validate_config
+from plugins import Defense, DefenseOutput, build_defense, defense_class, needs_secret, validate_config, with_secret
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "defense.json"
@@ -182,15 +182,28 @@ class DefendedVictim:
     defense on that batch and the inputs (the same computation as handlers/service.py, so the pyfunc and the
     server give the same defended probabilities for the same x)."""
 
-    def __init__(self, bundle: DefenseBundle) -> None:
+    def __init__(self, bundle: DefenseBundle, secret: str | None = None) -> None:
+        """``secret``: a randomised defense's key; default: the deployment's (handlers/deployment.py sources:
+        STEALGUARD_SECRET, STEALGUARD_SECRET_FILE, ...). A bundle never holds one."""
         self.bundle = bundle
+        self.secret_fingerprint: str | None = None
+        if needs_secret(bundle.defense):
+            from handlers.deployment import HOWTO, find_secret
+
+            found = find_secret() if secret is None else None
+            secret = secret if secret is not None else (found.value if found else None)
+            if secret is None:
+                raise ValueError(f"defense '{bundle.defense['name']}' is randomised and needs its secret; {HOWTO}")
+            from plugins.seeding import fingerprint
+
+            self.secret_fingerprint = fingerprint(secret)
         self.victim = build_victim(bundle.victim_dir)
         self.surrogate = build_surrogate(bundle)
         self.misinformation = build_misinformation(bundle)
         resources: dict[str, Any] = {"surrogate": self.surrogate, "num_classes": int(bundle.victim["num_classes"])}
         if self.misinformation is not None:
             resources["misinformation"] = self.misinformation
-        self.defense: Defense = build_defense(bundle.defense, **resources)
+        self.defense: Defense = build_defense(with_secret(bundle.defense, secret), **resources)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:

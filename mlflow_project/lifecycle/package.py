@@ -138,7 +138,40 @@ def read_defense_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] 
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: defense, version")
         version, data = data.get("version"), data["defense"]
     validate_config(data)
+    refuse_secret(data, str(path))
     return dict(data), version
+
+
+def refuse_secret(defense: dict[str, Any], where: str) -> None:
+    """An archive never holds a defense secret: refuse a config that carries one (the server reads it at deploy
+    time; handlers/deployment.py)."""
+    if "secret" in defense:
+        from handlers.deployment import HOWTO
+
+        raise ValueError(
+            f"{where}: 'secret' is not allowed in an archived defense config (an archive never holds the secret); "
+            f"remove it and {HOWTO}"
+        )
+
+
+def secret_section(defense: dict[str, Any], secret_file: str | None) -> dict[str, Any] | None:
+    """The archive's ``stealguard.secret``: the secret file to read at deploy time (when given) and the
+    fingerprint of the secret found now (STEALGUARD_SECRET, STEALGUARD_SECRET_FILE or ``secret_file``), never
+    the secret. None for a defense that draws no keyed randomness."""
+    from handlers.deployment import find_secret
+    from plugins import needs_secret
+
+    if not needs_secret(defense):
+        if secret_file:
+            raise ValueError(f"--secret-file: defense '{defense['name']}' with this config uses no secret")
+        return None
+    section: dict[str, Any] = {}
+    if secret_file:
+        section["file"] = os.path.abspath(secret_file)
+    found = find_secret(section.get("file"))
+    if found is not None:
+        section["fingerprint"] = found.fingerprint
+    return section or None
 
 
 def eager_from_arch(weights: Path, arch: str, num_classes: int) -> ModelFiles:
@@ -383,6 +416,7 @@ def stage(
     misinformation: ModelFiles | None = None,
     version: dict[str, Any] | None = None,
     labels: Path | None = None,
+    secret: dict[str, Any] | None = None,
     batch_size: int = 8,
     max_batch_delay_ms: int = 5,
     workers: int = 1,
@@ -411,6 +445,8 @@ def stage(
         section["version"] = dict(version)
         if version.get("resolve_at_start"):
             shutil.copy2(MODELS_PY, root / REGISTRY_MODELS)
+    if secret:
+        section["secret"] = dict(secret)  # a fingerprint and a file path outside the archive, never the secret
     section["threads"] = dict(threads or {"intra_op": 1, "inter_op": 1})
     if labels is not None:
         shutil.copy2(labels, root / "index_to_name.json")
@@ -487,6 +523,10 @@ def input_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "mean": [float(v) for v in args.mean.split(",")],
             "std": [float(v) for v in args.std.split(",")],
         }
+    spec["json"] = args.json_input
+    if args.json_input == "pixels" and "image" not in spec:
+        raise ValueError("--json-input pixels: needs an image input (--image, with --mean/--std) whose mean and std "
+                         "normalise the pixels; use --json-input normalised for other victims")
     return spec
 
 
@@ -566,6 +606,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mean", default=None, help="image normalisation mean(s), comma-separated (default 0)")
     p.add_argument("--std", default=None, help="image normalisation std(s), comma-separated (default 1)")
+    p.add_argument(
+        "--json-input",
+        choices=["normalised", "pixels"],
+        default="normalised",
+        help="what JSON instances are: the victim's normalised tensors, or pixels in [0, 1] that the server "
+        "normalises with the image mean/std (as it does PNG/JPEG bodies)",
+    )
+    p.add_argument(
+        "--secret-file",
+        default="",
+        help="randomised defenses: a file outside the archive holding the secret, read by the worker at start "
+        "(recorded as a path; the secret itself is never archived, only its fingerprint)",
+    )
     p.add_argument("--labels", help="index_to_name.json to ship")
     p.add_argument(
         "--extra-dist",
@@ -601,7 +654,7 @@ def main(argv: list[str] | None = None) -> Path:
         from mlflow_project.lifecycle.tracking import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri or None))
-    from plugins import defense_class
+    from plugins import defense_class, needs_secret
 
     with tempfile.TemporaryDirectory(prefix="sg-package-") as tmp:
         work = Path(tmp)
@@ -609,6 +662,7 @@ def main(argv: list[str] | None = None) -> Path:
         if registered:
             bundle, version = registered_defense(args.defense, work)
             defense = dict(bundle.defense)
+            refuse_secret(defense, args.defense)
             version["victim_source"] = args.victim or "bundle"
             if args.resolve_at_start:
                 version.update(resolve_at_start=True, fallback=args.fallback)
@@ -664,6 +718,7 @@ def main(argv: list[str] | None = None) -> Path:
             if args.misinformation
             else None
         )
+        secret = secret_section(defense, args.secret_file or None)
         staged = work / "stage"
         stage(
             staged,
@@ -674,6 +729,7 @@ def main(argv: list[str] | None = None) -> Path:
             misinformation=misinformation,
             version=version,
             labels=Path(args.labels) if args.labels else None,
+            secret=secret,
             batch_size=args.batch_size,
             max_batch_delay_ms=args.max_batch_delay,
             workers=args.workers,
@@ -684,6 +740,12 @@ def main(argv: list[str] | None = None) -> Path:
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))
     label = f", version {version['name']}/{version['version']}" if registered else ""
     print(f"wrote {mar} ({os.path.getsize(mar)} bytes): defense {defense['name']}{label}, victim {victim.runtime}")
+    if secret is not None or needs_secret(defense):
+        found = secret or {}
+        print(f"defense '{defense['name']}' is randomised: the server needs its secret at deploy time "
+              f"(STEALGUARD_SECRET, STEALGUARD_SECRET_FILE, stealguard_secret_file or --secret-file); "
+              + (f"archived fingerprint {found['fingerprint']}" if "fingerprint" in found
+                 else "no secret found now, so no fingerprint was archived"))
     return mar
 
 

@@ -94,6 +94,8 @@ def stage_code(modules: list[str], dest: Path) -> list[str]:
         shutil.copy2(source, target)
     return [str(dest / top) for top in sorted({m.split(".")[0] for m in modules})]
 
+FINGERPRINT_TAG = "stealguard.secret_fingerprint"
+
 
 def default_name(victim_ref: str, victim_dir: Path) -> str:
     """``<victim>-defense``: the victim's registered name, else its export directory's name."""
@@ -182,6 +184,9 @@ def register(
 
     ``misinformation``: the train_misinformation export directory (or artifact URI) of a defense that needs one
     (adaptive_misinformation); refused for any other defense."""
+    from mlflow_project.lifecycle.package import refuse_secret
+
+    refuse_secret(dict(config), "config")
     client = MlflowClient()
     modules, requirements = pyfunc_code()
     with tempfile.TemporaryDirectory(prefix="stealguard-register-") as tmp:
@@ -198,6 +203,8 @@ def register(
         with mlflow.start_run(run_name=f"register {name}") as run:
             mlflow.set_tags({"stealguard.kind": "defense-registration", "stealguard.defense": doc["defense"]["name"],
                              "stealguard.victim": victim})
+            if defended.secret_fingerprint:  # which secret the signature example was built with; never the secret
+                mlflow.set_tag(FINGERPRINT_TAG, defended.secret_fingerprint)
             mlflow.log_params({f"defense.{k}": v for k, v in doc["defense"].items()})
             mlflow.log_params({"victim": victim, "surrogate_seed": surrogate_seed})
             if misinformation:
@@ -219,6 +226,8 @@ def register(
     client.set_model_version_tag(name, version, "stealguard.defense", doc["defense"]["name"])
     client.set_model_version_tag(name, version, "stealguard.defense_config", json.dumps(doc["defense"], sort_keys=True))
     client.set_model_version_tag(name, version, "stealguard.victim", victim)
+    if defended.secret_fingerprint:
+        client.set_model_version_tag(name, version, FINGERPRINT_TAG, defended.secret_fingerprint)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "run_id": run_id, "model_uri": f"models:/{name}/{version}",

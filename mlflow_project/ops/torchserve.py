@@ -32,6 +32,7 @@ from pathlib import Path
 
 import requests
 
+from handlers import deployment
 from mlflow_project.ops.processes import group_alive, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,13 +55,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def read_properties(path: Path | str) -> dict[str, str]:
     """key -> value of a .properties file (comments and blank lines skipped; a repeated key: the last wins)."""
-    props = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
+    return deployment.read_properties(str(path))
 
 
 def render_config(base: Path | str | None, overrides: Mapping[str, str]) -> str:
@@ -195,8 +190,10 @@ class TorchServe:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config = self.write_config()
+        # TS_CONFIG_FILE: TorchServe's own pointer to its config file, through which the StealGuard handler reads
+        # its stealguard_* properties (handlers/deployment.py)
         env = {**os.environ, **self.env, "TMPDIR": str(self.tmp_dir), "LOG_LOCATION": str(self.log_dir),
-               "METRICS_LOCATION": str(self.log_dir)}
+               "METRICS_LOCATION": str(self.log_dir), "TS_CONFIG_FILE": str(config)}
         cmd = [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", str(config),
                "--model-store", str(self.model_store)]
         if not self.token_auth:

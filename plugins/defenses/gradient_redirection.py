@@ -32,16 +32,16 @@ Deterministic: no per-query randomness (the random direction is fixed per secret
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from torch import nn
 from torch.func import functional_call, jvp
 
-from plugins import redirection
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins import redirection, seeding
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, secret_field
 from plugins.mad.geometry import Geometry, Reference, SurrogateGeometry, angle
 from plugins.registry import register
 
@@ -68,9 +68,7 @@ class GradientRedirectionConfig(DefenseConfig):
     params: tuple[str, ...] | None = Field(
         default=None, min_length=1, description="jacobian='all' only: restrict G to these parameter names"
     )
-    secret: str = Field(
-        default="stealguard", min_length=1, description="target='random': seeds the fixed random direction"
-    )
+    secret: SecretStr | None = secret_field("the fixed random direction (target='random' only)")
     refine_steps: int = Field(
         default=60, ge=0, le=10_000, description="jacobian='all': projected-gradient steps after the search"
     )
@@ -86,10 +84,18 @@ class GradientRedirectionConfig(DefenseConfig):
             raise ValueError(f"shift: only used with target='shift'; got target={self.target!r}")
         return self
 
+    @property
+    def needs_secret(self) -> bool:
+        return self.target == "random"
 
-def _generator(secret: str) -> torch.Generator:
-    digest = hashlib.blake2b(secret.encode("utf-8"), digest_size=8, person=b"sg-grad2").digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+def _generator(secret: SecretStr) -> np.random.Generator:
+    """The generator of the fixed random direction: Philox keyed by 128 bits derived from the secret."""
+    return seeding.keyed_generator(secret, b"stealguard-grad2")
+
+
+def _randn(gen: np.random.Generator, *shape: int) -> torch.Tensor:
+    return torch.from_numpy(gen.standard_normal(shape))
 
 
 @register
@@ -120,16 +126,16 @@ class GradientRedirection(Defense):
         if config.jacobian == "last_layer":
             if config.target == "random":
                 gen = _generator(config.secret)
-                w = torch.randn(self.layer.out_features, self.layer.in_features, generator=gen, dtype=torch.float64)
+                w = _randn(gen, self.layer.out_features, self.layer.in_features)
                 d = {"weight": w}
                 if self.layer.bias is not None:
-                    d["bias"] = torch.randn(self.layer.out_features, generator=gen, dtype=torch.float64)
+                    d["bias"] = _randn(gen, self.layer.out_features)
                 self._direction = _unit(d)
         elif config.jacobian == "all":
             if config.target == "random":
                 gen = _generator(config.secret)
                 params = dict(self.surrogate.named_parameters())
-                d = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in self.param_names}
+                d = {n: _randn(gen, *params[n].shape) for n in self.param_names}
                 self._direction = _unit(d)
 
     @property
@@ -166,7 +172,7 @@ class GradientRedirection(Defense):
         mode = self.config.jacobian
         ones = torch.ones(b, dtype=torch.float64)
         if mode == "identity":
-            t = torch.randn(k, generator=_generator(self.config.secret), dtype=torch.float64)
+            t = _randn(_generator(self.config.secret), k)
             return (t / t.norm()).expand(b, k).clone(), ones
         if mode == "last_layer":
             d = self._direction

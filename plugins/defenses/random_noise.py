@@ -1,8 +1,9 @@
 """``random_noise``: noise in logit space, projected onto an l1 or l2 ball of radius epsilon, then softmax.
 
 The noise is deterministic per query: each row's Gaussian draw is seeded by a keyed hash of the query (the
-input the victim saw, or the probabilities when no input is given) and ``secret``, so the same query always
-gets the same answer and averaging repeats of it gains nothing.
+input the victim saw, or the probabilities when no input is given) and ``secret`` (plugins.seeding: keyed
+BLAKE2b, then Philox), so the same query always gets the same answer and averaging repeats of it gains nothing.
+There is no default secret: whoever knows it recomputes the noise and inverts the answer exactly.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from plugins import seeding
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, secret_field
 from plugins.registry import register
 from plugins.simplex import project_l1_ball, project_l2_ball, safe_log
 
@@ -23,7 +24,11 @@ class RandomNoiseConfig(DefenseConfig):
     epsilon: float = Field(default=0.5, ge=0, le=1000, description="logit-noise ball radius (0 <= epsilon <= 1000)")
     norm: Literal["l1", "l2"] = Field(default="l2", description="norm of the logit-noise ball: l1 or l2")
     scale: float = Field(default=1.0, gt=0, le=1000, description="std of the Gaussian drawn before projection (> 0)")
-    secret: str = Field(default="stealguard", min_length=1, description="server secret keying the per-query seed")
+    secret: SecretStr | None = secret_field("the per-query noise")
+
+    @property
+    def needs_secret(self) -> bool:
+        return True
 
 
 @register

@@ -26,11 +26,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from torch import nn
 
 from plugins import seeding
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, secret_field
 from plugins.mad import euclidean, mixing
 from plugins.mad.geometry import Geometry, Reference, SurrogateGeometry, angle
 
@@ -57,9 +57,7 @@ class MADFields(DefenseConfig):
     oracle: Literal["extreme", "random", "argmin"] = Field(
         default="extreme", description="which candidate is the target: max deviation, random, min deviation"
     )
-    secret: str = Field(
-        default="stealguard", min_length=1, description="server secret keying the random oracle"
-    )
+    secret: SecretStr | None = secret_field("the random oracle (oracle='random' only)")
     jacobian_memory_mb: int = Field(
         default=256,
         ge=1,
@@ -72,6 +70,10 @@ class MADFields(DefenseConfig):
         if self.params is not None and self.jacobian != "all":
             raise ValueError(f"params: only used with jacobian='all'; got jacobian={self.jacobian!r}")
         return self
+
+    @property
+    def needs_secret(self) -> bool:
+        return self.oracle == "random"
 
 
 class MADBase(Defense):

@@ -41,6 +41,7 @@ def test_info_and_labels(lines):
         "defense": "mad",
         "defense_version": "sg/9",
         "budget": "l2<=0.1",
+        "secret_fingerprint": "none",  # mad with the extreme oracle draws no keyed randomness
     }
     for ln in emitted:
         assert ln["labels"]["defense_version"] == "sg/9"

@@ -33,12 +33,16 @@ def test_production_config_is_loopback_prometheus_token_auth_on_model_api_off():
     assert p["model_store"] == "model_store"
 
 
-def test_dev_config_differs_only_by_token_auth_and_says_so():
+def test_dev_config_differs_only_by_token_auth_and_the_defense_header_and_says_so():
     prod, dev = props("config.properties"), props("config.dev.properties")
     assert dev.pop("disable_token_authorization") == "true"
     prod.pop("disable_token_authorization")
+    assert dev.pop("stealguard_defense_header") == "true"
+    assert prod.pop("stealguard_defense_header") == "false"  # production tells clients nothing
     assert dev == prod
-    assert "TOKEN AUTHORIZATION IS OFF" in (REPO / "deploy" / "config.dev.properties").read_text()
+    text = (REPO / "deploy" / "config.dev.properties").read_text()
+    assert "TOKEN AUTHORIZATION IS OFF" in text and "X-StealGuard-Defense" in text
+    assert not any("secret" in k and "file" not in k for k in {**prod, **dev}), "no secret in a config file"
 
 
 def _export_dir(tmp_path: Path) -> Path:

@@ -71,6 +71,11 @@ def build_store(root: Path) -> tuple[Path, dict[str, nn.Module], Path]:
         "lenet_identity": dict(
             victim=lenet_files, defense={"name": "identity"}, input_spec=image_input, labels=labels
         ),
+        # JSON instances are [0, 1] pixels, normalised by the handler like images (package --json-input pixels)
+        "lenet_pixels": dict(
+            victim=lenet_files, defense={"name": "identity"}, input_spec={**image_input, "json": "pixels"},
+            labels=labels
+        ),
         "mlp_onnx_mad": dict(
             victim=export(mlp, "onnx", src / "mlp_onnx", "mlp"),
             defense=MAD,
@@ -104,6 +109,7 @@ def build_store(root: Path) -> tuple[Path, dict[str, nn.Module], Path]:
     victims = {
         "lenet_mad": lenet,
         "lenet_identity": lenet,
+        "lenet_pixels": lenet,
         "mlp_onnx_mad": mlp,
         "mlp_export_mad": mlp,
         "mlp_explode": mlp,

@@ -213,3 +213,26 @@ def test_invalid_defense_config_fails_to_load_and_says_why(deployment):
         assert requests.post(deployment.url("mlp_broken"), json=[[0.0] * 64], timeout=30).status_code != 200
     finally:
         requests.delete(f"{mgmt}/models/mlp_broken", timeout=60)
+
+
+def test_describe_api_and_pixels_json_through_torchserve(deployment):
+    """GET /models/<name>?customized=true answers the handler's describe_handle; a pixels archive answers [0, 1]
+    JSON with the top-1 of the same images sent as PNG."""
+    r = requests.get(f"{deployment.server.management_url}/models/lenet_pixels?customized=true", timeout=30)
+    assert r.status_code == 200, r.text
+    meta = r.json()[0]["customizedMetadata"]
+    contract = json.loads(meta) if isinstance(meta, str) else meta
+    assert contract["input"]["json"] == "pixels" and contract["input"]["shape"] == [1, 28, 28]
+    assert contract["input"]["mean"] == [0.5] and contract["input"]["std"] == [0.5]
+    assert contract["classes"] == LABELS and contract["defense"]["name"] == "identity"
+    imgs = (inputs("lenet", 4, seed=7).numpy() * 255).round().astype(np.uint8)
+    by_png = []
+    for img in imgs:
+        buf = io.BytesIO()
+        Image.fromarray(img[0], mode="L").save(buf, format="PNG")
+        by_png.append(probs_of(post(deployment, "lenet_pixels", data=buf.getvalue(),
+                                    headers={"Content-Type": "image/png"})))
+    by_json = probs_of(post(deployment, "lenet_pixels", {"instances": (imgs / 255.0).tolist()}))
+    assert torch.equal(by_json.argmax(1), torch.cat(by_png).argmax(1))
+    bad = post(deployment, "lenet_pixels", {"instances": (imgs * 1.0).tolist()})
+    assert bad.status_code == 400 and "pixels in [0, 1]" in bad.json()["message"]

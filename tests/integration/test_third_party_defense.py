@@ -29,8 +29,8 @@ from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle import distributions
 from mlflow_project.lifecycle import package as package_cli
 from plugins import registry
-from tests.integration.torchserve import REPO, TorchServe
-from tests.integration.victims import make_net
+from tests.support.torchserve import REPO, TorchServe
+from tests.support.victims import make_net
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,12 +6,21 @@ import pytest
 import torch
 
 from mlflow_project.lab.train_victim import export_victim, train_victim
+from tests.dev_secret import DEV_SECRET
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread(one_thread):
     """The lab's tiny models run faster on one thread on a shared 2-core machine (no intra-op contention)."""
     yield
+
+
+@pytest.fixture(autouse=True)
+def _dev_secret(monkeypatch):
+    """register / the pyfunc / package build randomised defenses with the deployment's secret: the tests' dev one."""
+    monkeypatch.delenv("STEALGUARD_SECRET_FILE", raising=False)
+    monkeypatch.delenv("TS_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("STEALGUARD_SECRET", DEV_SECRET)
 
 
 @pytest.fixture(scope="session")

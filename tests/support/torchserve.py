@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlflow_project.ops.torchserve import METRICS_YAML, REPO, free_port
 from mlflow_project.ops.torchserve import TorchServe as Launcher
+from tests.dev_secret import DEV_SECRET
 
 __all__ = ["METRICS_YAML", "REPO", "TEST_PROPERTIES", "TorchServe", "free_port"]
 
@@ -24,6 +25,7 @@ TEST_PROPERTIES = {
     "number_of_netty_threads": "2",
     "netty_client_threads": "2",
     "job_queue_size": "200",
+    "stealguard_defense_header": "true",  # a test instance is a development deployment
 }
 
 
@@ -38,6 +40,7 @@ class TorchServe(Launcher):
         properties: Mapping[str, str] | None = None,
         metrics_config: Path | str | None = None,
         token_auth: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             model_store,
@@ -48,7 +51,8 @@ class TorchServe(Launcher):
             token_auth=token_auth,
             worker_port=20000 + free_port() % 20000,
             jvm_args="-Xmx512m -XX:+UseSerialGC -XX:-UsePerfData",
-            env={"OMP_NUM_THREADS": "1", "TS_DISABLE_SYSTEM_METRICS": "true"},
+            env={"OMP_NUM_THREADS": "1", "TS_DISABLE_SYSTEM_METRICS": "true", "STEALGUARD_SECRET": DEV_SECRET,
+                 **(env or {})},
         )
 
     def wait_log(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list:

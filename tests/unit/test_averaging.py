@@ -12,7 +12,8 @@ import torch
 from mlflow_project.lab.averaging import augment, make_oracle
 from mlflow_project.lab.evaluate import Victim
 from mlflow_project.lab.models import build_model
-from plugins import available_defenses, build_defense, defense_class
+from plugins import available_defenses, defense_class
+from tests.dev_secret import OTHER_SECRET, build_defense
 
 REPEATS = 100
 K = 10
@@ -25,7 +26,7 @@ CONFIGS = [
     {"name": "rounding", "decimals": 1},
     {"name": "reverse_sigmoid", "beta": 0.5, "gamma": 0.2},
     {"name": "random_noise", "epsilon": 2.0, "norm": "l2"},
-    {"name": "random_noise", "epsilon": 1.0, "norm": "l1", "scale": 3.0, "secret": "other"},
+    {"name": "random_noise", "epsilon": 1.0, "norm": "l1", "scale": 3.0, "secret": OTHER_SECRET},
     {"name": "mad", "epsilon": 0.5, "norm": "l1"},
     {"name": "mad", "epsilon": 0.5, "norm": "l1", "oracle": "random"},
     {"name": "mad", "epsilon": 0.5, "norm": "l2", "jacobian": "all"},
@@ -105,7 +106,7 @@ def test_randomised_defenses_do_vary_across_different_queries(setup, cfg):
     out = build_defense(cfg, **resources)(y, x).probs
     delta = out - y
     assert not torch.allclose(delta[0], delta[1], atol=1e-6)
-    other = build_defense({**cfg, "secret": "another-secret"}, **resources)(y, x).probs
+    other = build_defense({**cfg, "secret": "stealguard-tests-third-secret-03"}, **resources)(y, x).probs
     assert not torch.equal(out, other)
 
 

