@@ -1,4 +1,6 @@
-"""The ``stealguard:`` section of an archive's model-config.yaml, validated when the worker initialises.
+"""The ``stealguard:`` section of an archive's model-config.yaml: the one schema (:class:`ServeConfig`) that
+``package`` writes through (:func:`write_model_config`) and the worker validates when it initialises
+(:func:`parse`). A new field is one line in the model that holds it.
 
     stealguard:
       defense: {name: mad_argmax, epsilon: 0.5, norm: l1, jacobian: last_layer}
@@ -16,7 +18,8 @@
       labels: index_to_name.json                             # optional; used when the file is shipped
 
 Every failure is a :class:`ConfigError` whose message names the field (``stealguard.<path>``) and what is
-allowed. File paths are relative to the archive's directory and must stay inside it.
+allowed. File paths are relative to the archive's directory and must stay inside it (before ``package`` stages
+them, a network's paths are local files: :func:`network`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from handlers.errors import ConfigError
 from plugins import defense_class, validate_config
 
 SECTION = "stealguard"
-RUNTIMES = ("eager", "export", "torchscript", "onnx")
-TORCH_RUNTIMES = ("eager", "export", "torchscript")
+CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config, carrying the section
+RUNTIMES = ("eager", "export", "torchscript", "onnx")  # the one list of runtimes a network can ship in
+TORCH_RUNTIMES = RUNTIMES[:3]
 
 
 class _Strict(BaseModel):
@@ -42,7 +46,7 @@ class _Strict(BaseModel):
 class RuntimeSpec(_Strict):
     """How to load a network (victim or surrogate) from the archive."""
 
-    runtime: Literal["eager", "export", "torchscript", "onnx"]
+    runtime: Literal[RUNTIMES]
     file: str = Field(
         min_length=1, description="state dict (eager), .pt2 (export), TorchScript or .onnx file"
     )
@@ -176,18 +180,49 @@ class ServeConfig(_Strict):
         ``<registered name>/<version>``, ``<version>`` when the version has no name, else ``unversioned``."""
         return "unversioned" if self.version is None else self.version.label
 
+    def section(self) -> dict[str, Any]:
+        """The section as it is written to model-config.yaml: the fields that were given, by their YAML names."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
-def _describe(exc: ValidationError) -> str:
+
+def _describe(exc: ValidationError, where: str = SECTION) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in (SECTION, *err["loc"]))
+        field = ".".join(str(p) for p in (where, *err["loc"]))
         if err["type"] == "missing":
             parts.append(f"{field}: missing")
         elif err["type"] == "extra_forbidden":
             parts.append(f"{field}: unknown key")
         else:
             parts.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
-    return "invalid stealguard config: " + "; ".join(parts)
+    return f"invalid {where} config: " + "; ".join(parts)
+
+
+def network(where: str, **fields: Any) -> RuntimeSpec:
+    """A :class:`RuntimeSpec` from its fields (``class_name`` for ``class``); a ConfigError names ``where``."""
+    try:
+        return RuntimeSpec.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, where)) from None
+
+
+def build(section: Mapping[str, Any]) -> ServeConfig:
+    """The schema's check of a section (no files looked at, the defense config not validated: :func:`parse`)."""
+    try:
+        return ServeConfig.model_validate(dict(section))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def write_model_config(root: str | os.PathLike, cfg: ServeConfig, torchserve: Mapping[str, Any]) -> str:
+    """Write ``root``/model-config.yaml: TorchServe's keys (``torchserve``, e.g. minWorkers, batchSize) and
+    ``cfg`` as the ``stealguard:`` section. Returns the file's path."""
+    import yaml
+
+    path = os.path.join(root, CONFIG_FILE)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump({**dict(torchserve), SECTION: cfg.section()}, fh, sort_keys=False)
+    return path
 
 
 def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeConfig:
@@ -195,13 +230,10 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
     section = (model_yaml_config or {}).get(SECTION)
     if not isinstance(section, Mapping):
         raise ConfigError(
-            f"model-config.yaml has no '{SECTION}:' mapping (got {type(section).__name__}); an archive "
+            f"{CONFIG_FILE} has no '{SECTION}:' mapping (got {type(section).__name__}); an archive "
             "without a defense config is never served"
         )
-    try:
-        cfg = ServeConfig.model_validate(dict(section))
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+    cfg = build(section)
     try:
         defense_cfg = validate_config(cfg.defense)
     except ValueError as exc:

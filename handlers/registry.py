@@ -11,7 +11,7 @@ so MLFLOW_TRACKING_URI must be the server's http(s) URI (a ``sqlite:``/file stor
 Authentication, when the server needs it: MLFLOW_TRACKING_TOKEN (bearer) or MLFLOW_TRACKING_USERNAME and
 MLFLOW_TRACKING_PASSWORD (basic). Only the files the worker needs are downloaded: defense.json, the surrogate
 weights, the misinformation model's weights (adaptive_misinformation: the version's own, never the archive's)
-and, when the archive's victim came from the embedded bundle, the victim's input_spec.json and weights.
+and, when the archive's victim came from the embedded bundle, the victim's input spec and weights.
 
 Every failure raises :class:`ResolveError`; the handler then applies ``stealguard.version.fallback``.
 """
@@ -30,14 +30,13 @@ import requests
 import yaml
 
 from handlers.errors import ConfigError
+from handlers.victim_export import INPUT_SPEC, VictimExport
 from plugins import defense_class
 
 log = logging.getLogger(__name__)
 
 FIELD = "stealguard.version.resolve_at_start"
 MODELS_FILE = "registry_models.py"  # the architectures (mlflow_project/lab/models.py), shipped by package
-VICTIM_FILES = {"eager": "state_dict.pt", "export": "model.pt2", "torchscript": "model.torchscript.pt",
-                "onnx": "model.onnx"}
 TIMEOUT_S = 10.0
 
 
@@ -189,15 +188,19 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
             "export>`"
         )
     if embedded.get("victim_source") == "bundle":
-        victim_doc = json.loads(client.artifact(name, version, f"{bundle}/victim/input_spec.json"))
-        shape = [int(d) for d in victim_doc.get("shape", [])]
+        where = f"{name} version {version}'s victim/{INPUT_SPEC}"
+        try:
+            victim_doc = VictimExport.parse_spec(client.artifact(name, version, f"{bundle}/victim/{INPUT_SPEC}"), where)
+        except ValueError as exc:
+            raise ResolveError(f"{FIELD}: {exc}") from None
+        shape = [int(d) for d in victim_doc["shape"]]
         if shape != list(section["input"]["shape"]):
             raise ResolveError(
                 f"{FIELD}: {name} version {version}'s victim takes rows of shape {shape}, but this archive's "
                 f"stealguard.input.shape is {list(section['input']['shape'])}; package that version instead"
             )
         runtime = section["victim"]["runtime"]
-        file = fetch(f"victim/{VICTIM_FILES[runtime]}")
+        file = fetch(f"victim/{VictimExport.relative(runtime)}")
         if runtime == "eager":
             new["victim"] = _eager(file, victim_doc["arch"], victim_doc["num_classes"], model_dir)
         else:

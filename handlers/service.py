@@ -40,7 +40,7 @@ def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module
     """adaptive_misinformation's resource: an nn.Module mapping inputs to logits. An eager module returning
     logits is passed as it is; any other runtime (ONNX, torch.export, TorchScript, or a network that returns
     probabilities) is wrapped in :class:`LogitsHead` (an identity head on its logits, run under no_grad)."""
-    if runtime.kind == "eager" and runtime.module is not None and runtime.spec.output == "logits":
+    if runtime.kind == "eager" and runtime.module is not None and runtime.output == "logits":
         return runtime.module
     return LogitsHead(runtime, num_classes)
 

@@ -109,7 +109,7 @@ class EvalResult:
 
 
 def load_victim(ref: str | Path) -> Victim:
-    """A victim from an export directory (or its state_dict.pt), or an MLflow model URI."""
+    """A victim from an export directory (or a file in it), or an MLflow model URI."""
     ref = str(ref)
     if not ref:
         raise ValueError("victim: empty; give an export directory written by train_victim "
@@ -117,13 +117,10 @@ def load_victim(ref: str | Path) -> Victim:
     if "://" not in ref and ":/" not in ref:
         from mlflow_project.lab.train_victim import load_exported
 
-        p = Path(ref)
-        if p.is_file():
-            p = p.parent
-        if not p.exists():
+        if not Path(ref).exists():
             raise FileNotFoundError(f"victim: {ref} does not exist; expected an export directory or a model URI")
-        model, arch, spec = load_exported(p)
-        return Victim(model, arch, spec, str(p))
+        model, arch, spec = load_exported(ref)
+        return Victim(model, arch, spec, str(Path(ref).parent if Path(ref).is_file() else Path(ref)))
     import mlflow
 
     info = mlflow.models.get_model_info(ref)

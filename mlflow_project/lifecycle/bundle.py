@@ -3,11 +3,11 @@
     defense.json              the defense config, the surrogate's recipe, the victim it was tuned for, provenance
     surrogate_state_dict.pt   the fixed random surrogate's weights (saved, not re-derived, so every consumer
                               of the version uses the very same surrogate)
-    victim/                   the victim's export directory as train_victim wrote it (state_dict.pt,
-                              input_spec.json, index_to_name.json, model.pt2, model.torchscript.pt, model.onnx)
+    victim/                   the victim's export directory as train_victim wrote it (a
+                              handlers.victim_export.VictimExport, every runtime)
     misinformation/           only for a defense that needs a misinformation model (adaptive_misinformation):
-                              the train_misinformation export directory it was tuned with (state_dict.pt,
-                              input_spec.json, and the other runtimes' files when they were exported)
+                              the train_misinformation export directory it was tuned with (a VictimExport; the
+                              other runtimes' files when they were exported)
 
 The bundle is the artifact of the registered MLflow model version (the pyfunc in lifecycle/pyfunc.py loads it)
 and the source from which ``package`` builds a .mar. This module needs torch and plugins only.
@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlflow_project.lab.models import build_model
+from handlers.victim_export import VictimExport
+from mlflow_project.lab.models import ARCHITECTURES, build_model
 from plugins import Defense, DefenseOutput, build_defense, defense_class, validate_config
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "defense.json"
 SURROGATE_FILE = "surrogate_state_dict.pt"
 VICTIM_DIR = "victim"
-VICTIM_REQUIRED = ("state_dict.pt", "input_spec.json")
 MISINFORMATION_DIR = "misinformation"
 
 
@@ -55,21 +55,15 @@ class DefenseBundle:
         return self.root / self.misinformation["dir"] if self.misinformation else None
 
     @property
+    def victim_export(self) -> VictimExport:
+        return VictimExport.open(self.victim_dir)
+
+    @property
     def input_spec(self) -> dict[str, Any]:
-        return json.loads((self.victim_dir / "input_spec.json").read_text())
+        return self.victim_export.spec
 
 
-def _victim_doc(victim_dir: Path, role: str = "victim", writer: str = "train_victim") -> dict[str, Any]:
-    missing = [name for name in VICTIM_REQUIRED if not (victim_dir / name).is_file()]
-    if missing:
-        raise ValueError(
-            f"{role}: {victim_dir} is not a {role} export directory (missing {', '.join(missing)}); "
-            f"expected the directory {writer} writes (state_dict.pt, input_spec.json, ...)"
-        )
-    return json.loads((victim_dir / "input_spec.json").read_text())
-
-
-def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path | None, victim_doc: dict[str, Any],
+def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path | None, victim: VictimExport,
                         source: str | None) -> dict[str, Any] | None:
     """The bundle's ``misinformation`` record (None for a defense that needs no such model), after checking that
     it is given exactly when the defense needs one and that it answers with the victim's classes."""
@@ -82,21 +76,17 @@ def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path |
     if not misinformation_dir:
         raise ValueError(f"misinformation: defense '{config['name']}' needs a misinformation model; give the "
                          "train_misinformation export directory it was tuned with")
-    doc = _victim_doc(Path(misinformation_dir), "misinformation", "train_misinformation")
-    if int(doc["num_classes"]) != int(victim_doc["num_classes"]):
-        raise ValueError(f"misinformation: {misinformation_dir} answers {doc['num_classes']} classes but the victim "
-                         f"has {victim_doc['num_classes']}; train it for this victim (train_misinformation --victim)")
-    return {"dir": MISINFORMATION_DIR, "arch": doc["arch"], "num_classes": int(doc["num_classes"]),
-            "dataset": doc.get("dataset"), "file": f"{MISINFORMATION_DIR}/state_dict.pt",
-            "source": source or str(misinformation_dir)}
+    mis = VictimExport.open(misinformation_dir, "misinformation", "train_misinformation")
+    if mis.num_classes != victim.num_classes:
+        raise ValueError(f"misinformation: {misinformation_dir} answers {mis.num_classes} classes but the victim "
+                         f"has {victim.num_classes}; train it for this victim (train_misinformation --victim)")
+    return {"dir": MISINFORMATION_DIR, "arch": mis.arch, "num_classes": mis.num_classes, "dataset": mis.dataset,
+            "file": f"{MISINFORMATION_DIR}/{mis.relative('eager')}", "source": source or str(misinformation_dir)}
 
 
-def build_victim(victim_dir: Path) -> nn.Module:
+def build_victim(victim_dir: str | Path) -> nn.Module:
     """The eager victim from an export directory, in eval mode."""
-    doc = _victim_doc(victim_dir)
-    model = build_model(doc["arch"], num_classes=int(doc["num_classes"]))
-    model.load_state_dict(torch.load(victim_dir / "state_dict.pt", map_location="cpu", weights_only=True))
-    return model.eval()
+    return VictimExport.open(victim_dir).eager(ARCHITECTURES)
 
 
 def write_bundle(
@@ -114,9 +104,9 @@ def write_bundle(
     from plugins.surrogate import make_surrogate
 
     config = validate_config(defense_config).model_dump()
-    victim_dir = Path(victim_dir)
-    doc = _victim_doc(victim_dir)
-    misinformation = _misinformation_doc(config, misinformation_dir, doc, misinformation_source)
+    victim = VictimExport.open(victim_dir)
+    victim_dir = victim.root
+    misinformation = _misinformation_doc(config, misinformation_dir, victim, misinformation_source)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -126,15 +116,15 @@ def write_bundle(
         shutil.copytree(Path(misinformation_dir), out / MISINFORMATION_DIR)
     surrogate = None
     if defense_class(config["name"]).needs_surrogate:
-        net = make_surrogate(build_victim(victim_dir), seed=surrogate_seed)
+        net = make_surrogate(victim.eager(ARCHITECTURES), seed=surrogate_seed)
         torch.save(net.state_dict(), out / SURROGATE_FILE)
-        surrogate = {"arch": doc["arch"], "num_classes": int(doc["num_classes"]), "seed": surrogate_seed,
+        surrogate = {"arch": victim.arch, "num_classes": victim.num_classes, "seed": surrogate_seed,
                      "file": SURROGATE_FILE}
     document = {
         "format": BUNDLE_FORMAT,
         "defense": config,
-        "victim": {"dir": VICTIM_DIR, "arch": doc["arch"], "num_classes": int(doc["num_classes"]),
-                   "dataset": doc.get("dataset"), "source": victim_source or str(victim_dir)},
+        "victim": {"dir": VICTIM_DIR, "arch": victim.arch, "num_classes": victim.num_classes,
+                   "dataset": victim.dataset, "source": victim_source or str(victim_dir)},
         "surrogate": surrogate,
         "misinformation": misinformation,
         "provenance": provenance or {},

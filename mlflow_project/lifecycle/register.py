@@ -32,6 +32,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
+from handlers.victim_export import VictimExport
 from mlflow_project.lifecycle import tracking
 from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.lifecycle.model_uris import is_models_uri, victim_export_dir
@@ -93,22 +94,19 @@ def misinformation_export_dir(ref: str, workdir: Path) -> Path:
     """A train_misinformation export directory from a path, or from an MLflow artifact URI downloaded into
     ``workdir`` (``runs:/<id>/misinformation``, where train_misinformation logs it)."""
     if ":/" not in ref:
-        path = Path(ref)
-        path = path.parent if path.is_file() else path
-        if not (path / "input_spec.json").is_file():
+        if not VictimExport.is_export(Path(ref).parent if Path(ref).is_file() else ref):
             raise ValueError(f"misinformation: {ref} is neither an MLflow artifact URI (runs:/<id>/misinformation) "
-                             "nor an export directory written by train_misinformation (state_dict.pt, "
-                             "input_spec.json)")
-        return path
+                             "nor an export directory written by train_misinformation")
+        return VictimExport.open(ref, "misinformation", "train_misinformation").root
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir)))
     except Exception as exc:  # MlflowException: unknown run, path or model
         raise ValueError(f"misinformation: cannot download {ref}: {getattr(exc, 'message', exc)}") from None
-    found = sorted(local.rglob("input_spec.json")) if local.is_dir() else []
-    if not found:
-        raise ValueError(f"misinformation: {ref} holds no train_misinformation export (no input_spec.json); give "
+    found = VictimExport.find(local, "misinformation", "train_misinformation")
+    if found is None:
+        raise ValueError(f"misinformation: {ref} holds no train_misinformation export; give "
                          "runs:/<train_misinformation run id>/misinformation")
-    return found[0].parent
+    return found.root
 
 
 def load_config(value: str) -> dict[str, Any]:

@@ -15,8 +15,9 @@ import yaml
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+from handlers.config import RuntimeSpec
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.lifecycle.package import ModelFiles, stage
+from mlflow_project.lifecycle.package import stage
 from tests.integration.torchserve import METRICS_YAML
 from tests.integration.victims import export, make_net
 
@@ -92,7 +93,7 @@ def serve(tmp_path: Path):
         defense: dict | None = None,
         arch: str = "mlp",
         runtime: str = "eager",
-        surrogate: ModelFiles | str | None = None,
+        surrogate: RuntimeSpec | str | None = None,
         input_spec: dict | None = None,
         metrics: Any = None,
         edit: Any = None,
