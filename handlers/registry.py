@@ -9,7 +9,7 @@ This talks to an ``mlflow server`` over its REST API with ``requests`` (handlers
 
 so MLFLOW_TRACKING_URI must be the server's http(s) URI (a ``sqlite:``/file store cannot be reached this way).
 Authentication, when the server needs it: MLFLOW_TRACKING_TOKEN (bearer) or MLFLOW_TRACKING_USERNAME and
-MLFLOW_TRACKING_PASSWORD (basic). Only the files the worker needs are downloaded: defense.json, the surrogate
+MLFLOW_TRACKING_PASSWORD (basic). Only the files the worker needs are downloaded: the bundle document, the surrogate
 weights, the misinformation model's weights (adaptive_misinformation: the version's own, never the archive's)
 and, when the archive's victim came from the embedded bundle, the victim's input spec and weights.
 
@@ -19,7 +19,6 @@ Every failure raises :class:`ResolveError`; the handler then applies ``stealguar
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 import requests
 import yaml
 
+from handlers import bundle_document
 from handlers.errors import ConfigError
 from handlers.victim_export import INPUT_SPEC, VictimExport
 from plugins import defense_class
@@ -155,12 +155,12 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
         return Resolution(section=section, version=version, changed=False)
 
     bundle = _bundle_path(client, name, version)
-    doc_bytes = client.artifact(name, version, f"{bundle}/defense.json")
     try:
-        doc = json.loads(doc_bytes)
-        defense = dict(doc["defense"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ResolveError(f"{FIELD}: {name} version {version}: defense.json is not a defense bundle") from exc
+        doc = bundle_document.parse(client.artifact(name, version, f"{bundle}/{bundle_document.DOCUMENT}"),
+                                    f"{name} version {version}")
+    except ValueError as exc:
+        raise ResolveError(f"{FIELD}: {exc}") from None
+    defense = dict(doc["defense"])
     dest = tempfile.mkdtemp(prefix=f"registry-v{version}-", dir=model_dir)  # private to this worker
     rel = os.path.relpath(dest, model_dir)
 
@@ -188,9 +188,10 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
             "export>`"
         )
     if embedded.get("victim_source") == "bundle":
-        where = f"{name} version {version}'s victim/{INPUT_SPEC}"
+        spec_path = f"{bundle_document.VICTIM_DIR}/{INPUT_SPEC}"
         try:
-            victim_doc = VictimExport.parse_spec(client.artifact(name, version, f"{bundle}/victim/{INPUT_SPEC}"), where)
+            victim_doc = VictimExport.parse_spec(client.artifact(name, version, f"{bundle}/{spec_path}"),
+                                                 f"{name} version {version}'s {spec_path}")
         except ValueError as exc:
             raise ResolveError(f"{FIELD}: {exc}") from None
         shape = [int(d) for d in victim_doc["shape"]]
@@ -200,7 +201,7 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
                 f"stealguard.input.shape is {list(section['input']['shape'])}; package that version instead"
             )
         runtime = section["victim"]["runtime"]
-        file = fetch(f"victim/{VictimExport.relative(runtime)}")
+        file = fetch(f"{bundle_document.VICTIM_DIR}/{VictimExport.relative(runtime)}")
         if runtime == "eager":
             new["victim"] = _eager(file, victim_doc["arch"], victim_doc["num_classes"], model_dir)
         else:

@@ -1,8 +1,10 @@
 """The defended model, framework-free: victim runtime -> probabilities -> defense -> checked perturbed output.
 
-:class:`DefendedModel` is what the handler class wraps. It loads everything at start-up and runs the whole
-pipeline once on a warm-up batch, so a victim, surrogate or defense that cannot work makes the worker fail to
-load instead of failing (or worse, answering undefended) later.
+:class:`DefendedPipeline` is that pipeline, the one both the server and the registered pyfunc score through
+(mlflow_project/lifecycle/bundle.py's DefendedVictim), output and budget checks included. :class:`DefendedModel`
+is what the handler class wraps: it loads everything from the archive at start-up and runs the whole pipeline
+once on a warm-up batch, so a victim, surrogate or defense that cannot work makes the worker fail to load
+instead of failing (or worse, answering undefended) later.
 """
 
 from __future__ import annotations
@@ -45,66 +47,23 @@ def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module
     return LogitsHead(runtime, num_classes)
 
 
-class DefendedModel:
-    def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
-        self.cfg = cfg
-        self.model_dir = model_dir
-        threads = cfg.threads
-        self.victim: Runtime = load_runtime(
-            cfg.victim, model_dir, "stealguard.victim", threads.intra_op, threads.inter_op
-        )
-        self.surrogate: Runtime | None = None
-        resources: dict[str, object] = {}
-        x0 = torch.zeros((2, *cfg.input.shape), dtype=torch.float32)
+class DefendedPipeline:
+    """A victim runtime and its defense: :meth:`defend` returns the victim's probabilities and the defense's
+    output, checked (shape, simplex, probs-space budget), or raises :class:`DefenseFailed`."""
+
+    def __init__(self, victim: Runtime, defense: Defense) -> None:
+        self.victim = victim
+        self.defense = defense
+
+    def warm_up(self, shape: tuple[int, ...]) -> None:
+        """Run a batch of two zero rows of ``shape`` through the pipeline; raise ConfigError if it fails."""
         try:
-            y0 = check_probs(self.victim.probabilities(x0))
-        except Exception as exc:
-            raise ConfigError(
-                f"stealguard.victim: a warm-up batch of shape {list(x0.shape)} (stealguard.input.shape "
-                f"{list(cfg.input.shape)}) does not run: {type(exc).__name__}: {exc}"
-            ) from exc
-        self.num_classes = int(y0.shape[1])
-        resources["num_classes"] = self.num_classes
-        if cfg.surrogate is not None:
-            self.surrogate = load_runtime(
-                cfg.surrogate, model_dir, "stealguard.surrogate", threads.intra_op, threads.inter_op
-            )
-            jacobian = cfg.defense.get("jacobian", "last_layer")
-            resources["surrogate"] = self.surrogate.as_surrogate(self.num_classes, jacobian)
-        self.misinformation: Runtime | None = None
-        if cfg.misinformation is not None:
-            self.misinformation = load_runtime(
-                cfg.misinformation, model_dir, "stealguard.misinformation", threads.intra_op, threads.inter_op
-            )
-            resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
-        try:
-            self.defense: Defense = build_defense(cfg.defense, **resources)
-        except ValueError as exc:
-            raise ConfigError(f"stealguard.defense: {exc}") from exc
-        try:
-            self.defend(x0)
+            self.defend(torch.zeros((2, *shape), dtype=torch.float32))
         except Exception as exc:
             raise ConfigError(
                 f"stealguard.defense: '{self.defense.name}' fails on a warm-up batch "
                 f"(are the surrogate and misinformation models compatible with the victim?): {exc}"
             ) from exc
-        labels = None
-        if cfg.labels is not None:
-            default = cfg.labels == "index_to_name.json"
-            path = resolve(model_dir, cfg.labels, "stealguard.labels", must_exist=False)
-            if os.path.isfile(path):
-                try:
-                    labels = load_labels(path, self.num_classes)
-                except (ValueError, OSError) as exc:
-                    raise ConfigError(f"stealguard.labels: {cfg.labels}: {exc}") from exc
-            elif not default:
-                raise ConfigError(f"stealguard.labels: file {cfg.labels!r} is not in the archive")
-        self.codec = Codec(cfg.input, labels)
-
-    @property
-    def header(self) -> str:
-        """``<defense name>@<version>`` for the X-StealGuard-Defense response header."""
-        return f"{self.cfg.defense_name}@{self.cfg.version_label}"
 
     def defend(self, x: torch.Tensor) -> Defended:
         """Victim probabilities for ``x`` and the defense's checked output. Raises DefenseFailed if the
@@ -138,3 +97,60 @@ class DefendedModel:
                     f"defense '{self.defense.name}' exceeded its budget: {budget.norm} distance {worst:.6g}"
                     f" > epsilon {budget.epsilon:g}"
                 )
+
+
+class DefendedModel(DefendedPipeline):
+    """The pipeline of an archive's ``stealguard`` section, loaded from its directory and warmed up."""
+
+    def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
+        self.cfg = cfg
+        self.model_dir = model_dir
+        threads = cfg.threads
+        victim = load_runtime(cfg.victim, model_dir, "stealguard.victim", threads.intra_op, threads.inter_op)
+        self.surrogate: Runtime | None = None
+        resources: dict[str, object] = {}
+        x0 = torch.zeros((2, *cfg.input.shape), dtype=torch.float32)  # the victim's warm-up
+        try:
+            y0 = check_probs(victim.probabilities(x0))
+        except Exception as exc:
+            raise ConfigError(
+                f"stealguard.victim: a warm-up batch of shape {list(x0.shape)} (stealguard.input.shape "
+                f"{list(cfg.input.shape)}) does not run: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.num_classes = int(y0.shape[1])
+        resources["num_classes"] = self.num_classes
+        if cfg.surrogate is not None:
+            self.surrogate = load_runtime(
+                cfg.surrogate, model_dir, "stealguard.surrogate", threads.intra_op, threads.inter_op
+            )
+            jacobian = cfg.defense.get("jacobian", "last_layer")
+            resources["surrogate"] = self.surrogate.as_surrogate(self.num_classes, jacobian)
+        self.misinformation: Runtime | None = None
+        if cfg.misinformation is not None:
+            self.misinformation = load_runtime(
+                cfg.misinformation, model_dir, "stealguard.misinformation", threads.intra_op, threads.inter_op
+            )
+            resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
+        try:
+            defense = build_defense(cfg.defense, **resources)
+        except ValueError as exc:
+            raise ConfigError(f"stealguard.defense: {exc}") from exc
+        super().__init__(victim, defense)
+        self.warm_up(cfg.input.shape)
+        labels = None
+        if cfg.labels is not None:
+            default = cfg.labels == "index_to_name.json"
+            path = resolve(model_dir, cfg.labels, "stealguard.labels", must_exist=False)
+            if os.path.isfile(path):
+                try:
+                    labels = load_labels(path, self.num_classes)
+                except (ValueError, OSError) as exc:
+                    raise ConfigError(f"stealguard.labels: {cfg.labels}: {exc}") from exc
+            elif not default:
+                raise ConfigError(f"stealguard.labels: file {cfg.labels!r} is not in the archive")
+        self.codec = Codec(cfg.input, labels)
+
+    @property
+    def header(self) -> str:
+        """``<defense name>@<version>`` for the X-StealGuard-Defense response header."""
+        return f"{self.cfg.defense_name}@{self.cfg.version_label}"

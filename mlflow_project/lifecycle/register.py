@@ -136,9 +136,9 @@ def register(
         bundle = write_bundle(Path(tmp) / "bundle", config, victim_dir, surrogate_seed=surrogate_seed,
                               victim_source=victim, provenance={**(provenance or {}), "victim": victim_info},
                               misinformation_dir=mis_dir, misinformation_source=misinformation or None)
-        doc = json.loads((bundle / "defense.json").read_text())
         defended = DefendedVictim(read_bundle(bundle))
-        example = np.zeros((2, *defended.bundle.input_spec["shape"]), dtype=np.float32)
+        doc = defended.bundle.document
+        example = np.zeros((2, *defended.bundle.victim_export.shape), dtype=np.float32)
         signature = infer_signature(example, defended(torch.from_numpy(example)).probs.numpy())
         with mlflow.start_run(run_name=f"register {name}") as run:
             mlflow.set_tags({"stealguard.kind": "defense-registration", "stealguard.defense": doc["defense"]["name"],
@@ -152,7 +152,7 @@ def register(
                 name="defense",
                 python_model=str(PYFUNC_CODE),
                 artifacts={"bundle": str(bundle)},
-                code_paths=[str(REPO / "plugins"), str(REPO / "mlflow_project")],
+                code_paths=[str(REPO / "plugins"), str(REPO / "handlers"), str(REPO / "mlflow_project")],
                 registered_model_name=name,
                 signature=signature,
                 input_example=example,
