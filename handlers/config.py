@@ -35,6 +35,7 @@ from plugins import defense_class, validate_config
 
 SECTION = "stealguard"
 CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config, carrying the section
+LABELS_FILE = "index_to_name.json"  # TorchServe's class-name map (an export's labels have the same name)
 RUNTIMES = ("eager", "export", "torchscript", "onnx")  # the one list of runtimes a network can ship in
 TORCH_RUNTIMES = RUNTIMES[:3]
 
@@ -168,7 +169,7 @@ class ServeConfig(_Strict):
     input: InputSpec
     version: VersionSpec | None = None
     threads: Threads = Field(default_factory=Threads)
-    labels: str | None = "index_to_name.json"
+    labels: str | None = LABELS_FILE
 
     @property
     def defense_name(self) -> str:

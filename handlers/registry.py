@@ -219,7 +219,7 @@ def load(cfg: Any, model_dir: str, build: Any, tracking_uri: str | None = None) 
     an unusable version) applies ``fallback``: ``embedded`` builds the embedded config, ``fail`` raises.
     Either way the worker serves a defense or does not load: never undefended.
     """
-    from handlers.config import parse
+    from handlers.config import SECTION, parse
 
     version = cfg.version
     if version is None or not version.resolve_at_start:
@@ -230,7 +230,7 @@ def load(cfg: Any, model_dir: str, build: Any, tracking_uri: str | None = None) 
         res = resolve(cfg.model_dump(by_alias=True), model_dir, uri)
         if not res.changed:
             return cfg, build(cfg), f"resolved at start: {where} -> version {res.version}, the embedded one"
-        resolved = parse({"stealguard": res.section}, model_dir)
+        resolved = parse({SECTION: res.section}, model_dir)
         model = build(resolved)
         return resolved, model, (
             f"resolved at start: {where} -> version {res.version} (embedded version {version.version} not used)"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from handlers.codec import Codec, load_labels
-from handlers.config import ServeConfig, resolve
+from handlers.config import LABELS_FILE, ServeConfig, resolve
 from handlers.errors import ConfigError
 from handlers.runtimes import LogitsHead, Runtime, load_runtime
 from plugins import Defense, DefenseOutput, build_defense, check_probs, distance
@@ -139,7 +139,7 @@ class DefendedModel(DefendedPipeline):
         self.warm_up(cfg.input.shape)
         labels = None
         if cfg.labels is not None:
-            default = cfg.labels == "index_to_name.json"
+            default = cfg.labels == LABELS_FILE
             path = resolve(model_dir, cfg.labels, "stealguard.labels", must_exist=False)
             if os.path.isfile(path):
                 try:

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.config import RUNTIMES
+from handlers.config import LABELS_FILE, RUNTIMES
 from handlers.runtimes import Runtime, TorchRuntime, load_file, load_state_dict
 
 INPUT_SPEC = "input_spec.json"
-LABELS = "index_to_name.json"
+LABELS = LABELS_FILE
 FILES = {"eager": "state_dict.pt", "export": "model.pt2", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 REQUIRED = (FILES["eager"], INPUT_SPEC)
 ALL_FILES = (*FILES.values(), INPUT_SPEC, LABELS)

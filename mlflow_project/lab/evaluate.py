@@ -44,6 +44,7 @@ METRICS = (
     "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
 )
 ORACLES = ("local", "http")
+DEFENSE_ARTIFACT = "defense.json"  # an evaluate run's defense config (register.config_from_run reads it)
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def log_evaluation(r: EvalResult) -> None:
     mlflow.log_metrics({f"seconds_{k}": v for k, v in r.seconds.items()})
     for h in r.history:
         mlflow.log_metric("attack_transfer_size", h["transfer_size"], step=h["round"])
-    mlflow.log_dict(dict(r.config.defense), "defense.json")
+    mlflow.log_dict(dict(r.config.defense), DEFENSE_ARTIFACT)
     mlflow.log_text(summary_text(r), "summary.txt")
     fig = summary_figure(r)
     mlflow.log_figure(fig, "evaluation.png")

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 import yaml
 
-from handlers.config import CONFIG_FILE, RUNTIMES, RuntimeSpec, network, write_model_config
+from handlers.bundle_document import SURROGATE_FILE  # the random surrogate's weights, named as in a bundle
+from handlers.config import CONFIG_FILE, LABELS_FILE, RUNTIMES, RuntimeSpec, network, write_model_config
 from handlers.config import build as build_section
 from handlers.victim_export import VictimExport
 
@@ -146,7 +147,7 @@ def random_surrogate(victim: RuntimeSpec, seed: int, workdir: Path) -> RuntimeSp
     from plugins.surrogate import make_surrogate
 
     net = make_surrogate(victim_net, seed)
-    path = workdir / "surrogate_state_dict.pt"
+    path = workdir / SURROGATE_FILE
     torch.save(net.state_dict(), path)
     return model_files("eager", path, victim.model_file, victim.class_name, dict(victim.kwargs))
 
@@ -226,7 +227,7 @@ def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> Run
     from plugins.surrogate import make_surrogate
 
     net = make_surrogate(functools.partial(ARCHITECTURES[arch], num_classes=num_classes), seed)
-    path = workdir / "surrogate_state_dict.pt"
+    path = workdir / SURROGATE_FILE
     torch.save(net.state_dict(), path)
     return eager_from_arch(path, arch, num_classes)
 
@@ -517,7 +518,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mean", default=None, help="image normalisation mean(s), comma-separated (default 0)")
     p.add_argument("--std", default=None, help="image normalisation std(s), comma-separated (default 1)")
-    p.add_argument("--labels", help="index_to_name.json to ship")
+    p.add_argument("--labels", help=f"class-name map to ship as {LABELS_FILE} ({{\"0\": name, ...}} or a list)")
     p.add_argument("--version-name", help="registered name of the defense config (MLflow)")
     p.add_argument("--version", help="version of the defense config (header X-StealGuard-Defense)")
     p.add_argument("--batch-size", type=_int, default=8)

@@ -32,6 +32,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
+from handlers import bundle_document
 from handlers.victim_export import VictimExport
 from mlflow_project.lifecycle import tracking
 from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
@@ -68,11 +69,13 @@ def recommended_child(client: MlflowClient, parent_run_id: str) -> str:
 
 def config_from_run(client: MlflowClient, run_id: str, workdir: Path) -> tuple[dict[str, Any], str, dict]:
     """The defense config (its defense.json artifact) and the victim reference (its ``victim`` param) of a run."""
+    from mlflow_project.lab.evaluate import DEFENSE_ARTIFACT
+
     run = client.get_run(run_id)
     victim = run.data.params.get("victim", "")
     if not victim:
         raise ValueError(f"run-id: run {run_id} has no 'victim' param; register from an evaluate or sweep run")
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="defense.json", dst_path=str(workdir))
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=DEFENSE_ARTIFACT, dst_path=str(workdir))
     config = json.loads(Path(path).read_text())
     tuned = {"run_id": run_id, **{k: v for k, v in run.data.metrics.items()
                                   if k in ("defender_accuracy", "attacker_accuracy", "perturbation_l1_mean")}}
@@ -147,7 +150,7 @@ def register(
             mlflow.log_params({"victim": victim, "surrogate_seed": surrogate_seed})
             if misinformation:
                 mlflow.log_param("misinformation", misinformation)
-            mlflow.log_dict(doc, "defense.json")
+            mlflow.log_dict(doc, bundle_document.DOCUMENT)
             info = mlflow.pyfunc.log_model(
                 name="defense",
                 python_model=str(PYFUNC_CODE),
