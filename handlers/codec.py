@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -220,6 +221,7 @@ def load_labels(path: str | None, num_classes: int) -> list[Any] | None:
     """Labels from index_to_name.json ({"0": "name", ...} or a list); None when ``path`` is None."""
     if path is None:
         return None
+    name = os.path.basename(path)
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     if isinstance(raw, list):
@@ -228,9 +230,9 @@ def load_labels(path: str | None, num_classes: int) -> list[Any] | None:
         labels = [raw.get(str(i), i) for i in range(num_classes)]
         extra = sorted(set(raw) - {str(i) for i in range(num_classes)})
         if extra:
-            raise ValueError(f"index_to_name.json has keys outside 0..{num_classes - 1}: {extra[:5]}")
+            raise ValueError(f"{name} has keys outside 0..{num_classes - 1}: {extra[:5]}")
     else:
-        raise ValueError(f"index_to_name.json must be an object or a list; got {type(raw).__name__}")
+        raise ValueError(f"{name} must be an object or a list; got {type(raw).__name__}")
     if len(labels) != num_classes:
-        raise ValueError(f"index_to_name.json names {len(labels)} classes; the victim has {num_classes}")
+        raise ValueError(f"{name} names {len(labels)} classes; the victim has {num_classes}")
     return labels

@@ -1,4 +1,6 @@
-"""The ``stealguard:`` section of an archive's model-config.yaml, validated when the worker initialises.
+"""The ``stealguard:`` section of an archive's model-config.yaml: the one schema (:class:`ServeConfig`) that
+``package`` writes through (:func:`write_model_config`) and the worker validates when it initialises
+(:func:`parse`). A new field is one line in the model that holds it.
 
     stealguard:
       defense: {name: mad_argmax, epsilon: 0.5, norm: l1, jacobian: last_layer}
@@ -18,7 +20,8 @@
       labels: index_to_name.json                             # optional; used when the file is shipped
 
 Every failure is a :class:`ConfigError` whose message names the field (``stealguard.<path>``) and what is
-allowed. File paths are relative to the archive's directory and must stay inside it.
+allowed. File paths are relative to the archive's directory and must stay inside it (before ``package`` stages
+them, a network's paths are local files: :func:`network`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from plugins import defense_class, validate_config
 from plugins.base import describe_validation_error
 
 SECTION = "stealguard"
-RUNTIMES = ("eager", "export", "torchscript", "onnx")
-TORCH_RUNTIMES = ("eager", "export", "torchscript")
+CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config, carrying the section
+LABELS_FILE = "index_to_name.json"  # TorchServe's class-name map (an export's labels have the same name)
+RUNTIMES = ("eager", "export", "torchscript", "onnx")  # the one list of runtimes a network can ship in
+TORCH_RUNTIMES = RUNTIMES[:3]
 
 
 class _Strict(BaseModel):
@@ -45,7 +50,7 @@ class _Strict(BaseModel):
 class RuntimeSpec(_Strict):
     """How to load a network (victim or surrogate) from the archive."""
 
-    runtime: Literal["eager", "export", "torchscript", "onnx"]
+    runtime: Literal[RUNTIMES]
     file: str = Field(
         min_length=1, description="state dict (eager), .pt2 (export), TorchScript or .onnx file"
     )
@@ -188,7 +193,7 @@ class ServeConfig(_Strict):
     version: VersionSpec | None = None
     secret: SecretSpec | None = None
     threads: Threads = Field(default_factory=Threads)
-    labels: str | None = "index_to_name.json"
+    labels: str | None = LABELS_FILE
 
     @property
     def defense_name(self) -> str:
@@ -200,19 +205,47 @@ class ServeConfig(_Strict):
         ``<registered name>/<version>``, ``<version>`` when the version has no name, else ``unversioned``."""
         return "unversioned" if self.version is None else self.version.label
 
+    def section(self) -> dict[str, Any]:
+        """The section as it is written to model-config.yaml: the fields that were given, by their YAML names."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def network(where: str, **fields: Any) -> RuntimeSpec:
+    """A :class:`RuntimeSpec` from its fields (``class_name`` for ``class``); a ConfigError names ``where``."""
+    try:
+        return RuntimeSpec.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, f"invalid {where} config", (where,))) from None
+
+
+def build(section: Mapping[str, Any]) -> ServeConfig:
+    """The schema's check of a section (no files looked at, the defense config not validated: :func:`parse`)."""
+    try:
+        return ServeConfig.model_validate(dict(section))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, f"invalid {SECTION} config", (SECTION,))) from None
+
+
+def write_model_config(root: str | os.PathLike, cfg: ServeConfig, torchserve: Mapping[str, Any]) -> str:
+    """Write ``root``/model-config.yaml: TorchServe's keys (``torchserve``, e.g. minWorkers, batchSize) and
+    ``cfg`` as the ``stealguard:`` section. Returns the file's path."""
+    import yaml
+
+    path = os.path.join(root, CONFIG_FILE)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump({**dict(torchserve), SECTION: cfg.section()}, fh, sort_keys=False)
+    return path
+
 
 def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeConfig:
     """Validate the ``stealguard`` section (defense included) and check that every named file exists."""
     section = (model_yaml_config or {}).get(SECTION)
     if not isinstance(section, Mapping):
         raise ConfigError(
-            f"model-config.yaml has no '{SECTION}:' mapping (got {type(section).__name__}); an archive "
+            f"{CONFIG_FILE} has no '{SECTION}:' mapping (got {type(section).__name__}); an archive "
             "without a defense config is never served"
         )
-    try:
-        cfg = ServeConfig.model_validate(dict(section))
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, "invalid stealguard config", (SECTION,))) from None
+    cfg = build(section)
     try:
         defense_cfg = validate_config(cfg.defense)
     except ValueError as exc:

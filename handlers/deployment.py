@@ -36,7 +36,7 @@ PROPERTY_HEADER = "stealguard_defense_header"
 HOWTO = (
     f"supply it at deploy time: set the environment variable {ENV_SECRET} (the secret) or {ENV_SECRET_FILE} (a "
     f"file holding it), or name such a file outside the archive in config.properties ({PROPERTY_SECRET_FILE}=..., "
-    f"found through {ENV_TS_CONFIG}) or in model-config.yaml (stealguard.secret.file, `package --secret-file`); "
+    f"found through {ENV_TS_CONFIG}) or in the model's config (stealguard.secret.file, `package --secret-file`); "
     f"it needs >= {MIN_SECRET_LENGTH} characters; {SECRET_HOWTO}"
 )
 

@@ -9,9 +9,9 @@ This talks to an ``mlflow server`` over its REST API with ``requests`` (handlers
 
 so MLFLOW_TRACKING_URI must be the server's http(s) URI (a ``sqlite:``/file store cannot be reached this way).
 Authentication, when the server needs it: MLFLOW_TRACKING_TOKEN (bearer) or MLFLOW_TRACKING_USERNAME and
-MLFLOW_TRACKING_PASSWORD (basic). Only the files the worker needs are downloaded: defense.json, the surrogate
+MLFLOW_TRACKING_PASSWORD (basic). Only the files the worker needs are downloaded: the bundle document, the surrogate
 weights, the misinformation model's weights (adaptive_misinformation: the version's own, never the archive's)
-and, when the archive's victim came from the embedded bundle, the victim's input_spec.json and weights.
+and, when the archive's victim came from the embedded bundle, the victim's input spec and weights.
 
 Every failure raises :class:`ResolveError`; the handler then applies ``stealguard.version.fallback``.
 """
@@ -19,7 +19,6 @@ Every failure raises :class:`ResolveError`; the handler then applies ``stealguar
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import tempfile
@@ -29,15 +28,15 @@ from typing import Any
 import requests
 import yaml
 
+from handlers import bundle_document
 from handlers.errors import ConfigError
+from handlers.victim_export import INPUT_SPEC, VictimExport
 from plugins import defense_class
 
 log = logging.getLogger(__name__)
 
 FIELD = "stealguard.version.resolve_at_start"
 MODELS_FILE = "registry_models.py"  # the architectures (mlflow_project/lab/models.py), shipped by package
-VICTIM_FILES = {"eager": "state_dict.pt", "export": "model.pt2", "torchscript": "model.torchscript.pt",
-                "onnx": "model.onnx"}
 TIMEOUT_S = 10.0
 
 
@@ -156,12 +155,12 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
         return Resolution(section=section, version=version, changed=False)
 
     bundle = _bundle_path(client, name, version)
-    doc_bytes = client.artifact(name, version, f"{bundle}/defense.json")
     try:
-        doc = json.loads(doc_bytes)
-        defense = dict(doc["defense"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ResolveError(f"{FIELD}: {name} version {version}: defense.json is not a defense bundle") from exc
+        doc = bundle_document.parse(client.artifact(name, version, f"{bundle}/{bundle_document.DOCUMENT}"),
+                                    f"{name} version {version}")
+    except ValueError as exc:
+        raise ResolveError(f"{FIELD}: {exc}") from None
+    defense = dict(doc["defense"])
     dest = tempfile.mkdtemp(prefix=f"registry-v{version}-", dir=model_dir)  # private to this worker
     rel = os.path.relpath(dest, model_dir)
 
@@ -189,15 +188,20 @@ def resolve(section: dict[str, Any], model_dir: str, tracking_uri: str | None) -
             "export>`"
         )
     if embedded.get("victim_source") == "bundle":
-        victim_doc = json.loads(client.artifact(name, version, f"{bundle}/victim/input_spec.json"))
-        shape = [int(d) for d in victim_doc.get("shape", [])]
+        spec_path = f"{bundle_document.VICTIM_DIR}/{INPUT_SPEC}"
+        try:
+            victim_doc = VictimExport.parse_spec(client.artifact(name, version, f"{bundle}/{spec_path}"),
+                                                 f"{name} version {version}'s {spec_path}")
+        except ValueError as exc:
+            raise ResolveError(f"{FIELD}: {exc}") from None
+        shape = [int(d) for d in victim_doc["shape"]]
         if shape != list(section["input"]["shape"]):
             raise ResolveError(
                 f"{FIELD}: {name} version {version}'s victim takes rows of shape {shape}, but this archive's "
                 f"stealguard.input.shape is {list(section['input']['shape'])}; package that version instead"
             )
         runtime = section["victim"]["runtime"]
-        file = fetch(f"victim/{VICTIM_FILES[runtime]}")
+        file = fetch(f"{bundle_document.VICTIM_DIR}/{VictimExport.relative(runtime)}")
         if runtime == "eager":
             new["victim"] = _eager(file, victim_doc["arch"], victim_doc["num_classes"], model_dir)
         else:
@@ -215,7 +219,7 @@ def load(cfg: Any, model_dir: str, build: Any, tracking_uri: str | None = None) 
     an unusable version) applies ``fallback``: ``embedded`` builds the embedded config, ``fail`` raises.
     Either way the worker serves a defense or does not load: never undefended.
     """
-    from handlers.config import parse
+    from handlers.config import SECTION, parse
 
     version = cfg.version
     if version is None or not version.resolve_at_start:
@@ -226,7 +230,7 @@ def load(cfg: Any, model_dir: str, build: Any, tracking_uri: str | None = None) 
         res = resolve(cfg.model_dump(by_alias=True), model_dir, uri)
         if not res.changed:
             return cfg, build(cfg), f"resolved at start: {where} -> version {res.version}, the embedded one"
-        resolved = parse({"stealguard": res.section}, model_dir)
+        resolved = parse({SECTION: res.section}, model_dir)
         model = build(resolved)
         return resolved, model, (
             f"resolved at start: {where} -> version {res.version} (embedded version {version.version} not used)"

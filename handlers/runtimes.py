@@ -9,6 +9,7 @@ thread counts).
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -20,13 +21,14 @@ from handlers.errors import ConfigError
 
 
 class Runtime:
-    """A loaded network. ``module`` is the torch module (None for ONNX); calling it runs a batch."""
+    """A loaded network. ``module`` is the torch module (None for ONNX); calling it runs a batch. ``output`` says
+    what the network returns: ``logits`` or ``probabilities`` (RuntimeSpec.output)."""
 
     kind: str = ""
     module: nn.Module | None = None
 
-    def __init__(self, spec: RuntimeSpec) -> None:
-        self.spec = spec
+    def __init__(self, output: str = "logits") -> None:
+        self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -39,14 +41,14 @@ class Runtime:
         with torch.inference_mode():
             out = self.forward(x)
         out = out.detach().to(torch.float64)
-        if self.spec.output == "logits":
+        if self.output == "logits":
             return torch.softmax(out, dim=1)
         return out / out.sum(dim=1, keepdim=True)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """B x K logits (log-probabilities when the network returns probabilities: same softmax)."""
         out = self.forward(x)
-        if self.spec.output == "probabilities":
+        if self.output == "probabilities":
             out = torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
         return out
 
@@ -89,8 +91,8 @@ class LogitsHead(nn.Module):
 
 
 class TorchRuntime(Runtime):
-    def __init__(self, spec: RuntimeSpec, module: nn.Module, kind: str) -> None:
-        super().__init__(spec)
+    def __init__(self, module: nn.Module, kind: str, output: str = "logits") -> None:
+        super().__init__(output)
         self.kind = kind
         if hasattr(module, "eval"):
             try:
@@ -106,8 +108,8 @@ class TorchRuntime(Runtime):
 class OnnxRuntime(Runtime):
     kind = "onnx"
 
-    def __init__(self, spec: RuntimeSpec, path: str, intra_op: int, inter_op: int) -> None:
-        super().__init__(spec)
+    def __init__(self, path: str, intra_op: int = 1, inter_op: int = 1, output: str = "logits") -> None:
+        super().__init__(output)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -146,6 +148,26 @@ def _load_class(model_file: str, class_name: str, field: str) -> type:
     return cls
 
 
+def load_file(kind: str, path: str, intra_op: int = 1, inter_op: int = 1, output: str = "logits") -> Runtime:
+    """A network of a runtime that needs no Python class (export, torchscript, onnx) loaded from ``path``."""
+    if kind == "export":
+        return TorchRuntime(torch.export.load(path).module(), "export", output)
+    if kind == "torchscript":
+        return TorchRuntime(torch.jit.load(path, map_location="cpu"), "torchscript", output)
+    if kind == "onnx":
+        return OnnxRuntime(path, intra_op, inter_op, output)
+    raise ValueError(f"runtime {kind!r} is not loaded from a file alone; allowed: export, torchscript, onnx")
+
+
+def load_state_dict(module: nn.Module, path: str | os.PathLike, field: str) -> nn.Module:
+    """``module`` with the state dict saved at ``path`` (``torch.save``, loaded with weights_only), in eval mode."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{field}.file: {os.path.basename(path)} is not a state dict (got {type(state).__name__})")
+    module.load_state_dict(state)
+    return module.eval()
+
+
 def load_runtime(
     spec: RuntimeSpec, model_dir: str, field: str, intra_op: int = 1, inter_op: int = 1
 ) -> Runtime:
@@ -156,20 +178,8 @@ def load_runtime(
             cls = _load_class(
                 resolve(model_dir, spec.model_file, f"{field}.model_file"), spec.class_name, field
             )
-            module = cls(**spec.kwargs)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ConfigError(
-                    f"{field}.file: {spec.file} is not a state dict (got {type(state).__name__})"
-                )
-            module.load_state_dict(state)
-            return TorchRuntime(spec, module, "eager")
-        if spec.runtime == "export":
-            program = torch.export.load(path)
-            return TorchRuntime(spec, program.module(), "export")
-        if spec.runtime == "torchscript":
-            return TorchRuntime(spec, torch.jit.load(path, map_location="cpu"), "torchscript")
-        return OnnxRuntime(spec, path, intra_op, inter_op)
+            return TorchRuntime(load_state_dict(cls(**spec.kwargs), path, field), "eager", spec.output)
+        return load_file(spec.runtime, path, intra_op, inter_op, spec.output)
     except ConfigError:
         raise
     except Exception as exc:

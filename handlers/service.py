@@ -1,8 +1,10 @@
 """The defended model, framework-free: victim runtime -> probabilities -> defense -> checked perturbed output.
 
-:class:`DefendedModel` is what the handler class wraps. It loads everything at start-up and runs the whole
-pipeline once on a warm-up batch, so a victim, surrogate or defense that cannot work makes the worker fail to
-load instead of failing (or worse, answering undefended) later.
+:class:`DefendedPipeline` is that pipeline, the one both the server and the registered pyfunc score through
+(mlflow_project/lifecycle/bundle.py's DefendedVictim), output and budget checks included. :class:`DefendedModel`
+is what the handler class wraps: it loads everything from the archive at start-up and runs the whole pipeline
+once on a warm-up batch, so a victim, surrogate or defense that cannot work makes the worker fail to load
+instead of failing (or worse, answering undefended) later.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from handlers.codec import Codec, load_labels
-from handlers.config import ServeConfig, resolve
+from handlers.config import LABELS_FILE, ServeConfig, resolve
 from handlers.deployment import HOWTO, Secret
 from handlers.errors import ConfigError
 from handlers.runtimes import LogitsHead, Runtime, load_runtime
@@ -48,7 +50,7 @@ def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module
     """adaptive_misinformation's resource: an nn.Module mapping inputs to logits. An eager module returning
     logits is passed as it is; any other runtime (ONNX, torch.export, TorchScript, or a network that returns
     probabilities) is wrapped in :class:`LogitsHead` (an identity head on its logits, run under no_grad)."""
-    if runtime.kind == "eager" and runtime.module is not None and runtime.spec.output == "logits":
+    if runtime.kind == "eager" and runtime.module is not None and runtime.output == "logits":
         return runtime.module
     return LogitsHead(runtime, num_classes)
 
@@ -76,21 +78,73 @@ def keyed_defense(cfg: ServeConfig, secret: Secret | None):
         raise ConfigError(f"{secret.source}: {exc}; {HOWTO}") from None
 
 
-class DefendedModel:
+class DefendedPipeline:
+    """A victim runtime and its defense: :meth:`defend` returns the victim's probabilities and the defense's
+    output, checked (shape, simplex, probs-space budget), or raises :class:`DefenseFailed`."""
+
+    def __init__(self, victim: Runtime, defense: Defense) -> None:
+        self.victim = victim
+        self.defense = defense
+
+    def warm_up(self, shape: tuple[int, ...]) -> None:
+        """Run a batch of two zero rows of ``shape`` through the pipeline; raise ConfigError if it fails."""
+        try:
+            self.defend(torch.zeros((2, *shape), dtype=torch.float32))
+        except Exception as exc:
+            raise ConfigError(
+                f"stealguard.defense: '{self.defense.name}' fails on a warm-up batch "
+                f"(are the surrogate and misinformation models compatible with the victim?): {exc}"
+            ) from exc
+
+    def defend(self, x: torch.Tensor) -> Defended:
+        """Victim probabilities for ``x`` and the defense's checked output. Raises DefenseFailed if the
+        defense raises or returns anything but a B x K batch on the simplex within its probs-space budget."""
+        y = self.victim.probabilities(x)
+        start = time.perf_counter()
+        try:
+            out = self.defense(y, x)
+        except Exception as exc:
+            raise DefenseFailed(f"defense '{self.defense.name}' raised {type(exc).__name__}: {exc}") from exc
+        latency = time.perf_counter() - start
+        self.check(y, out)
+        return Defended(y=y, out=out, latency_s=latency)
+
+    def check(self, y: torch.Tensor, out: DefenseOutput) -> None:
+        probs = out.probs
+        if not isinstance(probs, torch.Tensor) or probs.shape != y.shape:
+            got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise DefenseFailed(f"defense '{self.defense.name}' returned {got}; expected {tuple(y.shape)}")
+        try:
+            check_probs(probs)
+        except ValueError as exc:
+            raise DefenseFailed(
+                f"defense '{self.defense.name}' returned rows off the simplex: {exc}"
+            ) from exc
+        budget = self.defense.budget
+        if budget is not None and budget.space == "probs":
+            worst = distance(y, probs, budget.norm).max().item()
+            if worst > budget.epsilon + BUDGET_TOLERANCE:
+                raise DefenseFailed(
+                    f"defense '{self.defense.name}' exceeded its budget: {budget.norm} distance {worst:.6g}"
+                    f" > epsilon {budget.epsilon:g}"
+                )
+
+
+class DefendedModel(DefendedPipeline):
+    """The pipeline of an archive's ``stealguard`` section, loaded from its directory and warmed up."""
+
     def __init__(self, cfg: ServeConfig, model_dir: str, secret: Secret | None = None) -> None:
         self.cfg = cfg
         self.model_dir = model_dir
         defense_cfg = keyed_defense(cfg, secret)
         self.secret_fingerprint = secret.fingerprint if defense_cfg.needs_secret else None
         threads = cfg.threads
-        self.victim: Runtime = load_runtime(
-            cfg.victim, model_dir, "stealguard.victim", threads.intra_op, threads.inter_op
-        )
+        victim = load_runtime(cfg.victim, model_dir, "stealguard.victim", threads.intra_op, threads.inter_op)
         self.surrogate: Runtime | None = None
         resources: dict[str, object] = {}
-        x0 = torch.zeros((2, *cfg.input.shape), dtype=torch.float32)
+        x0 = torch.zeros((2, *cfg.input.shape), dtype=torch.float32)  # the victim's warm-up
         try:
-            y0 = check_probs(self.victim.probabilities(x0))
+            y0 = check_probs(victim.probabilities(x0))
         except Exception as exc:
             raise ConfigError(
                 f"stealguard.victim: a warm-up batch of shape {list(x0.shape)} (stealguard.input.shape "
@@ -111,19 +165,14 @@ class DefendedModel:
             )
             resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
         try:
-            self.defense: Defense = build_defense(defense_cfg, **resources)
+            defense = build_defense(defense_cfg, **resources)
         except ValueError as exc:
             raise ConfigError(f"stealguard.defense: {exc}") from exc
-        try:
-            self.defend(x0)
-        except Exception as exc:
-            raise ConfigError(
-                f"stealguard.defense: '{self.defense.name}' fails on a warm-up batch "
-                f"(are the surrogate and misinformation models compatible with the victim?): {exc}"
-            ) from exc
+        super().__init__(victim, defense)
+        self.warm_up(cfg.input.shape)
         labels = None
         if cfg.labels is not None:
-            default = cfg.labels == "index_to_name.json"
+            default = cfg.labels == LABELS_FILE
             path = resolve(model_dir, cfg.labels, "stealguard.labels", must_exist=False)
             if os.path.isfile(path):
                 try:
@@ -158,36 +207,3 @@ class DefendedModel:
     def header(self) -> str:
         """``<defense name>@<version>`` for the X-StealGuard-Defense response header."""
         return f"{self.cfg.defense_name}@{self.cfg.version_label}"
-
-    def defend(self, x: torch.Tensor) -> Defended:
-        """Victim probabilities for ``x`` and the defense's checked output. Raises DefenseFailed if the
-        defense raises or returns anything but a B x K batch on the simplex within its probs-space budget."""
-        y = self.victim.probabilities(x)
-        start = time.perf_counter()
-        try:
-            out = self.defense(y, x)
-        except Exception as exc:
-            raise DefenseFailed(f"defense '{self.defense.name}' raised {type(exc).__name__}: {exc}") from exc
-        latency = time.perf_counter() - start
-        self.check(y, out)
-        return Defended(y=y, out=out, latency_s=latency)
-
-    def check(self, y: torch.Tensor, out: DefenseOutput) -> None:
-        probs = out.probs
-        if not isinstance(probs, torch.Tensor) or probs.shape != y.shape:
-            got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-            raise DefenseFailed(f"defense '{self.defense.name}' returned {got}; expected {tuple(y.shape)}")
-        try:
-            check_probs(probs)
-        except ValueError as exc:
-            raise DefenseFailed(
-                f"defense '{self.defense.name}' returned rows off the simplex: {exc}"
-            ) from exc
-        budget = self.defense.budget
-        if budget is not None and budget.space == "probs":
-            worst = distance(y, probs, budget.norm).max().item()
-            if worst > budget.epsilon + BUDGET_TOLERANCE:
-                raise DefenseFailed(
-                    f"defense '{self.defense.name}' exceeded its budget: {budget.norm} distance {worst:.6g}"
-                    f" > epsilon {budget.epsilon:g}"
-                )

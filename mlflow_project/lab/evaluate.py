@@ -45,6 +45,7 @@ METRICS = (
     "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
 )
 ORACLES = ("local", "http")
+DEFENSE_ARTIFACT = "defense.json"  # an evaluate run's defense config (register.config_from_run reads it)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class EvalResult:
 
 
 def load_victim(ref: str | Path) -> Victim:
-    """A victim from an export directory (or its state_dict.pt), or an MLflow model URI."""
+    """A victim from an export directory (or a file in it), or an MLflow model URI."""
     ref = str(ref)
     if not ref:
         raise ValueError("victim: empty; give an export directory written by train_victim "
@@ -118,13 +119,10 @@ def load_victim(ref: str | Path) -> Victim:
     if "://" not in ref and ":/" not in ref:
         from mlflow_project.lab.train_victim import load_exported
 
-        p = Path(ref)
-        if p.is_file():
-            p = p.parent
-        if not p.exists():
+        if not Path(ref).exists():
             raise FileNotFoundError(f"victim: {ref} does not exist; expected an export directory or a model URI")
-        model, arch, spec = load_exported(p)
-        return Victim(model, arch, spec, str(p))
+        model, arch, spec = load_exported(ref)
+        return Victim(model, arch, spec, str(Path(ref).parent if Path(ref).is_file() else Path(ref)))
     import mlflow
 
     info = mlflow.models.get_model_info(ref)
@@ -312,7 +310,7 @@ def log_evaluation(r: EvalResult) -> None:
     mlflow.log_metrics({f"seconds_{k}": v for k, v in r.seconds.items()})
     for h in r.history:
         mlflow.log_metric("attack_transfer_size", h["transfer_size"], step=h["round"])
-    mlflow.log_dict(dict(r.config.defense), "defense.json")
+    mlflow.log_dict(dict(r.config.defense), DEFENSE_ARTIFACT)
     mlflow.log_text(summary_text(r), "summary.txt")
     fig = summary_figure(r)
     mlflow.log_figure(fig, "evaluation.png")

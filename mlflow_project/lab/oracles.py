@@ -78,15 +78,9 @@ def load_misinformation(misinformation: nn.Module | str | Path) -> nn.Module:
     """A misinformation model: a module as it is, or the eager model of a train_misinformation export dir."""
     if isinstance(misinformation, nn.Module):
         return misinformation.eval()
-    directory = Path(misinformation)
-    if not (directory / "input_spec.json").is_file() or not (directory / "state_dict.pt").is_file():
-        raise ValueError(
-            f"misinformation: {str(directory)!r} is not a train_misinformation export directory "
-            "(needs input_spec.json and state_dict.pt)"
-        )
     from mlflow_project.lab.train_victim import load_exported
 
-    return load_exported(directory)[0]
+    return load_exported(misinformation, "misinformation", "train_misinformation")[0]
 
 
 def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, num_classes: int,

@@ -8,13 +8,12 @@ The model has the victim's architecture and is trained on the victim's training 
 minimises ``-log(1 - p_true)`` (the probability it gives the true class is driven to 0, the rest of the mass
 is left free). Defended queries that look out-of-distribution get its softmax instead of the victim's.
 
-The dataset and architecture come from a victim export directory (``--victim``, its input_spec.json) or are
-given (``--dataset``, ``--arch``). The export directory has the victim's layout (:func:`export_victim`), so it
-ships in an archive exactly like a surrogate or a victim (any runtime: eager, export, torchscript, onnx):
+The dataset and architecture come from a victim export directory (``--victim``, its input spec) or are
+given (``--dataset``, ``--arch``). The export directory has the victim's layout
+(``handlers.victim_export.VictimExport``, written by :func:`export_victim`), so it ships in an archive exactly
+like a surrogate or a victim (any runtime: eager, export, torchscript, onnx); its input spec's
+``test_accuracy`` is the misinformation model's agreement with the true labels, near 0. Beside it:
 
-- ``state_dict.pt``, ``model.pt2``, ``model.torchscript.pt``, ``model.onnx`` (input ``x``, output ``logits``);
-- ``input_spec.json`` (arch, shape, normalisation, classes; ``test_accuracy`` is the misinformation model's
-  agreement with the true labels, near 0) and ``index_to_name.json``;
 - ``misinformation.json``: ``{"kind": "misinformation", "loss": "-log(1 - p_true)", "arch", "dataset",
   "epochs", "lr", "batch_size", "seed", "test_accuracy", "test_true_class_prob", "train_seconds"}``.
 
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.victim_export import VictimExport
 from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.lab.train_victim import export_victim, prepare_training
@@ -112,12 +112,9 @@ def export_misinformation(result: MisinformationResult, out_dir: str | Path, run
 
 
 def victim_dataset_and_arch(victim_dir: str | Path) -> tuple[str, str]:
-    """(dataset, arch) from a victim export directory's input_spec.json."""
-    spec_path = Path(victim_dir) / "input_spec.json"
-    if not spec_path.is_file():
-        raise FileNotFoundError(f"victim: {victim_dir} has no input_spec.json (expected a train_victim export)")
-    doc = json.loads(spec_path.read_text())
-    return doc["dataset"], doc["arch"]
+    """(dataset, arch) from a victim export directory's input spec."""
+    victim = VictimExport.open(victim_dir)
+    return victim.dataset, victim.arch
 
 
 def main(argv: list[str] | None = None) -> dict:

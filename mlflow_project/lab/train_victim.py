@@ -5,15 +5,8 @@
     mlflow run . -e train_victim -P dataset=digits -P arch=mlp --env-manager local
 
 Computation (:func:`train_victim`), export (:func:`export_victim`) and MLflow logging (:func:`log_victim`) are
-separate functions. An export directory holds:
-
-- ``state_dict.pt``: ``torch.save`` of the eager module's state dict (rebuild with
-  ``mlflow_project.lab.models.build_model(arch, num_classes)``);
-- ``model.pt2``: ``torch.export.save`` of the exported program, dynamic batch dimension;
-- ``model.torchscript.pt``: ``torch.jit.script`` module;
-- ``model.onnx``: ONNX (one file), input ``x``, output ``logits``, dynamic batch dimension;
-- ``input_spec.json``: arch, input shape, normalisation (mean, std over [0, 1] pixels), class names,
-  test accuracy; ``index_to_name.json``: TorchServe's class-name map.
+separate functions. The export directory (its files, input spec and runtimes) is defined by
+``handlers.victim_export.VictimExport``, which this module writes through.
 
 Every format returns logits; the served probabilities are their softmax.
 """
@@ -29,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.victim_export import INPUT_SPEC, VictimExport
 from mlflow_project.cli import integer
 from mlflow_project.lab import data
-from mlflow_project.lab.models import build_model
+from mlflow_project.lab.models import ARCHITECTURES, build_model
 from mlflow_project.lab.training import TrainConfig, accuracy, train_classifier
 from mlflow_project.lifecycle.exports import save_onnx, save_program
 
@@ -41,8 +35,6 @@ DEFAULTS = {
     "mnist5k": {"epochs": 20, "lr": 0.05, "batch_size": 64},
     "digits": {"epochs": 30, "lr": 0.05, "batch_size": 32},
 }
-EXPORT_FILES = ("state_dict.pt", "model.pt2", "model.torchscript.pt", "model.onnx", "input_spec.json",
-                "index_to_name.json")
 
 
 @dataclass
@@ -108,61 +100,42 @@ def spec_document(arch: str, spec: data.InputSpec, test_accuracy: float | None =
 
 def export_victim(model: nn.Module, arch: str, spec: data.InputSpec, out_dir: str | Path,
                   test_accuracy: float | None = None, check: bool = True, runtimes: bool = True) -> dict[str, Path]:
-    """Write the victim in every runtime format into ``out_dir``; with ``check``, verify each matches eager.
-
-    ``runtimes=False`` writes only state_dict.pt and the two JSON files (enough for :func:`load_exported`).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the victim in every runtime format into ``out_dir`` (a VictimExport); with ``check``, verify each
+    matches eager. ``runtimes=False`` writes only the state dict and the two JSON files (enough for
+    :func:`load_exported`). Returns the paths written, by file name."""
     model = model.eval()
     example = torch.randn(3, *spec.shape)
-    paths = {name: out / name for name in EXPORT_FILES}
-    torch.save(model.state_dict(), paths["state_dict.pt"])
-    if runtimes:
-        save_program(model, example, paths["model.pt2"])
-        torch.jit.script(model).save(str(paths["model.torchscript.pt"]))
-        save_onnx(model, example, paths["model.onnx"])
-    else:
-        for name in ("model.pt2", "model.torchscript.pt", "model.onnx"):
-            paths.pop(name)
-    paths["input_spec.json"].write_text(json.dumps(spec_document(arch, spec, test_accuracy), indent=2) + "\n")
-    paths["index_to_name.json"].write_text(json.dumps({str(i): c for i, c in enumerate(spec.classes)}, indent=2) + "\n")
+    exporters = {
+        "export": lambda m, p: save_program(m, example, p),
+        "torchscript": lambda m, p: torch.jit.script(m).save(str(p)),
+        "onnx": lambda m, p: save_onnx(m, example, p),
+    } if runtimes else {}
+    export, paths = VictimExport.write(out_dir, model, spec_document(arch, spec, test_accuracy), list(spec.classes),
+                                       exporters)
     if check and runtimes:
-        check_exports(out, model, spec)
+        check_exports(export, model, spec)
     return paths
 
 
-def check_exports(out_dir: str | Path, model: nn.Module, spec: data.InputSpec, atol: float = 1e-4) -> None:
-    """Load every exported format and check it agrees with ``model`` on a fresh batch (raise if not)."""
-    out = Path(out_dir)
+def check_exports(export: VictimExport | str | Path, model: nn.Module, spec: data.InputSpec,
+                  atol: float = 1e-4) -> None:
+    """Load every exported runtime and check it agrees with ``model`` on a fresh batch (raise if not)."""
+    export = export if isinstance(export, VictimExport) else VictimExport.open(export)
     x = torch.randn(5, *spec.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)
-        got = {
-            "model.pt2": torch.export.load(out / "model.pt2").module()(x),
-            "model.torchscript.pt": torch.jit.load(str(out / "model.torchscript.pt"))(x),
-        }
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    got["model.onnx"] = torch.from_numpy(sess.run(["logits"], {"x": x.numpy()})[0])
-    for name, y in got.items():
-        err = (y - ref).abs().max().item()
-        if err > atol:
-            raise RuntimeError(f"export {name} disagrees with the eager model (max |diff| {err:.3g} > {atol})")
+        for runtime in ("export", "torchscript", "onnx"):
+            err = (export.runtime(runtime)(x) - ref).abs().max().item()
+            if err > atol:
+                raise RuntimeError(f"export {export.relative(runtime)} disagrees with the eager model "
+                                   f"(max |diff| {err:.3g} > {atol})")
 
 
-def load_exported(out_dir: str | Path) -> tuple[nn.Module, str, data.InputSpec]:
-    """Rebuild the eager victim from an export directory (state_dict.pt + input_spec.json)."""
-    out = Path(out_dir)
-    spec_path = out / "input_spec.json"
-    if not spec_path.exists():
-        raise FileNotFoundError(f"{out}: no input_spec.json; expected an export directory written by train_victim")
-    doc = json.loads(spec_path.read_text())
-    spec = data.InputSpec.from_json(doc)
-    model = build_model(doc["arch"], num_classes=spec.num_classes)
-    model.load_state_dict(torch.load(out / "state_dict.pt", map_location="cpu", weights_only=True))
-    return model.eval(), doc["arch"], spec
+def load_exported(out_dir: str | Path, role: str = "victim",
+                  writer: str = "train_victim") -> tuple[nn.Module, str, data.InputSpec]:
+    """(eager module, arch, input spec) of an export directory (a VictimExport)."""
+    export = VictimExport.open(out_dir, role, writer)
+    return export.eager(ARCHITECTURES), export.arch, data.InputSpec.from_json(export.spec)
 
 
 def log_victim(result: VictimResult, export_dir: str | Path, registered_model_name: str | None) -> dict:
@@ -186,7 +159,7 @@ def log_victim(result: VictimResult, export_dir: str | Path, registered_model_na
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], serialization_format="pickle",
     )
     mlflow.log_artifacts(str(export_dir), artifact_path="exports")
-    mlflow.log_dict(doc, "input_spec.json")
+    mlflow.log_dict(doc, INPUT_SPEC)
     mlflow.set_tags({"stealguard.kind": "victim", "stealguard.model_uri": info.model_uri})
     return {"model_uri": info.model_uri, "registered_model_version": getattr(info, "registered_model_version", None)}
 

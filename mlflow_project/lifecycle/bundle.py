@@ -1,21 +1,14 @@
-"""A defense bundle: everything a registered defense version is, in one directory.
-
-    defense.json              the defense config, the surrogate's recipe, the victim it was tuned for, provenance
-    surrogate_state_dict.pt   the fixed random surrogate's weights (saved, not re-derived, so every consumer
-                              of the version uses the very same surrogate)
-    victim/                   the victim's export directory as train_victim wrote it (state_dict.pt,
-                              input_spec.json, index_to_name.json, model.pt2, model.torchscript.pt, model.onnx)
-    misinformation/           only for a defense that needs a misinformation model (adaptive_misinformation):
-                              the train_misinformation export directory it was tuned with (state_dict.pt,
-                              input_spec.json, and the other runtimes' files when they were exported)
+"""A defense bundle: everything a registered defense version is, in one directory (its layout and document:
+handlers/bundle_document.py): the defense config, the fixed random surrogate's weights (saved, not re-derived,
+so every consumer of the version uses the very same surrogate), the victim's export directory and, for a defense
+that needs one (adaptive_misinformation), the train_misinformation export directory it was tuned with.
 
 The bundle is the artifact of the registered MLflow model version (the pyfunc in lifecycle/pyfunc.py loads it)
-and the source from which ``package`` builds a .mar. This module needs torch and plugins only.
+and the source from which ``package`` builds a .mar. This module needs torch, handlers and plugins only.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlflow_project.lab.models import build_model
-from plugins import Defense, DefenseOutput, build_defense, defense_class, needs_secret, validate_config, with_secret
+from handlers import bundle_document
+from handlers.service import DefendedPipeline
+from handlers.victim_export import VictimExport
+from mlflow_project.lab.models import ARCHITECTURES, build_model
+from plugins import DefenseOutput, build_defense, defense_class, needs_secret, validate_config, with_secret
 
-BUNDLE_FORMAT = 1
-BUNDLE_FILE = "defense.json"
-SURROGATE_FILE = "surrogate_state_dict.pt"
-VICTIM_DIR = "victim"
-VICTIM_REQUIRED = ("state_dict.pt", "input_spec.json")
-MISINFORMATION_DIR = "misinformation"
+BUNDLE_FILE = bundle_document.DOCUMENT
 
 
 @dataclass
@@ -45,31 +36,26 @@ class DefenseBundle:
     surrogate: dict[str, Any] | None
     provenance: dict[str, Any] = field(default_factory=dict)
     misinformation: dict[str, Any] | None = None
+    document: dict[str, Any] = field(default_factory=dict)  # defense.json as read
 
     @property
     def victim_dir(self) -> Path:
-        return self.root / VICTIM_DIR
+        return self.root / bundle_document.VICTIM_DIR
 
     @property
     def misinformation_dir(self) -> Path | None:
         return self.root / self.misinformation["dir"] if self.misinformation else None
 
     @property
+    def victim_export(self) -> VictimExport:
+        return VictimExport.open(self.victim_dir)
+
+    @property
     def input_spec(self) -> dict[str, Any]:
-        return json.loads((self.victim_dir / "input_spec.json").read_text())
+        return self.victim_export.spec
 
 
-def _victim_doc(victim_dir: Path, role: str = "victim", writer: str = "train_victim") -> dict[str, Any]:
-    missing = [name for name in VICTIM_REQUIRED if not (victim_dir / name).is_file()]
-    if missing:
-        raise ValueError(
-            f"{role}: {victim_dir} is not a {role} export directory (missing {', '.join(missing)}); "
-            f"expected the directory {writer} writes (state_dict.pt, input_spec.json, ...)"
-        )
-    return json.loads((victim_dir / "input_spec.json").read_text())
-
-
-def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path | None, victim_doc: dict[str, Any],
+def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path | None, victim: VictimExport,
                         source: str | None) -> dict[str, Any] | None:
     """The bundle's ``misinformation`` record (None for a defense that needs no such model), after checking that
     it is given exactly when the defense needs one and that it answers with the victim's classes."""
@@ -82,21 +68,18 @@ def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path |
     if not misinformation_dir:
         raise ValueError(f"misinformation: defense '{config['name']}' needs a misinformation model; give the "
                          "train_misinformation export directory it was tuned with")
-    doc = _victim_doc(Path(misinformation_dir), "misinformation", "train_misinformation")
-    if int(doc["num_classes"]) != int(victim_doc["num_classes"]):
-        raise ValueError(f"misinformation: {misinformation_dir} answers {doc['num_classes']} classes but the victim "
-                         f"has {victim_doc['num_classes']}; train it for this victim (train_misinformation --victim)")
-    return {"dir": MISINFORMATION_DIR, "arch": doc["arch"], "num_classes": int(doc["num_classes"]),
-            "dataset": doc.get("dataset"), "file": f"{MISINFORMATION_DIR}/state_dict.pt",
-            "source": source or str(misinformation_dir)}
+    mis = VictimExport.open(misinformation_dir, "misinformation", "train_misinformation")
+    if mis.num_classes != victim.num_classes:
+        raise ValueError(f"misinformation: {misinformation_dir} answers {mis.num_classes} classes but the victim "
+                         f"has {victim.num_classes}; train it for this victim (train_misinformation --victim)")
+    folder = bundle_document.MISINFORMATION_DIR
+    return {"dir": folder, "arch": mis.arch, "num_classes": mis.num_classes, "dataset": mis.dataset,
+            "file": f"{folder}/{mis.relative('eager')}", "source": source or str(misinformation_dir)}
 
 
-def build_victim(victim_dir: Path) -> nn.Module:
+def build_victim(victim_dir: str | Path) -> nn.Module:
     """The eager victim from an export directory, in eval mode."""
-    doc = _victim_doc(victim_dir)
-    model = build_model(doc["arch"], num_classes=int(doc["num_classes"]))
-    model.load_state_dict(torch.load(victim_dir / "state_dict.pt", map_location="cpu", weights_only=True))
-    return model.eval()
+    return VictimExport.open(victim_dir).eager(ARCHITECTURES)
 
 
 def write_bundle(
@@ -114,32 +97,31 @@ def write_bundle(
     from plugins.surrogate import make_surrogate
 
     config = validate_config(defense_config).model_dump()
-    victim_dir = Path(victim_dir)
-    doc = _victim_doc(victim_dir)
-    misinformation = _misinformation_doc(config, misinformation_dir, doc, misinformation_source)
+    victim = VictimExport.open(victim_dir)
+    victim_dir = victim.root
+    misinformation = _misinformation_doc(config, misinformation_dir, victim, misinformation_source)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copytree(victim_dir, out / VICTIM_DIR)
+    shutil.copytree(victim_dir, out / bundle_document.VICTIM_DIR)
     if misinformation is not None:
-        shutil.copytree(Path(misinformation_dir), out / MISINFORMATION_DIR)
+        shutil.copytree(Path(misinformation_dir), out / bundle_document.MISINFORMATION_DIR)
     surrogate = None
     if defense_class(config["name"]).needs_surrogate:
-        net = make_surrogate(build_victim(victim_dir), seed=surrogate_seed)
-        torch.save(net.state_dict(), out / SURROGATE_FILE)
-        surrogate = {"arch": doc["arch"], "num_classes": int(doc["num_classes"]), "seed": surrogate_seed,
-                     "file": SURROGATE_FILE}
+        net = make_surrogate(victim.eager(ARCHITECTURES), seed=surrogate_seed)
+        torch.save(net.state_dict(), out / bundle_document.SURROGATE_FILE)
+        surrogate = {"arch": victim.arch, "num_classes": victim.num_classes, "seed": surrogate_seed,
+                     "file": bundle_document.SURROGATE_FILE}
     document = {
-        "format": BUNDLE_FORMAT,
         "defense": config,
-        "victim": {"dir": VICTIM_DIR, "arch": doc["arch"], "num_classes": int(doc["num_classes"]),
-                   "dataset": doc.get("dataset"), "source": victim_source or str(victim_dir)},
+        "victim": {"dir": bundle_document.VICTIM_DIR, "arch": victim.arch, "num_classes": victim.num_classes,
+                   "dataset": victim.dataset, "source": victim_source or str(victim_dir)},
         "surrogate": surrogate,
         "misinformation": misinformation,
         "provenance": provenance or {},
     }
-    (out / BUNDLE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    (out / BUNDLE_FILE).write_text(bundle_document.dumps(document), encoding="utf-8")
     return out
 
 
@@ -148,12 +130,10 @@ def read_bundle(path: str | Path) -> DefenseBundle:
     doc_path = root / BUNDLE_FILE
     if not doc_path.is_file():
         raise ValueError(f"{root}: not a defense bundle (no {BUNDLE_FILE})")
-    doc = json.loads(doc_path.read_text())
-    if doc.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{doc_path}: bundle format {doc.get('format')!r} is not supported (expected {BUNDLE_FORMAT})")
+    doc = bundle_document.parse(doc_path.read_text(encoding="utf-8"), str(root))
     validate_config(doc["defense"])
     return DefenseBundle(root=root, defense=doc["defense"], victim=doc["victim"], surrogate=doc.get("surrogate"),
-                         provenance=doc.get("provenance", {}), misinformation=doc.get("misinformation"))
+                         provenance=doc.get("provenance", {}), misinformation=doc.get("misinformation"), document=doc)
 
 
 def _frozen(bundle: DefenseBundle, spec: dict[str, Any] | None) -> nn.Module | None:
@@ -177,10 +157,11 @@ def build_misinformation(bundle: DefenseBundle) -> nn.Module | None:
     return _frozen(bundle, bundle.misinformation)
 
 
-class DefendedVictim:
-    """The victim and its defense, as the server runs them: the float64 softmax of the victim's logits, then the
-    defense on that batch and the inputs (the same computation as handlers/service.py, so the pyfunc and the
-    server give the same defended probabilities for the same x)."""
+class DefendedVictim(DefendedPipeline):
+    """A bundle's victim and defense through the server's pipeline (handlers.service.DefendedPipeline: the float64
+    softmax of the victim's logits, the defense on that batch and the inputs, then the output and budget checks),
+    warmed up at load like a worker; so the pyfunc and the server give the same defended probabilities for the
+    same x, and refuse the same broken defenses (ConfigError at load, DefenseFailed on a batch)."""
 
     def __init__(self, bundle: DefenseBundle, secret: str | None = None) -> None:
         """``secret``: a randomised defense's key; default: the deployment's (handlers/deployment.py sources:
@@ -197,18 +178,19 @@ class DefendedVictim:
             from plugins.seeding import fingerprint
 
             self.secret_fingerprint = fingerprint(secret)
-        self.victim = build_victim(bundle.victim_dir)
+        export = bundle.victim_export
         self.surrogate = build_surrogate(bundle)
         self.misinformation = build_misinformation(bundle)
         resources: dict[str, Any] = {"surrogate": self.surrogate, "num_classes": int(bundle.victim["num_classes"])}
         if self.misinformation is not None:
             resources["misinformation"] = self.misinformation
-        self.defense: Defense = build_defense(with_secret(bundle.defense, secret), **resources)
+        super().__init__(export.runtime("eager", ARCHITECTURES),
+                         build_defense(with_secret(bundle.defense, secret), **resources))
+        self.warm_up(tuple(export.shape))
 
-    @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.victim(x.to(torch.float32)).to(torch.float64), dim=1)
+        """The victim's (undefended) probabilities: for checks offline, never served."""
+        return self.victim.probabilities(x.to(torch.float32))
 
     def __call__(self, x: torch.Tensor) -> DefenseOutput:
-        x = x.to(torch.float32)
-        return self.defense(self.probabilities(x), x)
+        return self.defend(x.to(torch.float32)).out

@@ -12,6 +12,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
+from handlers.victim_export import VictimExport
+
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 VICTIM_EXPORTS = "exports"  # where train_victim logs a victim's export directory in its run
 
@@ -50,17 +52,16 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ResolvedVersion:
 
 
 def victim_export_dir(ref: str, workdir: Path, client: MlflowClient | None = None) -> tuple[Path, dict]:
-    """A victim's export directory (state_dict.pt, input_spec.json, ...) from a path or a ``models:/`` URI.
+    """A victim's export directory (a VictimExport) from a path or a ``models:/`` URI.
 
     For a registered victim, the export directory that train_victim logged in the version's run is downloaded.
     """
     if not is_models_uri(ref):
         path = Path(ref)
-        if path.is_file():
-            path = path.parent
-        if not (path / "input_spec.json").is_file():
+        if not VictimExport.is_export(path.parent if path.is_file() else path):
             raise ValueError(f"victim: {ref} is neither a models:/ URI nor an export directory written by "
-                             "train_victim (with state_dict.pt and input_spec.json)")
+                             "train_victim")
+        path = VictimExport.open(path).root
         return path, {"source": str(path)}
     version = resolve(ref, client)
     if not version.run_id:

@@ -38,13 +38,16 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from handlers.bundle_document import SURROGATE_FILE  # the random surrogate's weights, named as in a bundle
+from handlers.config import CONFIG_FILE, LABELS_FILE, RUNTIMES, RuntimeSpec, network, write_model_config
+from handlers.config import build as build_section
+from handlers.victim_export import VictimExport
 from mlflow_project.cli import integer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,52 +65,34 @@ EXTENSIONS = {
 _ARCHIVER_LOCK = threading.Lock()
 
 
-@dataclass
-class ModelFiles:
-    """A network given as files: what the handler's runtimes load."""
+def model_files(runtime: str, file: str | Path, model_file: str | Path | None = None, class_name: str | None = None,
+                kwargs: dict[str, Any] | None = None, output: str = "logits") -> RuntimeSpec:
+    """A network given as local files, as the archive's RuntimeSpec (local paths until :func:`stage_network`
+    copies them into the archive); raise ValueError when a file is missing or the spec is not valid."""
+    for key, path in (("file", file), ("model_file", model_file)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{key}: {path} does not exist")
+    return network("network", runtime=runtime, file=str(file), model_file=str(model_file) if model_file else None,
+                   class_name=class_name, kwargs=dict(kwargs) if kwargs else None,
+                   output=None if output == "logits" else output)
 
-    runtime: str
-    file: Path
-    model_file: Path | None = None
-    class_name: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    output: str = "logits"
 
-    def __post_init__(self) -> None:
-        self.file = Path(self.file)
-        if self.runtime not in ("eager", "export", "torchscript", "onnx"):
-            raise ValueError(f"runtime: unknown {self.runtime!r}; allowed: eager, export, torchscript, onnx")
-        if not self.file.is_file():
-            raise ValueError(f"file: {self.file} does not exist")
-        if self.runtime == "eager" and not (self.model_file and self.class_name):
-            raise ValueError("an eager model needs model_file (a .py file) and class_name (or --arch)")
-        if self.model_file is not None:
-            self.model_file = Path(self.model_file)
-            if not self.model_file.is_file():
-                raise ValueError(f"model_file: {self.model_file} does not exist")
-
-    def stage(self, dest: Path) -> dict[str, Any]:
-        """Copy the files under ``dest`` (a folder inside the archive); return the ``stealguard`` spec."""
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.parent
-        shutil.copy2(self.file, dest / self.file.name)
-        sidecar = self.file.with_name(self.file.name + ".data")  # ONNX external data, when exported so
-        if self.runtime == "onnx" and sidecar.is_file():
-            shutil.copy2(sidecar, dest / sidecar.name)
-        spec: dict[str, Any] = {
-            "runtime": self.runtime,
-            "file": str((dest / self.file.name).relative_to(root)),
-        }
-        if self.runtime == "eager":
-            shutil.copy2(self.model_file, dest / self.model_file.name)
-            spec.update(
-                model_file=str((dest / self.model_file.name).relative_to(root)), **{"class": self.class_name}
-            )
-            if self.kwargs:
-                spec["kwargs"] = dict(self.kwargs)
-        if self.output != "logits":
-            spec["output"] = self.output
-        return spec
+def stage_network(spec: RuntimeSpec, dest: Path) -> RuntimeSpec:
+    """Copy a network's local files under ``dest`` (a folder inside the archive); return its spec in the archive
+    (paths relative to the archive's root)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.parent
+    file = Path(spec.file)
+    shutil.copy2(file, dest / file.name)
+    sidecar = file.with_name(file.name + ".data")  # ONNX external data, when exported so
+    if spec.runtime == "onnx" and sidecar.is_file():
+        shutil.copy2(sidecar, dest / sidecar.name)
+    update = {"file": str((dest / file.name).relative_to(root))}
+    if spec.model_file is not None:
+        model_file = Path(spec.model_file)
+        shutil.copy2(model_file, dest / model_file.name)
+        update["model_file"] = str((dest / model_file.name).relative_to(root))
+    return spec.model_copy(update=update)
 
 
 def runtime_for(path: Path) -> str:
@@ -174,15 +159,15 @@ def secret_section(defense: dict[str, Any], secret_file: str | None) -> dict[str
     return section or None
 
 
-def eager_from_arch(weights: Path, arch: str, num_classes: int) -> ModelFiles:
+def eager_from_arch(weights: Path, arch: str, num_classes: int) -> RuntimeSpec:
     from mlflow_project.lab.models import ARCHITECTURES
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch: unknown {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
-    return ModelFiles("eager", weights, MODELS_PY, ARCHITECTURES[arch].__name__, {"num_classes": num_classes})
+    return model_files("eager", weights, MODELS_PY, ARCHITECTURES[arch].__name__, {"num_classes": num_classes})
 
 
-def random_surrogate(victim: ModelFiles, seed: int, workdir: Path) -> ModelFiles:
+def random_surrogate(victim: RuntimeSpec, seed: int, workdir: Path) -> RuntimeSpec:
     """A randomly initialised network of the victim's (eager) architecture: the paper's MAD surrogate."""
     if victim.runtime != "eager":
         raise ValueError(
@@ -198,12 +183,12 @@ def random_surrogate(victim: ModelFiles, seed: int, workdir: Path) -> ModelFiles
     from plugins.surrogate import make_surrogate
 
     net = make_surrogate(victim_net, seed)
-    path = workdir / "surrogate_state_dict.pt"
+    path = workdir / SURROGATE_FILE
     torch.save(net.state_dict(), path)
-    return ModelFiles("eager", path, victim.model_file, victim.class_name, dict(victim.kwargs))
+    return model_files("eager", path, victim.model_file, victim.class_name, dict(victim.kwargs))
 
 
-def _load_eager(files: ModelFiles) -> torch.nn.Module:
+def _load_eager(files: RuntimeSpec) -> torch.nn.Module:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("stealguard_package_model", files.model_file)
@@ -214,7 +199,7 @@ def _load_eager(files: ModelFiles) -> torch.nn.Module:
     return net.eval()
 
 
-def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Path) -> ModelFiles:
+def convert(files: RuntimeSpec, runtime: str, input_shape: list[int], workdir: Path) -> RuntimeSpec:
     """An eager network re-saved for ``runtime`` (ONNX or torch.export, dynamic batch dimension). With
     ``jacobian: last_layer`` MAD needs only the surrogate's softmax, so an ONNX surrogate defends the same and
     runs faster (see BENCHMARKS.md, Serving)."""
@@ -230,20 +215,12 @@ def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Pa
     x = torch.zeros((2, *input_shape))
     path = workdir / ("surrogate.pt2" if runtime == "export" else "surrogate.onnx")
     (save_program if runtime == "export" else save_onnx)(net, x, path)
-    return ModelFiles(runtime, path)
+    return model_files(runtime, path)
 
 
-EXPORT_DIR_FILES = {
-    "eager": "state_dict.pt",
-    "export": "model.pt2",
-    "torchscript": "model.torchscript.pt",
-    "onnx": "model.onnx",
-}
-
-
-def apply_spec_document(args: argparse.Namespace, doc: dict[str, Any], directory: Path | None) -> None:
-    """Fill unset arguments from a victim's input_spec.json (written by train_victim): arch, classes, input
-    shape, image normalisation, labels (index_to_name.json next to it)."""
+def apply_spec_document(args: argparse.Namespace, doc: dict[str, Any], labels: Path | None) -> None:
+    """Fill unset arguments from a victim's input spec (a VictimExport's, or the one train_victim puts in its MLflow
+    model's metadata): arch, classes, input shape, image normalisation; and the labels file given."""
     args.arch = args.arch or doc.get("arch")
     args.num_classes = int(doc.get("num_classes", args.num_classes))
     if not args.input_shape and doc.get("shape"):
@@ -255,42 +232,30 @@ def apply_spec_document(args: argparse.Namespace, doc: dict[str, Any], directory
     shape = list(doc.get("shape", []))
     if args.image is None and len(shape) == 3 and shape[0] in (1, 3):
         args.image = True
-    if directory is not None and not args.labels and (directory / "index_to_name.json").is_file():
-        args.labels = str(directory / "index_to_name.json")
+    if labels is not None and not args.labels:
+        args.labels = str(labels)
     if doc.get("output") in ("logits", "probabilities"):
         args.output = doc["output"]
 
 
-def _from_export_dir(directory: Path, args: argparse.Namespace) -> Path:
-    apply_spec_document(args, json.loads((directory / "input_spec.json").read_text()), directory)
-    runtime = args.runtime or "eager"
-    path = directory / EXPORT_DIR_FILES[runtime]
-    if not path.is_file():
-        raise ValueError(f"{directory}: no {path.name} for runtime {runtime!r}")
-    args.runtime = runtime
-    return path
+def _from_export_dir(export: VictimExport, args: argparse.Namespace) -> Path:
+    apply_spec_document(args, export.spec, export.labels)
+    args.runtime = args.runtime or "eager"
+    return export.file(args.runtime)
 
 
-def misinformation_files(directory: Path, runtime: str) -> ModelFiles:
+def misinformation_files(directory: Path, runtime: str) -> RuntimeSpec:
     """The misinformation model of a ``train_misinformation`` export directory, as files for ``runtime``."""
-    directory = Path(directory)
-    spec_path = directory / "input_spec.json"
-    if not spec_path.is_file():
-        raise ValueError(
-            f"--misinformation: {directory} is not a train_misinformation export directory (no input_spec.json)"
-        )
-    path = directory / EXPORT_DIR_FILES[runtime]
-    if not path.is_file():
-        raise ValueError(f"--misinformation: {directory} has no {path.name} for --misinformation-runtime {runtime!r}")
+    if not VictimExport.is_export(directory):
+        raise ValueError(f"--misinformation: {directory} is not a train_misinformation export directory")
+    export = VictimExport.open(directory, "--misinformation", "train_misinformation")
+    path = export.file(runtime)
     if runtime != "eager":
-        return ModelFiles(runtime, path)
-    doc = json.loads(spec_path.read_text())
-    if not doc.get("arch"):
-        raise ValueError(f"--misinformation: {spec_path} names no 'arch'")
-    return eager_from_arch(path, doc["arch"], int(doc.get("num_classes", 10)))
+        return model_files(runtime, path)
+    return eager_from_arch(path, export.arch, export.num_classes)
 
 
-def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> ModelFiles:
+def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> RuntimeSpec:
     """A randomly initialised ``arch`` from mlflow_project.lab.models (``make_surrogate``), as eager files."""
     import functools
 
@@ -298,7 +263,7 @@ def arch_surrogate(arch: str, num_classes: int, seed: int, workdir: Path) -> Mod
     from plugins.surrogate import make_surrogate
 
     net = make_surrogate(functools.partial(ARCHITECTURES[arch], num_classes=num_classes), seed)
-    path = workdir / "surrogate_state_dict.pt"
+    path = workdir / SURROGATE_FILE
     torch.save(net.state_dict(), path)
     return eager_from_arch(path, arch, num_classes)
 
@@ -330,7 +295,7 @@ def registered_defense(uri: str, workdir: Path) -> tuple[Any, dict[str, Any]]:
     return read_bundle(found[0].parent), record
 
 
-def resolve_victim(args: argparse.Namespace, workdir: Path) -> ModelFiles:
+def resolve_victim(args: argparse.Namespace, workdir: Path) -> RuntimeSpec:
     """The victim as files: a file, a train_victim export directory (input_spec.json + one file per runtime),
     or an MLflow model/artifact URI downloaded into ``workdir`` (a registered victim: the export directory its
     run logged, else its MLflow pytorch model)."""
@@ -356,29 +321,27 @@ def resolve_victim(args: argparse.Namespace, workdir: Path) -> ModelFiles:
         source = str(_pick_model_file(local, args, workdir))
     path = Path(source)
     if path.is_dir():
-        exports = path if (path / "input_spec.json").is_file() else path / "exports"
-        if not (exports / "input_spec.json").is_file():
-            raise ValueError(
-                f"{path}: a victim directory needs input_spec.json (a train_victim export directory)"
-            )
-        path = _from_export_dir(exports, args)
+        exports = path if VictimExport.is_export(path) else path / "exports"  # an export, or a victim run's artifacts
+        if not VictimExport.is_export(exports):
+            raise ValueError(f"{path}: a victim directory must be a train_victim export directory (a VictimExport)")
+        path = _from_export_dir(VictimExport.open(exports), args)
     runtime = args.runtime or runtime_for(path)
     if runtime == "eager":
         if args.model_file:
             kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-            return ModelFiles("eager", path, Path(args.model_file), args.model_class, kwargs)
+            return model_files("eager", path, Path(args.model_file), args.model_class, kwargs)
         if not args.arch:
             raise ValueError(
                 "an eager state dict needs --arch (lenet, mlp) or --model-file and --model-class"
             )
         return eager_from_arch(path, args.arch, args.num_classes)
-    return ModelFiles(runtime, path, output=args.output)
+    return model_files(runtime, path, output=args.output)
 
 
 def _pick_model_file(local: Path, args: argparse.Namespace, workdir: Path) -> Path:
     if local.is_file():
         return local
-    if (local / "input_spec.json").is_file() or (local / "exports" / "input_spec.json").is_file():
+    if VictimExport.is_export(local) or VictimExport.is_export(local / "exports"):
         return local  # a train_victim export directory (or a victim run's artifact root)
     if (local / "MLmodel").is_file():  # an MLflow pytorch model: load it, keep its weights
         import mlflow.pytorch
@@ -409,11 +372,11 @@ def _pick_model_file(local: Path, args: argparse.Namespace, workdir: Path) -> Pa
 def stage(
     root: Path,
     *,
-    victim: ModelFiles,
+    victim: RuntimeSpec,
     defense: dict[str, Any],
     input_spec: dict[str, Any],
-    surrogate: ModelFiles | None = None,
-    misinformation: ModelFiles | None = None,
+    surrogate: RuntimeSpec | None = None,
+    misinformation: RuntimeSpec | None = None,
     version: dict[str, Any] | None = None,
     labels: Path | None = None,
     secret: dict[str, Any] | None = None,
@@ -425,8 +388,9 @@ def stage(
     extra_dists: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Lay out an archive's contents in ``root`` (what TorchServe unpacks to model_dir); return the
-    model-config.yaml path. Used by :func:`build_archive` and by the handler tests (no archive needed).
-    ``extra_dists``: installed distributions to ship under ``pylib/`` (lifecycle/distributions.py)."""
+    model-config.yaml path, whose ``stealguard:`` section is written through handlers.config.ServeConfig. Used by
+    :func:`build_archive` and by the handler tests (no archive needed). ``extra_dists``: installed distributions
+    to ship under ``pylib/`` (lifecycle/distributions.py)."""
     root.mkdir(parents=True, exist_ok=True)
     from handlers import EXTRA_CODE_DIR
     from mlflow_project.lifecycle import distributions
@@ -435,11 +399,10 @@ def stage(
         shutil.rmtree(root / EXTRA_CODE_DIR)
     shipped = distributions.ship(list(extra_dists), root / EXTRA_CODE_DIR)
     distributions.report(defense["name"], shipped)
-    section: dict[str, Any] = {"defense": dict(defense), "victim": victim.stage(root / "victim")}
-    if surrogate is not None:
-        section["surrogate"] = surrogate.stage(root / "surrogate")
-    if misinformation is not None:
-        section["misinformation"] = misinformation.stage(root / "misinformation")
+    section: dict[str, Any] = {"defense": dict(defense), "victim": stage_network(victim, root / "victim")}
+    for role, spec in (("surrogate", surrogate), ("misinformation", misinformation)):
+        if spec is not None:
+            section[role] = stage_network(spec, root / role)
     section["input"] = dict(input_spec)
     if version:
         section["version"] = dict(version)
@@ -448,25 +411,18 @@ def stage(
     if secret:
         section["secret"] = dict(secret)  # a fingerprint and a file path outside the archive, never the secret
     section["threads"] = dict(threads or {"intra_op": 1, "inter_op": 1})
+    cfg = build_section(section)
     if labels is not None:
-        shutil.copy2(labels, root / "index_to_name.json")
+        shutil.copy2(labels, root / str(cfg.labels))
     for pkg in CODE_PACKAGES:
         dest = root / pkg
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(REPO / pkg, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(HANDLER, root / HANDLER.name)
-    config = {
-        "minWorkers": workers,
-        "maxWorkers": workers,
-        "batchSize": batch_size,
-        "maxBatchDelay": max_batch_delay_ms,
-        "responseTimeout": response_timeout_s,
-        "stealguard": section,
-    }
-    path = root / "model-config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
+    torchserve = {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size,
+                  "maxBatchDelay": max_batch_delay_ms, "responseTimeout": response_timeout_s}
+    return Path(write_model_config(root, cfg, torchserve))
 
 
 def build_archive(name: str, staged: Path, export_path: Path, version: str = "1.0") -> Path:
@@ -487,7 +443,7 @@ def build_archive(name: str, staged: Path, export_path: Path, version: str = "1.
         export_path=str(export_path),
         archive_format="default",
         force=True,
-        config_file=str(staged / "model-config.yaml"),
+        config_file=str(staged / CONFIG_FILE),
     )
     # The archiver copies into tempfile.gettempdir()/<name> and deletes it: give it a private temp dir.
     with _ARCHIVER_LOCK, tempfile.TemporaryDirectory(prefix="sg-archiver-") as tmp:
@@ -533,8 +489,8 @@ def input_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _runtime(value: str) -> str | None:
     if value in ("", "auto"):
         return None
-    if value not in EXPORT_DIR_FILES:
-        raise argparse.ArgumentTypeError(f"unknown runtime {value!r}; allowed: {', '.join(EXPORT_DIR_FILES)}")
+    if value not in RUNTIMES:
+        raise argparse.ArgumentTypeError(f"unknown runtime {value!r}; allowed: {', '.join(RUNTIMES)}")
     return value
 
 
@@ -592,7 +548,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--misinformation-runtime",
-        choices=list(EXPORT_DIR_FILES),
+        choices=list(RUNTIMES),
         default="eager",
         help="ship the misinformation model in this runtime (from the export directory's files)",
     )
@@ -619,7 +575,7 @@ def parser() -> argparse.ArgumentParser:
         help="randomised defenses: a file outside the archive holding the secret, read by the worker at start "
         "(recorded as a path; the secret itself is never archived, only its fingerprint)",
     )
-    p.add_argument("--labels", help="index_to_name.json to ship")
+    p.add_argument("--labels", help=f"class-name map to ship as {LABELS_FILE} ({{\"0\": name, ...}} or a list)")
     p.add_argument(
         "--extra-dist",
         action="append",
@@ -685,7 +641,7 @@ def main(argv: list[str] | None = None) -> Path:
             surrogate = (
                 eager_from_arch(s, args.surrogate_arch or args.arch, args.num_classes)
                 if runtime == "eager"
-                else ModelFiles(runtime, s)
+                else model_files(runtime, s)
             )
         elif defense_class(defense["name"]).needs_surrogate:
             arch = args.surrogate_arch or (args.arch if victim.runtime != "eager" else None)

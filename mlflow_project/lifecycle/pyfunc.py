@@ -4,8 +4,10 @@
     probs = model.predict(x)      # x: N x <input shape> float32 array -> N x K defended probabilities
 
 ``predict`` runs the bundled victim and the bundled defense (with the bundled surrogate, and misinformation model
-for adaptive_misinformation: bundle.DefendedVictim) exactly as the TorchServe handler does, so offline
-batch scoring gives the same defended probabilities as the server. This file is what MLflow logs as the model's
+for adaptive_misinformation: bundle.DefendedVictim) through the TorchServe handler's own pipeline
+(handlers.service.DefendedPipeline), output and budget checks included: offline batch scoring gives the same
+defended probabilities as the server, a defense that fails at load refuses to load (ConfigError) and a batch
+the defense fails on raises DefenseFailed, never an undefended answer. This file is what MLflow logs as the model's
 code (``python_model=<this file>``); the bundle directory is its single artifact, ``bundle``.
 """
 
@@ -24,7 +26,7 @@ from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle
 class DefensePyfunc(PythonModel):
     def load_context(self, context: Any) -> None:
         self.defended = DefendedVictim(read_bundle(context.artifacts["bundle"]))
-        self.input_shape = tuple(self.defended.bundle.input_spec["shape"])
+        self.input_shape = tuple(self.defended.bundle.victim_export.shape)
 
     def predict(self, context, model_input, params=None):  # no type hints: the logged signature is the schema
         x = np.asarray(model_input, dtype=np.float32)

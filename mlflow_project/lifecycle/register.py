@@ -36,6 +36,8 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from packaging.utils import canonicalize_name
 
+from handlers import bundle_document
+from handlers.victim_export import VictimExport
 from mlflow_project.lifecycle import distributions, tracking
 from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.lifecycle.model_uris import is_models_uri, victim_export_dir
@@ -121,11 +123,13 @@ def recommended_child(client: MlflowClient, parent_run_id: str) -> str:
 
 def config_from_run(client: MlflowClient, run_id: str, workdir: Path) -> tuple[dict[str, Any], str, dict]:
     """The defense config (its defense.json artifact) and the victim reference (its ``victim`` param) of a run."""
+    from mlflow_project.lab.evaluate import DEFENSE_ARTIFACT
+
     run = client.get_run(run_id)
     victim = run.data.params.get("victim", "")
     if not victim:
         raise ValueError(f"run-id: run {run_id} has no 'victim' param; register from an evaluate or sweep run")
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="defense.json", dst_path=str(workdir))
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=DEFENSE_ARTIFACT, dst_path=str(workdir))
     config = json.loads(Path(path).read_text())
     tuned = {"run_id": run_id, **{k: v for k, v in run.data.metrics.items()
                                   if k in ("defender_accuracy", "attacker_accuracy", "perturbation_l1_mean")}}
@@ -147,22 +151,19 @@ def misinformation_export_dir(ref: str, workdir: Path) -> Path:
     """A train_misinformation export directory from a path, or from an MLflow artifact URI downloaded into
     ``workdir`` (``runs:/<id>/misinformation``, where train_misinformation logs it)."""
     if ":/" not in ref:
-        path = Path(ref)
-        path = path.parent if path.is_file() else path
-        if not (path / "input_spec.json").is_file():
+        if not VictimExport.is_export(Path(ref).parent if Path(ref).is_file() else ref):
             raise ValueError(f"misinformation: {ref} is neither an MLflow artifact URI (runs:/<id>/misinformation) "
-                             "nor an export directory written by train_misinformation (state_dict.pt, "
-                             "input_spec.json)")
-        return path
+                             "nor an export directory written by train_misinformation")
+        return VictimExport.open(ref, "misinformation", "train_misinformation").root
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(workdir)))
     except Exception as exc:  # MlflowException: unknown run, path or model
         raise ValueError(f"misinformation: cannot download {ref}: {getattr(exc, 'message', exc)}") from None
-    found = sorted(local.rglob("input_spec.json")) if local.is_dir() else []
-    if not found:
-        raise ValueError(f"misinformation: {ref} holds no train_misinformation export (no input_spec.json); give "
+    found = VictimExport.find(local, "misinformation", "train_misinformation")
+    if found is None:
+        raise ValueError(f"misinformation: {ref} holds no train_misinformation export; give "
                          "runs:/<train_misinformation run id>/misinformation")
-    return found[0].parent
+    return found.root
 
 
 def load_config(value: str) -> dict[str, Any]:
@@ -196,9 +197,9 @@ def register(
         bundle = write_bundle(Path(tmp) / "bundle", config, victim_dir, surrogate_seed=surrogate_seed,
                               victim_source=victim, provenance={**(provenance or {}), "victim": victim_info},
                               misinformation_dir=mis_dir, misinformation_source=misinformation or None)
-        doc = json.loads((bundle / "defense.json").read_text())
         defended = DefendedVictim(read_bundle(bundle))
-        example = np.zeros((2, *defended.bundle.input_spec["shape"]), dtype=np.float32)
+        doc = defended.bundle.document
+        example = np.zeros((2, *defended.bundle.victim_export.shape), dtype=np.float32)
         signature = infer_signature(example, defended(torch.from_numpy(example)).probs.numpy())
         with mlflow.start_run(run_name=f"register {name}") as run:
             mlflow.set_tags({"stealguard.kind": "defense-registration", "stealguard.defense": doc["defense"]["name"],
@@ -209,7 +210,7 @@ def register(
             mlflow.log_params({"victim": victim, "surrogate_seed": surrogate_seed})
             if misinformation:
                 mlflow.log_param("misinformation", misinformation)
-            mlflow.log_dict(doc, "defense.json")
+            mlflow.log_dict(doc, bundle_document.DOCUMENT)
             info = mlflow.pyfunc.log_model(
                 name="defense",
                 python_model=str(PYFUNC_CODE),

@@ -87,6 +87,7 @@ def victim(cfg: DemoConfig) -> tuple[Path, str, str, float]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from handlers.victim_export import VictimExport
     from mlflow_project.lab import data
     from mlflow_project.lab.train_victim import (
         DEFAULTS,
@@ -104,9 +105,9 @@ def victim(cfg: DemoConfig) -> tuple[Path, str, str, float]:
     name = cfg.victim_name or f"{cfg.dataset}_{arch}"
     tracking.setup(cfg.tracking_uri or None)
     client = MlflowClient()
-    if (out / "state_dict.pt").is_file() and (out / "input_spec.json").is_file():
+    if VictimExport.is_export(out):
         model, arch, spec = load_exported(out)
-        acc = float(json.loads((out / "input_spec.json").read_text()).get("test_accuracy", float("nan")))
+        acc = float(VictimExport.open(out).spec.get("test_accuracy", float("nan")))
         say(f"reusing the trained victim in {out} ({cfg.dataset}/{arch}, test accuracy {acc:.4f})")
         versions = client.search_model_versions(f"name = '{name}'")
         if versions:

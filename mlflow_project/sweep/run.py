@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from handlers.victim_export import VictimExport
 from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.sweep.presets import PRESETS, Preset, defense_grid, describe, get_preset
@@ -137,25 +138,22 @@ def resolve_victim(preset: Preset, victim: str = "", cache_dir: str | Path | Non
     ``results/victims``) under a name that holds dataset, arch, epochs and seed, and reused on later sweeps.
     """
     from mlflow_project.lab.evaluate import load_victim
-    from mlflow_project.lab.train_victim import spec_document, train_victim
+    from mlflow_project.lab.train_victim import export_victim, train_victim
 
     arch = preset.arch or data.default_arch(preset.dataset)
     if victim:
         v = load_victim(victim)
         return v, victim
     lab = default_victim_dir(preset.dataset, arch)
-    if (lab / "input_spec.json").exists() and (lab / "state_dict.pt").exists():
+    if VictimExport.is_export(lab):
         return load_victim(lab), str(lab)
     epochs = preset.victim_epochs or None
     cache = Path(cache_dir) if cache_dir else REPO_ROOT / "results" / "victims"
     out = cache / f"{preset.dataset}_{arch}_e{preset.victim_epochs or 'default'}_s{preset.seed}"
-    if not ((out / "input_spec.json").exists() and (out / "state_dict.pt").exists()):
+    if not VictimExport.is_export(out):
         res = train_victim(preset.dataset, arch, epochs=epochs, seed=preset.seed, progress=progress)
         # only what load_exported needs (the full set of runtime exports is train_victim's job)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(res.model.state_dict(), out / "state_dict.pt")
-        doc = spec_document(res.arch, res.spec, res.test_accuracy)
-        (out / "input_spec.json").write_text(json.dumps(doc, indent=2) + "\n")
+        export_victim(res.model, res.arch, res.spec, out, res.test_accuracy, runtimes=False)
     return load_victim(out), str(out)
 
 
@@ -175,7 +173,7 @@ def resolve_misinformation(preset: Preset, vict, victim_path: str, progress: boo
         name = f"{vict.spec.dataset}_{vict.arch}_{weights_hash(vict.model)}-{tag}"
         out = REPO_ROOT / "results" / "misinformation" / name
     info_path = out / INFO_FILE
-    if info_path.is_file() and (out / "state_dict.pt").is_file():
+    if info_path.is_file() and VictimExport.is_export(out):
         info = json.loads(info_path.read_text())
         if info.get("dataset") == vict.spec.dataset and info.get("arch") == vict.arch:
             return out

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from ts.context import Context
 
+from handlers.config import RuntimeSpec
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.lifecycle.package import ModelFiles, stage
+from mlflow_project.lifecycle.package import stage
 from tests.dev_secret import DEV_SECRET
 from tests.support.handler import Served, make_context
 from tests.support.torchserve import REPO
@@ -56,7 +57,7 @@ def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         defense: dict | None = None,
         arch: str = "mlp",
         runtime: str = "eager",
-        surrogate: ModelFiles | str | None = None,
+        surrogate: RuntimeSpec | str | None = None,
         input_spec: dict | None = None,
         metrics: Any = None,
         edit: Any = None,

@@ -344,12 +344,12 @@ def test_invalid_config_fails_to_load_with_a_log_line(serve, kwargs, message, ca
 
 
 def test_unloadable_surrogate_fails_to_load(serve, tmp_path):
-    from mlflow_project.lifecycle.package import ModelFiles
+    from mlflow_project.lifecycle.package import model_files
 
     junk = tmp_path / "surrogate.onnx"
     junk.write_bytes(b"not an onnx model")
     with pytest.raises(ValueError, match="stealguard.surrogate: could not load onnx model"):
-        serve({"name": "mad_argmax", "epsilon": 0.5}, surrogate=ModelFiles("onnx", junk))
+        serve({"name": "mad_argmax", "epsilon": 0.5}, surrogate=model_files("onnx", junk))
 
 
 def test_surrogate_with_the_wrong_class_count_fails_to_load(serve, tmp_path):

@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
+from handlers.config import RuntimeSpec
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.lifecycle.package import ModelFiles, stage
 from mlflow_project.lifecycle.package import main as package
+from mlflow_project.lifecycle.package import model_files, stage
 from tests.support.handler import Served, make_context
 from tests.support.victims import export, make_net
 
@@ -40,8 +41,8 @@ def nets() -> tuple[torch.nn.Module, torch.nn.Module]:
     return victim.eval(), mis.eval()
 
 
-def served(root: Path, victim_files: ModelFiles, victim: torch.nn.Module, defense: dict,
-           misinformation: ModelFiles | None) -> Served:
+def served(root: Path, victim_files: RuntimeSpec, victim: torch.nn.Module, defense: dict,
+           misinformation: RuntimeSpec | None) -> Served:
     config = stage(root, victim=victim_files, defense=defense, input_spec={"shape": [64], "max_rows": 64},
                    misinformation=misinformation)
     handler = StealGuardHandler()
@@ -57,7 +58,7 @@ def models(tmp_path_factory):
     return victim, mis, export(victim, "eager", root / "v", "mlp"), root, {}
 
 
-def mis_files(models, runtime: str) -> ModelFiles:
+def mis_files(models, runtime: str) -> RuntimeSpec:
     """The misinformation model exported for ``runtime`` (once per module: ONNX export takes seconds)."""
     _, mis, _, root, cache = models
     if runtime not in cache:
@@ -71,7 +72,7 @@ def test_confident_rows_keep_top1_and_gated_rows_get_the_misinformation(models, 
     files = mis_files(models, runtime)
     s = served(tmp_path / "model", victim_files, victim, DEFENSE, files)
     assert s.handler.model.misinformation.kind == runtime
-    assert (tmp_path / "model" / "misinformation" / files.file.name).is_file()
+    assert (tmp_path / "model" / "misinformation" / Path(files.file).name).is_file()
 
     x_in = torch.rand(24, 64, generator=torch.Generator().manual_seed(0))
     x = torch.cat([x_in, x_in * 1e-3])  # the second half: near 0, where the victim is near uniform
@@ -110,7 +111,7 @@ def test_unloadable_misinformation_fails_to_load(models, tmp_path, caplog):
     junk = tmp_path / "mis.onnx"
     junk.write_bytes(b"not an onnx model")
     _fails(caplog, "stealguard.misinformation: could not load onnx model", root=tmp_path / "a",
-           victim_files=victim_files, victim=victim, defense=DEFENSE, misinformation=ModelFiles("onnx", junk))
+           victim_files=victim_files, victim=victim, defense=DEFENSE, misinformation=model_files("onnx", junk))
 
 
 def test_misinformation_with_the_wrong_class_count_fails_to_load(models, tmp_path, caplog):
@@ -127,7 +128,7 @@ def test_a_misinformation_model_for_a_defense_that_does_not_use_one_is_refused(m
            misinformation=mis_files(models, "eager"))
 
 
-def _export_dir(out: Path, eager: ModelFiles, onnx: ModelFiles | None = None) -> Path:
+def _export_dir(out: Path, eager: RuntimeSpec, onnx: RuntimeSpec | None = None) -> Path:
     """A train_victim / train_misinformation-style export directory (state dict, ONNX, input_spec.json)."""
     out.mkdir(parents=True)
     shutil.copy2(eager.file, out / "state_dict.pt")

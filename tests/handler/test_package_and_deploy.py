@@ -49,7 +49,7 @@ def _export_dir(tmp_path: Path) -> Path:
     """A train_victim-style export directory: state_dict.pt, input_spec.json, index_to_name.json."""
     out = tmp_path / "victim"
     net = make_net("lenet")
-    state = export(net, "eager", tmp_path / "x", "lenet").file
+    state = Path(export(net, "eager", tmp_path / "x", "lenet").file)
     out.mkdir()
     (out / "state_dict.pt").write_bytes(state.read_bytes())
     doc = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlflow_project.lifecycle.package import ModelFiles, build_archive, stage
+from mlflow_project.lifecycle.package import build_archive, model_files, stage
 from tests.support.torchserve import TorchServe
 from tests.support.victims import export, make_net
 
@@ -99,7 +99,7 @@ def build_store(root: Path) -> tuple[Path, dict[str, nn.Module], Path]:
         victim=export(mlp, "eager", src / "mlp_eager", "mlp"),
         defense=MAD,
         input_spec=mlp_input,
-        surrogate=ModelFiles("eager", booby / "booby.pt", SUPPORT / "booby_model.py", "BoobyMLP"),
+        surrogate=model_files("eager", booby / "booby.pt", SUPPORT / "booby_model.py", "BoobyMLP"),
     )
     for name, spec in specs.items():
         build_archive(name, stage(root / "stage" / name, **spec, **common), store)

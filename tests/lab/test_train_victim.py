@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from handlers.victim_export import ALL_FILES
 from mlflow_project.lab import train_victim as tv
 from mlflow_project.lab.evaluate import load_victim
 
@@ -36,7 +37,7 @@ def test_train_victim_logs_registers_and_exports(tracking_uri, tmp_path):
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run.info.run_id
 
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "exports")}
-    assert {f"exports/{n}" for n in tv.EXPORT_FILES} <= logged
+    assert {f"exports/{n}" for n in ALL_FILES} <= logged
 
     # every exported runtime gives the same logits as the eager model
     model, arch, spec = tv.load_exported(out)

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handlers.config import RuntimeSpec
 from mlflow_project.lab.models import build_model
 from mlflow_project.lifecycle.exports import save_onnx, save_program
-from mlflow_project.lifecycle.package import ModelFiles, eager_from_arch
+from mlflow_project.lifecycle.package import eager_from_arch, model_files
 
 RUNTIMES = ("eager", "export", "torchscript", "onnx")
 SUFFIX = {"eager": ".pt", "export": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}
@@ -26,7 +27,7 @@ def example_input(net: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor
     return torch.rand((batch, *net.input_shape), generator=g)
 
 
-def export(net: nn.Module, runtime: str, directory: Path, arch: str, num_classes: int = 10) -> ModelFiles:
+def export(net: nn.Module, runtime: str, directory: Path, arch: str, num_classes: int = 10) -> RuntimeSpec:
     """Save ``net`` for ``runtime`` under ``directory``; return the files the packager stages."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{arch}_{runtime}{SUFFIX[runtime]}"
@@ -42,4 +43,4 @@ def export(net: nn.Module, runtime: str, directory: Path, arch: str, num_classes
         save_onnx(net, x, path)
     else:
         raise ValueError(f"runtime: unknown {runtime!r}; allowed: {', '.join(RUNTIMES)}")
-    return ModelFiles(runtime, path)
+    return model_files(runtime, path)
