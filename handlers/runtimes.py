@@ -69,7 +69,7 @@ class Runtime:
 class LogitsHead(nn.Module):
     """A surrogate runtime seen as an nn.Module whose last nn.Linear is an identity on its logits.
 
-    MAD over the last linear layer needs only the surrogate's softmax p (DESIGN.md: the angle is
+    MAD over the last linear layer needs only the surrogate's softmax p (docs/concepts.md: the angle is
     ``cos = <v - p, y - p> / (|v - p| |y - p|)``), so a frozen identity head on the logits gives the same
     defense as the network's own last layer, for any runtime (ONNX, torch.export, TorchScript).
     """

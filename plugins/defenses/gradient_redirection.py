@@ -6,7 +6,7 @@ MAD pushes the attacker's training update ``u(y~) = G^T y~`` *away* from the tru
 
     y~ = argmax cos(u(v), T)   over v on the simplex with ||v - y||_1 <= epsilon      (Budget("l1", epsilon))
 
-with G = d log F(x; w) / dw of the defender's fixed surrogate (as MAD: DESIGN.md "MAD, precisely"), so that
+with G = d log F(x; w) / dw of the defender's fixed surrogate (as MAD: docs/concepts.md, "The geometry"), so that
 ``u(v) = J^T (v - c)`` and every inner product reduces to K x K terms (plugins.mad.geometry):
 ``<u(v), T> = (v - c)^T g`` and ``|u(v)|^2 = (v - c)^T M (v - c)``. Targets (``target``):
 
