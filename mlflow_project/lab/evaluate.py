@@ -137,16 +137,22 @@ def load_victim(ref: str | Path) -> Victim:
 
 
 def parse_defense(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A defense config from a mapping, an inline JSON object, or a .json/.yaml file path."""
+    """A defense config from a mapping, an inline JSON object, a .json/.yaml file path, or a bare defense name
+    (``identity``: that defense with its defaults; what MLproject passes by default)."""
     if value is None or value == "":
         return {"name": "identity"}
     if isinstance(value, Mapping):
         return dict(value)
     text = value.strip()
     if not text.startswith("{"):
+        from plugins import available_defenses
+
         p = Path(text)
+        if not p.exists() and text in available_defenses():
+            return {"name": text}
         if not p.exists():
-            raise ValueError(f"defense: {text!r} is neither an inline JSON object nor an existing config file")
+            raise ValueError(f"defense: {text!r} is neither an inline JSON object, an existing config file nor a "
+                             f"defense name ({', '.join(available_defenses())})")
         text = p.read_text()
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -305,7 +311,9 @@ def log_evaluation(r: EvalResult) -> None:
     import matplotlib.pyplot as plt
     import mlflow
 
-    mlflow.log_params(r.config.params())
+    from mlflow_project.lifecycle import tracking
+
+    tracking.log_params(r.config.params())
     mlflow.log_metrics(r.metrics)
     mlflow.log_metrics({f"seconds_{k}": v for k, v in r.seconds.items()})
     for h in r.history:
@@ -319,14 +327,10 @@ def log_evaluation(r: EvalResult) -> None:
 
 
 def metrics_observer(port: int, cfg: EvalConfig) -> Callable[[str, dict], None]:
-    """The ``--metrics-port`` hook: ``mlflow_project.ops.metrics_exporter.evaluation_observer(port, cfg)`` returns an
-    observer (see :func:`evaluate`) that exposes the run's metrics with prometheus-client. That function is
-    the metrics issue's to write; until it exists the flag fails with this message."""
-    try:
-        from mlflow_project.ops.metrics_exporter import evaluation_observer
-    except ImportError as exc:
-        raise SystemExit(f"--metrics-port needs mlflow_project.ops.metrics_exporter.evaluation_observer, which is not "
-                         f"available ({exc}); run without --metrics-port") from None
+    """The ``--metrics-port`` hook: an observer (see :func:`evaluate`) that exposes the run's metrics with
+    prometheus-client on 127.0.0.1:``port`` (:func:`mlflow_project.ops.metrics_exporter.evaluation_observer`)."""
+    from mlflow_project.ops.metrics_exporter import evaluation_observer
+
     return evaluation_observer(port, cfg)
 
 
@@ -334,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="fashion_mnist", choices=data.DATASETS)
     p.add_argument("--victim", required=True, help="export directory of train_victim, or an MLflow model URI")
-    p.add_argument("--defense", default='{"name": "identity"}', help="inline JSON or a .json/.yaml config file")
+    p.add_argument("--defense", default="identity",
+                   help="inline JSON, a .json/.yaml config file, or a defense name (its defaults)")
     p.add_argument("--attack", default="knockoff", choices=ATTACKS)
     p.add_argument("--queryset", default="", help="fashion_mnist, mnist5k or digits (default: the dataset)")
     p.add_argument("--budget", type=integer, default=1000)
@@ -349,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=integer, default=128)
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
-    p.add_argument("--metrics-port", type=integer, default=0, help="expose Prometheus metrics (metrics issue)")
+    p.add_argument("--metrics-port", type=integer, default=0,
+                   help="expose the run's Prometheus metrics on 127.0.0.1:PORT")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=integer, default=0,
                    help="torch threads (0: torch's default; 1 is fastest on a busy 2-core machine)")

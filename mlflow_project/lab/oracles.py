@@ -67,10 +67,8 @@ class Oracle:
 
 def make_surrogate_for(victim: nn.Module, seed: int = 0) -> nn.Module:
     """The defender's fixed random surrogate of ``victim`` (plugins.surrogate.make_surrogate)."""
-    try:
-        from plugins.surrogate import make_surrogate
-    except ImportError as exc:
-        raise RuntimeError("this defense needs plugins.surrogate.make_surrogate, which is not installed yet") from exc
+    from plugins.surrogate import make_surrogate
+
     return make_surrogate(victim, seed)
 
 

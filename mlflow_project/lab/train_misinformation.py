@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = train_misinformation(dataset, arch or None, epochs, lr, a.seed, batch_size,
                                       progress=not a.no_progress, on_epoch=on_epoch)
         cfg = result.train_config
-        mlflow.log_params({
+        tracking.log_params({
             "dataset": dataset, "arch": result.arch, "epochs": cfg.epochs, "lr": cfg.lr,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "loss": "-log(1 - p_true)", "victim": a.victim,
         })

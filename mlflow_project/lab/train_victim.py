@@ -142,8 +142,10 @@ def log_victim(result: VictimResult, export_dir: str | Path, registered_model_na
     """Log params, metrics, the MLflow pytorch model (registered) and the export artifacts to the active run."""
     import mlflow
 
+    from mlflow_project.lifecycle import tracking
+
     cfg = result.train_config
-    mlflow.log_params({
+    tracking.log_params({
         "dataset": result.spec.dataset, "arch": result.arch, "epochs": cfg.epochs, "lr": cfg.lr,
         "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
         "optimizer": "sgd+cosine", "registered_model_name": registered_model_name or "",

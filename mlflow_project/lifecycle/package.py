@@ -486,6 +486,26 @@ def input_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def missing_victim(victim: str) -> str | None:
+    """What to say when ``--victim`` names a local path that does not exist (None if it exists or is a URI):
+    no victim was trained there yet, and how to train one (``make demo``, or train_victim's exact command for
+    an ``artifacts/victims/<dataset>_<arch>`` name)."""
+    if "://" in victim or victim.startswith(("models:/", "runs:/")) or Path(victim).exists():
+        return None
+    from mlflow_project.lab.data import DATASETS
+    from mlflow_project.lab.models import ARCHITECTURES
+
+    name = Path(victim).name
+    dataset, arch = next(((d, name[len(d) + 1:]) for d in DATASETS if name.startswith(d + "_")), ("", ""))
+    if arch not in ARCHITECTURES:
+        dataset, arch = "fashion_mnist", "lenet"
+    return (f"--victim: {victim} does not exist: no victim has been trained there yet. Train and export one with "
+            f"`make demo` (its victim goes to artifacts/victims/<dataset>_<arch>, fashion_mnist_lenet by default) "
+            f"or `python -m mlflow_project.lab.train_victim --dataset {dataset} --arch {arch} --output-dir "
+            f"{victim}`, or give --victim (make archive: ARCHIVE_VICTIM=...) an existing export directory, model "
+            "file or MLflow model URI")
+
+
 def _runtime(value: str) -> str | None:
     if value in ("", "auto"):
         return None
@@ -628,6 +648,8 @@ def main(argv: list[str] | None = None) -> Path:
             if args.version is not None or args.version_name is not None:
                 version = {**(version or {}), "name": args.version_name, "version": args.version}
         args.victim_record = None
+        if missing := missing_victim(args.victim):
+            raise ValueError(missing)
         victim = resolve_victim(args, work)
         if args.victim_record:
             version = {**(version or {}), "victim": args.victim_record}

@@ -41,7 +41,7 @@ from handlers.victim_export import VictimExport
 from mlflow_project.lifecycle import distributions, tracking
 from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.lifecycle.model_uris import is_models_uri, victim_export_dir
-from mlflow_project.sweep.select import MISINFORMATION_TAG
+from mlflow_project.sweep.select import MISINFORMATION_TAG, RECOMMENDED_RUN_TAG
 from plugins import defense_class
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
@@ -109,8 +109,12 @@ def default_name(victim_ref: str, victim_dir: Path) -> str:
 
 
 def recommended_child(client: MlflowClient, parent_run_id: str) -> str:
-    """The run id of the sweep point tagged ``stealguard.recommended=true`` under ``parent_run_id``."""
+    """The run id of the sweep point the sweep ``parent_run_id`` recommended: the parent's
+    ``stealguard.recommended_run_id`` tag (a point reused from an earlier run of the same sweep may sit under
+    another parent), else its child tagged ``stealguard.recommended=true``."""
     parent = client.get_run(parent_run_id)
+    if parent.data.tags.get(RECOMMENDED_RUN_TAG):
+        return parent.data.tags[RECOMMENDED_RUN_TAG]
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RECOMMENDED_TAG}` = 'true'",
@@ -126,7 +130,8 @@ def config_from_run(client: MlflowClient, run_id: str, workdir: Path) -> tuple[d
     from mlflow_project.lab.evaluate import DEFENSE_ARTIFACT
 
     run = client.get_run(run_id)
-    victim = run.data.params.get("victim", "")
+    params = tracking.run_params(run)
+    victim = params.get("victim", "")
     if not victim:
         raise ValueError(f"run-id: run {run_id} has no 'victim' param; register from an evaluate or sweep run")
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=DEFENSE_ARTIFACT, dst_path=str(workdir))
@@ -134,8 +139,8 @@ def config_from_run(client: MlflowClient, run_id: str, workdir: Path) -> tuple[d
     tuned = {"run_id": run_id, **{k: v for k, v in run.data.metrics.items()
                                   if k in ("defender_accuracy", "attacker_accuracy", "perturbation_l1_mean")}}
     for key in ("attack", "queryset", "budget", "dataset"):
-        if key in run.data.params:
-            tuned[key] = run.data.params[key]
+        if key in params:
+            tuned[key] = params[key]
     return config, victim, tuned
 
 
@@ -144,7 +149,7 @@ def misinformation_of_run(client: MlflowClient, run_id: str) -> str:
     point is tagged with (``runs:/<sweep parent>/misinformation``, reachable from any machine), else the run's
     ``misinformation`` param (a local export directory, from the machine that ran it)."""
     run = client.get_run(run_id)
-    return run.data.tags.get(MISINFORMATION_TAG) or run.data.params.get("misinformation", "")
+    return run.data.tags.get(MISINFORMATION_TAG) or tracking.run_params(run).get("misinformation", "")
 
 
 def misinformation_export_dir(ref: str, workdir: Path) -> Path:
@@ -201,15 +206,14 @@ def register(
         doc = defended.bundle.document
         example = np.zeros((2, *defended.bundle.victim_export.shape), dtype=np.float32)
         signature = infer_signature(example, defended(torch.from_numpy(example)).probs.numpy())
-        with mlflow.start_run(run_name=f"register {name}") as run:
+        with tracking.start_or_resume(f"register {name}") as run:  # under `mlflow run`: the run it created
             mlflow.set_tags({"stealguard.kind": "defense-registration", "stealguard.defense": doc["defense"]["name"],
                              "stealguard.victim": victim})
             if defended.secret_fingerprint:  # which secret the signature example was built with; never the secret
                 mlflow.set_tag(FINGERPRINT_TAG, defended.secret_fingerprint)
-            mlflow.log_params({f"defense.{k}": v for k, v in doc["defense"].items()})
-            mlflow.log_params({"victim": victim, "surrogate_seed": surrogate_seed})
-            if misinformation:
-                mlflow.log_param("misinformation", misinformation)
+            tracking.log_params({**{f"defense.{k}": v for k, v in doc["defense"].items()},
+                                 "victim": victim, "surrogate_seed": surrogate_seed,
+                                 **({"misinformation": misinformation} if misinformation else {})})
             mlflow.log_dict(doc, bundle_document.DOCUMENT)
             info = mlflow.pyfunc.log_model(
                 name="defense",

@@ -3,16 +3,24 @@
 The tracking URI is, in order: the ``tracking_uri`` argument, ``MLFLOW_TRACKING_URI``, or the project default
 ``sqlite:///<repo>/mlflow.db`` (an absolute path, so it does not depend on the working directory). A new
 experiment in a SQLite store keeps its artifacts next to the database (``<db dir>/mlartifacts``).
+
+Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and holds every entry-point parameter as MLflow
+received it (defaults included, shell-quoted: ``''`` for an empty string). The entry points log what they
+resolved through :func:`log_params`: a key MLflow already logged with another value gets its resolved value
+under ``resolved.<key>``; :func:`run_params` reads a run's params back with the resolved values on top.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
 EXPERIMENT = "stealguard"
+RESOLVED_PREFIX = "resolved."
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,14 +52,62 @@ def setup(tracking_uri: str | None = None, experiment: str = EXPERIMENT) -> str:
     return exp_id
 
 
+def launched_run_id() -> str | None:
+    """The run ``mlflow run`` created for this process (``MLFLOW_RUN_ID``), or None outside ``mlflow run``."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def start_or_resume(run_name: str, run_id: str | None = None):
+    """In the tracking URI and experiment already set: the run ``mlflow run`` created, else ``run_id``
+    resumed, else a new run named ``run_name``. Runs started inside it with ``nested=True`` nest under it."""
+    launched = launched_run_id()
+    if launched:
+        # taken once, as mlflow.start_run does: a later start_run(nested=True) must create a child, not resume it
+        del os.environ["MLFLOW_RUN_ID"]
+        return mlflow.start_run(run_id=launched)
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    return mlflow.start_run(run_name=run_name)
+
+
 def start_run(run_name: str, tracking_uri: str | None = None, experiment: str = EXPERIMENT):
     """Start (or, under ``mlflow run``, resume) the run an entry point logs to.
 
     ``mlflow run`` creates the run itself and passes it in ``MLFLOW_RUN_ID`` (with its own tracking URI and
     experiment); then that run is used as is. Otherwise the tracking URI and experiment are set up here.
     """
-    if os.environ.get("MLFLOW_RUN_ID"):
+    if launched_run_id():
         mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-        return mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-    setup(tracking_uri, experiment)
-    return mlflow.start_run(run_name=run_name)
+    else:
+        setup(tracking_uri, experiment)
+    return start_or_resume(run_name)
+
+
+def log_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Log resolved parameter values to the active run; return what was logged (key -> string).
+
+    A key the run does not hold yet is logged as is. A key it already holds (``mlflow run`` logs every
+    entry-point parameter as given, before the code runs) is not logged again when the value is the same
+    string, and goes under ``resolved.<key>`` otherwise (MLflow refuses to change a param)."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_params: no active MLflow run; start one with tracking.start_run")
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    todo: dict[str, str] = {}
+    for key, value in params.items():
+        text = str(value)
+        if key not in existing:
+            todo[key] = text
+        elif existing[key] != text:
+            todo[RESOLVED_PREFIX + key] = text
+    if todo:
+        mlflow.log_params(todo)
+    return todo
+
+
+def run_params(run) -> dict[str, str]:
+    """A run's params with resolved values in place of the given ones (``resolved.<key>`` wins over ``<key>``)."""
+    params = dict(run.data.params)
+    given = {k: v for k, v in params.items() if not k.startswith(RESOLVED_PREFIX)}
+    resolved = {k[len(RESOLVED_PREFIX):]: v for k, v in params.items() if k.startswith(RESOLVED_PREFIX)}
+    return {**given, **resolved}

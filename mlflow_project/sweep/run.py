@@ -302,15 +302,14 @@ def run_sweep(
         return SweepResult(parent.info.run_id, sweep_key, rows, recommended, out_dir, artifacts, 0, len(rows),
                            time.perf_counter() - t_start)
     run_name = f"sweep-{preset.name}-{preset.attack}-{preset.queryset}-{preset.budget}"
-    parent_kwargs = {"run_id": parent.info.run_id} if parent else {"run_name": run_name}
     rows: list[dict[str, Any]] = []
     new = reused = 0
-    with mlflow.start_run(**parent_kwargs) as parent_run:
+    # under `mlflow run`: the run it created is the parent (finished points of this sweep are still reused)
+    with tracking.start_or_resume(run_name, parent.info.run_id if parent else None) as parent_run:
         parent_id = parent_run.info.run_id
         mlflow.set_tags({KIND_TAG: PARENT_KIND, SWEEP_KEY_TAG: sweep_key, "stealguard.preset": preset.name})
-        if parent is None:
-            mlflow.log_params({**{k: v for k, v in spec.context().items()}, "preset": preset.name,
-                               "victim": victim_path, "arch": vict.arch})
+        if parent is None or parent_id != parent.info.run_id:
+            tracking.log_params({**spec.context(), "preset": preset.name, "victim": victim_path, "arch": vict.arch})
         mlflow.log_dict({"preset": preset.to_dict(), "context": spec.context(), "grid": configs}, "sweep.json")
         if misinformation and not client.list_artifacts(parent_id, MISINFORMATION_ARTIFACT):
             # the model every adaptive_misinformation point used, in the store: `register --sweep-run` finds it

@@ -2,7 +2,7 @@
 
     surrogate view of x -> Geometry (c, M) -> candidates scored by angle -> target y* -> mixing a -> y~
 
-Decisions (see docs/concepts.md "MAD, precisely"):
+Decisions (the method itself: docs/concepts.md, "Solving it" to "All parameters"):
 - Both defenses need the inputs and a surrogate (``needs_inputs = needs_surrogate = True``) for every
   ``jacobian`` mode, so one deployment serves every config of the family. With ``jacobian="identity"`` the
   surrogate is accepted but never run, and the inputs only seed the ``random`` oracle.

@@ -7,7 +7,6 @@ import http.server
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -122,9 +121,8 @@ def _group(code: str) -> subprocess.Popen:
 def test_stop_group_escalates_to_sigkill():
     proc = _group("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
                   "time.sleep(60)")
-    t0 = time.monotonic()
     assert processes.stop_group(proc.pid, timeout=0.5, proc=proc)
-    assert proc.returncode == -9 and time.monotonic() - t0 < 10
+    assert proc.returncode == -9  # SIGTERM is ignored: only the SIGKILL it escalated to ended the 60 s sleep
     assert not processes.group_alive(proc.pid)
     assert processes.stop_group(proc.pid)  # already gone
 
