@@ -30,7 +30,7 @@ import requests
 import yaml
 
 from handlers.errors import ConfigError
-from plugins import defense_class
+from plugins import needs
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _eager(rel_file: str, arch: str, num_classes: int, model_dir: str) -> dict[s
 
 def _needs_misinformation(defense: dict[str, Any]) -> bool:
     try:
-        return defense_class(str(defense.get("name"))).needs_misinformation
+        return needs(defense, "misinformation")
     except ValueError:  # an unknown defense: parse() says so with the allowed names
         return False
 

@@ -14,6 +14,7 @@ from plugins.registry import (
     build_defense,
     defense_class,
     load_entry_points,
+    needs,
     register,
     validate_config,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "kl_divergence",
     "load_entry_points",
     "measures",
+    "needs",
     "register",
     "validate_config",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mlflow_project.lab.models import build_model
-from plugins import Defense, DefenseOutput, build_defense, defense_class, validate_config
+from plugins import Defense, DefenseOutput, build_defense, needs, validate_config
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "defense.json"
@@ -73,8 +73,7 @@ def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path |
                         source: str | None) -> dict[str, Any] | None:
     """The bundle's ``misinformation`` record (None for a defense that needs no such model), after checking that
     it is given exactly when the defense needs one and that it answers with the victim's classes."""
-    needs = defense_class(config["name"]).needs_misinformation
-    if not needs:
+    if not needs(config, "misinformation"):
         if misinformation_dir:
             raise ValueError(f"misinformation: defense '{config['name']}' does not use a misinformation model; "
                              "allowed only with defenses that need one (adaptive_misinformation)")
@@ -125,7 +124,7 @@ def write_bundle(
     if misinformation is not None:
         shutil.copytree(Path(misinformation_dir), out / MISINFORMATION_DIR)
     surrogate = None
-    if defense_class(config["name"]).needs_surrogate:
+    if needs(config, "surrogate"):
         net = make_surrogate(build_victim(victim_dir), seed=surrogate_seed)
         torch.save(net.state_dict(), out / SURROGATE_FILE)
         surrogate = {"arch": doc["arch"], "num_classes": int(doc["num_classes"]), "seed": surrogate_seed,
