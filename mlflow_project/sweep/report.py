@@ -117,7 +117,7 @@ def seed_table(points: Sequence[dict]) -> str:
     for p in sorted(points, key=lambda q: _rank(q["defense"])):
         notes = "; ".join(n for n in (spread_note(p, und, "undefended"), spread_note(p, lab, "label_only")) if n)
 
-        def num(k: str, fmt: str = "{:.3f}") -> str:
+        def num(k: str, fmt: str = "{:.3f}", p: dict = p) -> str:
             v = p.get(k)
             return fmt.format(v) if isinstance(v, float) and math.isfinite(v) else "-"
 

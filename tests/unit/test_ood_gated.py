@@ -98,7 +98,8 @@ def test_identity_inside_keeps_confident_rows_and_outside_moves_the_rest():
 
 def test_config_errors_name_the_nested_field():
     with pytest.raises(ValueError, match=r"inside: .*defense 'mad'.*epsilon"):
-        validate_config({"name": "ood_gated", "inside": {"name": "mad", "epsilon": -1}, "outside": {"name": "identity"}})
+        validate_config({"name": "ood_gated", "inside": {"name": "mad", "epsilon": -1},
+                         "outside": {"name": "identity"}})
     with pytest.raises(ValueError, match=r"outside: missing"):
         validate_config({"name": "ood_gated", "inside": {"name": "identity"}})
     with pytest.raises(ValueError, match=r"outside: .*unknown defense 'nope'"):
@@ -108,7 +109,8 @@ def test_config_errors_name_the_nested_field():
                          "outside": {"name": "ood_gated", "inside": {"name": "identity"},
                                      "outside": {"name": "identity"}}})
     with pytest.raises(ValueError, match="tau"):
-        validate_config({"name": "ood_gated", "tau": 0, "inside": {"name": "identity"}, "outside": {"name": "identity"}})
+        validate_config({"name": "ood_gated", "tau": 0, "inside": {"name": "identity"},
+                         "outside": {"name": "identity"}})
 
 
 def test_the_secret_goes_to_inner_defenses_that_take_one():
