@@ -140,7 +140,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
     },
 }
 PRESETS["paper"] = Preset(
-    name="paper", queryset="handwriting", **PAPER_PROTOCOL,
+    name="paper", queryset="handwriting", victim_epochs=30, **PAPER_PROTOCOL,
     mad_epsilons=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), mad_argmax_epsilons=(0.5, 1.0, 2.0),
     reverse_sigmoid_betas=(0.1, 0.5, 1.0), random_noise_epsilons=(), rounding_decimals=(),
     ood_gated_taus=(0.7, 0.9),
