@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -534,8 +533,16 @@ def _int(text: str) -> int:
 
 
 def split_labels(text: str) -> tuple[str, ...]:
-    """Comma-separated point labels; commas inside parentheses belong to a label (``a(x=1, target=b),c``)."""
-    return tuple(x.strip() for x in re.split(r",(?![^(]*\))", text) if x.strip())
+    """Comma-separated point labels; commas inside parentheses (nested too) belong to a label, e.g.
+    ``ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), outside=label_only),identity``."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return tuple(x.strip() for x in out if x.strip())
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -339,3 +339,9 @@ def test_seeds_are_points_of_one_sweep_and_adding_seeds_runs_only_the_new_ones(t
     assert "vs undefended" in text and ("inside the seed spread" in text or "outside the seed spread" in text)
     with pytest.raises(ValueError, match="multi_seed_points"):
         sw.point_seeds(get_preset("tiny", seeds="0,1", multi_seed_points=("nope",)), grid)
+
+
+def test_point_labels_split_on_top_level_commas_only():
+    text = "identity, ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), outside=label_only),mad(epsilon=0.9)"
+    assert sw.split_labels(text) == ("identity", "ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), "
+                                     "outside=label_only)", "mad(epsilon=0.9)")
