@@ -7,7 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stealguard-requirements
-DEBS := prometheus dataset-fashion-mnist
+# fonts-*: the handwriting query set (mlflow_project/lab/handwriting.py, the offline EMNIST stand-in)
+FONT_DEBS := fonts-bwht fonts-dkg-handwriting fonts-breip fonts-femkeklaver fonts-klee fonts-rufscript
+DEBS := prometheus dataset-fashion-mnist $(FONT_DEBS)
 PYTEST_ARGS ?=
 
 .PHONY: help setup debs test test-fast lint bench demo
@@ -43,6 +45,9 @@ debs:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
+	for pkg in $(FONT_DEBS); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
+	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing Debian packages:$$missing"; \

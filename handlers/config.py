@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from handlers.errors import ConfigError
-from plugins import defense_class, validate_config
+from plugins import defense_class, needs, validate_config
 from plugins.base import describe_validation_error
 
 SECTION = "stealguard"
@@ -251,11 +251,11 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
     except ValueError as exc:
         raise ConfigError(f"{SECTION}.defense: {exc}") from None
     cls = defense_class(defense_cfg.name)
-    if cls.needs_surrogate and cfg.surrogate is None:
+    if needs(defense_cfg, "surrogate") and cfg.surrogate is None:
         raise ConfigError(
             f"{SECTION}.surrogate: missing; defense '{cls.name}' needs a surrogate shipped in the archive"
         )
-    needs_misinformation = cls.needs_misinformation
+    needs_misinformation = needs(defense_cfg, "misinformation")
     if needs_misinformation and cfg.misinformation is None:
         raise ConfigError(
             f"{SECTION}.misinformation: missing; defense '{cls.name}' needs a misinformation model shipped in "

@@ -31,7 +31,7 @@ import yaml
 from handlers import bundle_document
 from handlers.errors import ConfigError
 from handlers.victim_export import INPUT_SPEC, VictimExport
-from plugins import defense_class
+from plugins import needs
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _eager(rel_file: str, arch: str, num_classes: int, model_dir: str) -> dict[s
 
 def _needs_misinformation(defense: dict[str, Any]) -> bool:
     try:
-        return defense_class(str(defense.get("name"))).needs_misinformation
+        return needs(defense, "misinformation")
     except ValueError:  # an unknown defense: parse() says so with the allowed names
         return False
 

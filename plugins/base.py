@@ -120,6 +120,14 @@ class Defense(ABC):
             )
         self.config = config
 
+    @classmethod
+    def requirements(cls, config: Any) -> dict[str, bool]:
+        """What building and serving ``config`` needs: ``inputs`` (the batch of queries), ``surrogate`` and
+        ``misinformation`` (resource networks). The class flags by default; a composite defense (ood_gated)
+        answers for its inner defenses. Builders ask :func:`plugins.registry.needs`."""
+        return {"inputs": cls.needs_inputs, "surrogate": cls.needs_surrogate,
+                "misinformation": cls.needs_misinformation}
+
     @property
     def budget(self) -> Budget | None:
         """The budget this defense guarantees, or None when it declares none."""

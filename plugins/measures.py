@@ -49,3 +49,40 @@ def measures(y: torch.Tensor, y_tilde: torch.Tensor) -> dict[str, torch.Tensor]:
         "top1_flip": (t64.argmax(dim=1, keepdim=True) != top).squeeze(1).to(torch.float64),
         "top1_confidence_drop": (y64.gather(1, top) - t64.gather(1, top)).squeeze(1),
     }
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+ECE_BINS = 15
+
+
+def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over rows of ``-log probs[label]`` (probabilities floored at LOG_FLOOR, so a zero costs
+    ``-log LOG_FLOOR`` instead of inf): the returned probabilities' NLL on labelled data."""
+    p = _check_labelled(probs, labels)
+    picked = p.gather(1, labels.long().unsqueeze(1)).squeeze(1)
+    return float(-picked.clamp_min(LOG_FLOOR).log().mean()) if len(p) else float("nan")
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top-1 confidence (Guo et al. 2017): rows are put in ``bins`` equal-width
+    confidence bins ``(i/bins, (i+1)/bins]`` (a confidence of exactly 0 goes to the first); ECE is
+    ``sum_b |B_b|/n * |accuracy(B_b) - mean confidence(B_b)|``."""
+    if bins < 1:
+        raise ValueError(f"bins: must be >= 1; got {bins}")
+    p = _check_labelled(probs, labels)
+    if len(p) == 0:
+        return float("nan")
+    conf, pred = p.max(dim=1)
+    correct = (pred == labels.long()).to(torch.float64)
+    b = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, conf)
+    correct_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, correct)
+    return float((conf_sum - correct_sum).abs().sum() / len(p))
+
+
+def _check_labelled(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if probs.dim() != 2 or labels.dim() != 1 or len(probs) != len(labels):
+        raise ValueError(f"calibration needs B x K probabilities and B labels; got {tuple(probs.shape)} and "
+                         f"{tuple(labels.shape)}")
+    return probs.to(torch.float64)

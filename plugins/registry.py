@@ -28,6 +28,7 @@ BUILTIN_MODULES = (
     "plugins.defenses.mad_argmax",
     "plugins.defenses.adaptive_misinformation",
     "plugins.defenses.gradient_redirection",
+    "plugins.defenses.ood_gated",
 )
 
 log = logging.getLogger(__name__)
@@ -137,11 +138,23 @@ def with_secret(config: Mapping[str, Any] | DefenseConfig, secret: str | None) -
     return validate_config({**cfg.model_dump(), "secret": secret})
 
 
+def needs(config: Mapping[str, Any] | DefenseConfig, resource: str) -> bool:
+    """Whether the defense ``config`` needs ``resource`` (inputs, surrogate, misinformation), its inner
+    defenses' needs included (:meth:`plugins.base.Defense.requirements`)."""
+    data = config.model_dump() if isinstance(config, DefenseConfig) else config
+    if not isinstance(data, Mapping) or "name" not in data:
+        raise ValueError("name: a defense config needs a 'name'")
+    reqs = defense_class(str(data["name"])).requirements(data)
+    if resource not in reqs:
+        raise ValueError(f"resource: unknown {resource!r}; allowed: {', '.join(reqs)}")
+    return reqs[resource]
+
+
 def build_defense(config: Mapping[str, Any] | DefenseConfig, **resources: Any) -> Defense:
     """Build a defense from its config. ``resources`` carries what some defenses need, e.g. ``surrogate=net``
     (MAD) or ``num_classes=K`` (to check class-count-dependent parameters at build time)."""
     cfg = validate_config(config)
     cls = defense_class(cfg.name)
-    if cls.needs_surrogate and resources.get("surrogate") is None:
+    if needs(cfg, "surrogate") and resources.get("surrogate") is None:
         raise ValueError(f"surrogate: defense '{cfg.name}' needs a surrogate model (build_defense(..., surrogate=net))")
     return cls(cfg, **resources)

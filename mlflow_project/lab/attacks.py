@@ -16,8 +16,19 @@ momentum (:mod:`mlflow_project.lab.training`).
   confidence in the returned label).
 - ``jbtop3``: targeted steps ``x + lambda * sign(grad_x log F(x)[t])`` toward a class t drawn at random
   from the substitute's top-3 classes other than c.
+  With ``jb_top3_all`` (the authors' release), every one of the 3 classes gives a query (the set grows x4 a
+  round instead of x2).
 - suffix ``_argmax`` (e.g. ``knockoff_argmax``): the attacker trains on one-hot rows of the returned top-1
   labels (:class:`oracles.ArgmaxOracle`).
+- ``art_copycat`` / ``art_knockoff``: IBM ART's CopycatCNN and KnockoffNets (random strategy), an attacker
+  implementation independent of ours, over the same oracles (:mod:`mlflow_project.lab.art_attacks`).
+
+Attackers as a set: every attack yields two clones from one query pass (:attr:`AttackResult.clone`, trained on
+the returned rows as they are, and :attr:`AttackResult.top1_clone`, its twin trained the same way on one-hot
+rows of their top-1 labels). For the adaptive JB attacks the queries are chosen by the soft substitute; the
+twin is the top-1 relabelling of that same transfer set (a top-1 attacker running its own adaptive loop would
+choose slightly different queries). For the ``_argmax`` attacks the rows already are one-hot, so the twin is
+the clone itself.
 
 Defaults are scaled to a 2-core CPU (the paper trains for more epochs on a GPU): clone training 10 epochs,
 batch 128, lr 0.05 (cosine), momentum 0.9, weight decay 5e-4; JB substitutes are retrained each round for
@@ -38,7 +49,8 @@ from tqdm.auto import tqdm
 from mlflow_project.lab.training import TrainConfig, train_classifier
 
 BASE_ATTACKS = ("knockoff", "jbda", "jbself", "jbtop3")
-ATTACKS = BASE_ATTACKS + tuple(f"{a}_argmax" for a in BASE_ATTACKS)
+ART_ATTACKS = ("art_copycat", "art_knockoff")
+ATTACKS = BASE_ATTACKS + tuple(f"{a}_argmax" for a in BASE_ATTACKS) + ART_ATTACKS
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,11 @@ class AttackConfig:
     jb_tau: int = 5
     jb_round_epochs: int = 10
     jb_round_min_steps: int = 100
+    jb_round_lr: float | None = None  # the substitute's per-round training; None: the clone's setting
+    jb_round_momentum: float | None = None
+    jb_round_weight_decay: float | None = None
+    jb_top3_all: bool = False  # jbtop3: one query per top-3 class (the authors' release) instead of one random
+    schedule: str = "cosine"  # the clone's learning-rate schedule (training.SCHEDULES)
     pixel_mean: float = 0.0  # the victim's normalisation, so JB steps and clipping happen in [0, 1] pixels
     pixel_std: float = 1.0
 
@@ -79,31 +96,46 @@ class AttackConfig:
         return self.name.removesuffix("_argmax")
 
     @property
+    def art(self) -> bool:
+        return self.name in ART_ATTACKS
+
+    @property
     def argmax(self) -> bool:
         return self.name.endswith("_argmax")
 
     def train_config(self, epochs: int | None = None, seed_offset: int = 0) -> TrainConfig:
         return TrainConfig(epochs=self.epochs if epochs is None else epochs, lr=self.lr, batch_size=self.batch_size,
-                           momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed + seed_offset)
+                           momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed + seed_offset,
+                           schedule=self.schedule)
+
+    def round_config(self, epochs: int, round_: int) -> TrainConfig:
+        """The JB substitute's training in round ``round_`` (the clone's settings unless jb_round_* are set)."""
+        return replace(self.train_config(epochs, seed_offset=round_),
+                       lr=self.lr if self.jb_round_lr is None else self.jb_round_lr,
+                       momentum=self.momentum if self.jb_round_momentum is None else self.jb_round_momentum,
+                       weight_decay=self.weight_decay if self.jb_round_weight_decay is None
+                       else self.jb_round_weight_decay)
 
 
 @dataclass
 class AttackResult:
-    clone: nn.Module
+    clone: nn.Module  # trained on the rows the oracle returned (one-hot for the _argmax attacks)
     queries: int
     transfer_x: torch.Tensor  # every input the attacker queried, in order
     transfer_y: torch.Tensor  # what the attacker trained on (one-hot rows for the argmax attacker)
     rounds: int = 1
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    top1_clone: nn.Module | None = None  # the twin trained on the top-1 labels of the same answers
 
 
 def run_attack(oracle, pool: torch.Tensor, make_clone: Callable[[], nn.Module], cfg: AttackConfig,
-               progress: bool = True) -> AttackResult:
+               progress: bool = True, twin: bool = True) -> AttackResult:
     """Run attack ``cfg`` against ``oracle`` with the query set ``pool`` (N x input shape).
 
     ``make_clone()`` returns a freshly initialised clone (the victim's architecture by default). The oracle's
-    own budget, when set, must allow ``cfg.budget`` queries.
+    own budget, when set, must allow ``cfg.budget`` queries. ``twin``: also train the top-1 twin (see the
+    module doc; no further queries).
     """
     from mlflow_project.lab.oracles import ArgmaxOracle
 
@@ -115,13 +147,35 @@ def run_attack(oracle, pool: torch.Tensor, make_clone: Callable[[], nn.Module], 
         oracle = ArgmaxOracle(oracle)
     start = oracle.queries
     t0 = time.perf_counter()
-    if cfg.base == "knockoff":
+    if cfg.art:
+        from mlflow_project.lab.art_attacks import run_art_attack
+
+        result = run_art_attack(oracle, pool, make_clone, cfg, twin=twin)
+    elif cfg.base == "knockoff":
         result = _knockoff(oracle, pool, make_clone, cfg, progress)
     else:
         result = _jacobian(oracle, pool, make_clone, cfg, progress)
+    if twin and result.top1_clone is None:
+        result.top1_clone = result.clone if cfg.argmax else train_top1_twin(result, make_clone, cfg, progress)
     result.queries = oracle.queries - start
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def top1_rows(y: torch.Tensor) -> torch.Tensor:
+    """One-hot rows of the top-1 class of each row of ``y``."""
+    return torch.nn.functional.one_hot(y.argmax(dim=1), y.shape[1]).to(y.dtype)
+
+
+def train_top1_twin(result: AttackResult, make_clone: Callable[[], nn.Module], cfg: AttackConfig,
+                    progress: bool = False) -> nn.Module:
+    """The top-1 attacker's clone: the same transfer set relabelled with its top-1 classes, trained from the same
+    initialisation with the same settings as ``result.clone``."""
+    torch.manual_seed(cfg.seed)
+    twin = make_clone()
+    train_classifier(twin, result.transfer_x, top1_rows(result.transfer_y), cfg.train_config(),
+                     desc=f"{cfg.name}: top-1 twin", progress=progress)
+    return twin
 
 
 def query_in_batches(oracle, x: torch.Tensor, batch_size: int, progress: bool, desc: str) -> torch.Tensor:
@@ -152,9 +206,29 @@ def _from_pixels(p: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
     return (p - cfg.pixel_mean) / cfg.pixel_std
 
 
+def _top3_targets(num_classes: int) -> int:
+    return min(3, num_classes - 1)
+
+
 def jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, round_: int,
                   gen: torch.Generator, batch_size: int = 512) -> torch.Tensor:
-    """The JB-family augmentation of ``x`` (normalised inputs) for round ``round_``; returns new inputs."""
+    """The JB-family augmentation of ``x`` (normalised inputs) for round ``round_``; returns new inputs.
+
+    jbtop3 with ``cfg.jb_top3_all``: one new input per top-3 class, grouped by rank (all rank-1 targets, then
+    rank 2, then rank 3), so 3 x len(x) rows."""
+    if cfg.base == "jbtop3" and cfg.jb_top3_all:
+        return torch.cat([_jacobian_step(model, x, labels, cfg, round_, gen, batch_size, rank=r)
+                          for r in range(_top3_targets(_num_classes(model, x)))])
+    return _jacobian_step(model, x, labels, cfg, round_, gen, batch_size)
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return model(x[:1]).shape[1]
+
+
+def _jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, round_: int,
+                   gen: torch.Generator, batch_size: int = 512, rank: int | None = None) -> torch.Tensor:
     model.eval()
     new = []
     for i in range(0, len(x), batch_size):
@@ -164,9 +238,9 @@ def jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: 
         if cfg.base == "jbtop3":
             ranked = logp.detach().clone()
             ranked.scatter_(1, cb.unsqueeze(1), float("-inf"))
-            k = min(3, ranked.shape[1] - 1)
+            k = _top3_targets(ranked.shape[1])
             top = ranked.topk(k, dim=1).indices
-            pick = torch.randint(0, k, (len(xb),), generator=gen)
+            pick = torch.randint(0, k, (len(xb),), generator=gen) if rank is None else torch.full((len(xb),), rank)
             target = top.gather(1, pick.unsqueeze(1)).squeeze(1)
             objective = logp.gather(1, target.unsqueeze(1)).sum()
             direction = 1.0
@@ -204,12 +278,13 @@ def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> At
         substitute = make_clone()
         steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
         epochs = max(cfg.jb_round_epochs, math.ceil(cfg.jb_round_min_steps / steps_per_epoch))
-        losses = train_classifier(substitute, x, y, cfg.train_config(epochs, seed_offset=round_),
+        losses = train_classifier(substitute, x, y, cfg.round_config(epochs, round_),
                                   desc=f"{cfg.name}: round {round_}", progress=False)
         labels = y.argmax(dim=1)
-        take = min(remaining, len(x))
+        per_point = _top3_targets(y.shape[1]) if cfg.base == "jbtop3" and cfg.jb_top3_all else 1
+        take = min(math.ceil(remaining / per_point), len(x))
         sel = torch.arange(take) if take == len(x) else torch.randperm(len(x), generator=gen)[:take].sort().values
-        x_new = jacobian_step(substitute, x[sel], labels[sel], cfg, round_, gen)
+        x_new = jacobian_step(substitute, x[sel], labels[sel], cfg, round_, gen)[:remaining]
         y_new = query_in_batches(oracle, x_new, cfg.query_batch_size, False, "")
         x, y = torch.cat([x, x_new]), torch.cat([y, y_new])
         history.append({"round": round_, "transfer_size": len(x), "loss": losses[-1] if losses else float("nan")})

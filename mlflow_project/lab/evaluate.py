@@ -13,8 +13,17 @@ in [0, 1]):
 - ``defender_accuracy``: top-1 accuracy of the defended (perturbed) outputs on the same test set;
 - ``perturbation_l1_mean``, ``perturbation_l1_max``, ``kl_mean`` (KL(y || y~)), ``top1_flip_rate``:
   what the defense changed on the test set (plugins.measures); ``angular_deviation_mean`` for the MAD family;
-- ``attacker_accuracy``: the clone's top-1 accuracy on the victim's test set (``attacker_agreement``: how
-  often it agrees with the undefended victim); ``queries``: rows the attack spent (exact).
+- ``defender_nll``, ``defender_ece``: calibration of the returned probabilities on the test set (mean negative
+  log-likelihood; expected calibration error, 15 bins); ``victim_nll``, ``victim_ece``: the undefended victim's;
+- the attackers as a set (:mod:`mlflow_project.lab.attacks`): from one query pass, a clone trained on the
+  returned rows (``attacker_accuracy_soft``) and its twin trained on their top-1 labels
+  (``attacker_accuracy_top1``): top-1 accuracy on the victim's test set; ``attacker_accuracy_strongest`` is
+  the larger, and ``attacker_accuracy`` (kept for compatibility) equals it. ``attacker_agreement_soft`` /
+  ``_top1`` (how often each clone agrees with the undefended victim), ``attacker_agreement`` the strongest
+  clone's;
+- ``query_top1_flip_rate``: how often the answers the attacker got have another top-1 class than the undefended
+  victim's on the same queries (``top1_flip_rate`` is the same on the benign test set);
+- ``queries``: rows the attack spent (exact).
 
 Fixed seeds give identical runs in-process (CPU, fixed thread count).
 """
@@ -25,7 +34,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +48,19 @@ from mlflow_project.lab.models import build_model
 from mlflow_project.lab.oracles import HTTPOracle, LocalOracle, build_victim_defense
 from mlflow_project.lab.training import accuracy, predict_probs
 from plugins import measures
+from plugins.measures import expected_calibration_error, negative_log_likelihood
 
 METRICS = (
     "victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
-    "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
+    "top1_flip_rate", "angular_deviation_mean", "defender_nll", "defender_ece", "victim_nll", "victim_ece",
+    "attacker_accuracy", "attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_accuracy_strongest",
+    "attacker_agreement", "attacker_agreement_soft", "attacker_agreement_top1", "query_top1_flip_rate", "queries",
 )
 ORACLES = ("local", "http")
 DEFENSE_ARTIFACT = "defense.json"  # an evaluate run's defense config (register.config_from_run reads it)
+# AttackConfig fields an EvalConfig may set through attack_options (the rest are EvalConfig's own)
+ATTACK_OPTIONS = {f.name for f in fields(AttackConfig)} - {"name", "budget", "epochs", "lr", "batch_size", "seed",
+                                                            "pixel_mean", "pixel_std"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +81,16 @@ class EvalConfig:
     batch_size: int = 128
     surrogate_seed: int = 0
     misinformation: str = ""  # train_misinformation export dir, for defenses that need one (adaptive_misinformation)
+    attack_options: Mapping[str, Any] = field(default_factory=dict)  # further AttackConfig fields (e.g. momentum)
 
     def __post_init__(self) -> None:
         data.check_dataset(self.dataset)
         if self.queryset:
-            data.check_dataset(self.queryset)
+            data.check_queryset(self.queryset)
+        bad = sorted(set(self.attack_options) - ATTACK_OPTIONS)
+        if bad:
+            raise ValueError(f"attack_options: {bad} are not attack settings; allowed: "
+                             f"{', '.join(sorted(ATTACK_OPTIONS))}")
         if self.attack not in ATTACKS:
             raise ValueError(f"attack: unknown {self.attack!r}; allowed: {', '.join(ATTACKS)}")
         if self.oracle not in ORACLES:
@@ -84,6 +104,7 @@ class EvalConfig:
         d = asdict(self)
         d["defense"] = json.dumps(dict(self.defense), sort_keys=True)
         d["defense_name"] = self.defense.get("name", "")
+        d["attack_options"] = json.dumps(dict(self.attack_options), sort_keys=True)
         d["queryset"] = self.queryset or self.dataset
         return d
 
@@ -102,7 +123,7 @@ class EvalResult:
     metrics: dict[str, float]
     seconds: dict[str, float]
     victim: Victim
-    clone: nn.Module
+    clone: nn.Module  # the strongest of the two attackers' clones
     per_row: dict[str, torch.Tensor]  # the defense's per-row measures on the test set
     history: list[dict]
 
@@ -217,6 +238,10 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         "perturbation_l1_max": per_row["l1"].max().item(),
         "kl_mean": per_row["kl"].mean().item(),
         "top1_flip_rate": per_row["top1_flip"].mean().item(),
+        "defender_nll": negative_log_likelihood(tilde, test_y),
+        "defender_ece": expected_calibration_error(tilde, test_y),
+        "victim_nll": negative_log_likelihood(probs, test_y),
+        "victim_ece": expected_calibration_error(probs, test_y),
     }
     if deviation is not None:
         metrics["angular_deviation_mean"] = deviation.double().mean().item()
@@ -233,22 +258,39 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     else:
         oracle = HTTPOracle(cfg.url, budget=cfg.budget, send=cfg.http_send, mean=spec.mean, std=spec.std)
     acfg = AttackConfig(name=cfg.attack, budget=cfg.budget, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                        seed=cfg.seed, pixel_mean=spec.mean, pixel_std=spec.std)
+                        seed=cfg.seed, pixel_mean=spec.mean, pixel_std=spec.std, **dict(cfg.attack_options))
     clone_arch = cfg.clone_arch or victim.arch
 
     def make_clone() -> nn.Module:
         return build_model(clone_arch, num_classes=spec.num_classes)
 
     res = run_attack(oracle, pool, make_clone, acfg, progress=progress)
-    metrics["attacker_accuracy"] = accuracy(res.clone, test_x, test_y)
-    clone_pred = predict_probs(res.clone, test_x).argmax(1)
-    metrics["attacker_agreement"] = (clone_pred == probs.argmax(1)).double().mean().item()
+    metrics.update(attacker_metrics(res, test_x, test_y, probs.argmax(1)))
+    if len(res.transfer_x):
+        undefended = predict_probs(victim.model, res.transfer_x).argmax(1)
+        metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
     metrics["queries"] = float(res.queries)
     seconds["attacker"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     for obs in observers:
         obs("attacker", dict(metrics))
-    return EvalResult(cfg, metrics, seconds, victim, res.clone, per_row, res.history)
+    strongest = res.clone if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else res.top1_clone
+    return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history)
+
+
+def attacker_metrics(res, test_x: torch.Tensor, test_y: torch.Tensor, victim_top1: torch.Tensor) -> dict[str, float]:
+    """Accuracy and agreement with the undefended victim of both clones of an attack (the soft one and its top-1
+    twin), the strongest (max accuracy), and ``attacker_accuracy`` / ``attacker_agreement`` = the strongest's."""
+    out: dict[str, float] = {}
+    for kind, clone in (("soft", res.clone), ("top1", res.top1_clone)):
+        out[f"attacker_accuracy_{kind}"] = accuracy(clone, test_x, test_y)
+        pred = predict_probs(clone, test_x).argmax(1)
+        out[f"attacker_agreement_{kind}"] = (pred == victim_top1).double().mean().item()
+    best = "soft" if out["attacker_accuracy_soft"] >= out["attacker_accuracy_top1"] else "top1"
+    out["attacker_accuracy_strongest"] = out[f"attacker_accuracy_{best}"]
+    out["attacker_accuracy"] = out["attacker_accuracy_strongest"]
+    out["attacker_agreement"] = out[f"attacker_agreement_{best}"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- reporting
@@ -274,8 +316,12 @@ def summary_text(r: EvalResult) -> str:
         f"perturbation L1 mean / max     {num('perturbation_l1_mean')} / {num('perturbation_l1_max')}   "
         f"KL mean {num('kl_mean')}",
         f"angular deviation mean (rad)   {num('angular_deviation_mean')}",
-        f"attacker accuracy (clone)      {pct('attacker_accuracy')}   agreement with victim "
-        f"{pct('attacker_agreement')}",
+        f"calibration NLL / ECE          defended {num('defender_nll')} / {num('defender_ece')}   "
+        f"undefended {num('victim_nll')} / {num('victim_ece')}",
+        f"attacker accuracy soft / top-1 {pct('attacker_accuracy_soft')} / {pct('attacker_accuracy_top1')}   "
+        f"strongest {pct('attacker_accuracy_strongest')}",
+        f"agreement soft / top-1         {pct('attacker_agreement_soft')} / {pct('attacker_agreement_top1')}   "
+        f"attacker-query top-1 flips {pct('query_top1_flip_rate')}",
         f"queries spent                  {int(m['queries'])}",
         f"wall time                      defender {r.seconds['defender']:.1f}s  attacker {r.seconds['attacker']:.1f}s"
         f"  total {r.seconds['total']:.1f}s",
@@ -291,9 +337,10 @@ def summary_figure(r: EvalResult):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    keys = ["victim_accuracy", "defender_accuracy", "attacker_accuracy"]
+    keys = ["victim_accuracy", "defender_accuracy", "attacker_accuracy_soft", "attacker_accuracy_top1"]
     vals = [100 * r.metrics[k] for k in keys]
-    bars = a1.bar(["victim", "defender", "attacker"], vals, color=["#4c72b0", "#55a868", "#c44e52"])
+    bars = a1.bar(["victim", "defender", "attacker\nsoft", "attacker\ntop-1"], vals,
+                  color=["#4c72b0", "#55a868", "#c44e52", "#dd8452"])
     a1.bar_label(bars, fmt="%.1f")
     a1.set_ylim(0, 105)
     a1.set_ylabel("test accuracy (%)")
@@ -341,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--defense", default="identity",
                    help="inline JSON, a .json/.yaml config file, or a defense name (its defaults)")
     p.add_argument("--attack", default="knockoff", choices=ATTACKS)
-    p.add_argument("--queryset", default="", help="fashion_mnist, mnist5k or digits (default: the dataset)")
+    p.add_argument("--queryset", default="", choices=["", *data.QUERYSETS],
+                   help="fashion_mnist, mnist5k, digits or handwriting (default: the dataset)")
     p.add_argument("--budget", type=integer, default=1000)
     p.add_argument("--epochs", type=integer, default=10, help="clone training epochs")
     p.add_argument("--seed", type=integer, default=0)

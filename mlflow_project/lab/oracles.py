@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugins import DefenseOutput, build_defense, defense_class, with_secret
+from plugins import DefenseOutput, build_defense, needs, with_secret
 
 # The lab's explicit development secret for randomised defenses: offline evaluations need some key, and the
 # attacks never see it. It is not a server default: an archive or a registered version never carries it, and a
@@ -89,11 +89,10 @@ def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, nu
     config = dict(config or {"name": "identity"})
     if "name" not in config:
         raise ValueError("defense: the config needs a 'name' (e.g. {\"name\": \"identity\"})")
-    cls = defense_class(config["name"])
     resources: dict[str, Any] = {"num_classes": num_classes}
-    if cls.needs_surrogate:
+    if needs(config, "surrogate"):
         resources["surrogate"] = make_surrogate_for(victim, surrogate_seed)
-    if cls.needs_misinformation:
+    if needs(config, "misinformation"):
         if misinformation is None or misinformation == "":
             raise ValueError(
                 f"misinformation: defense '{config['name']}' needs a misinformation model "

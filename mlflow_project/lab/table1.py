@@ -1,63 +1,122 @@
-"""Reproduce the paper's Table 1 row for an undefended victim: each attack's clone accuracy, side by side.
+"""Reproduce the paper's Table 1 row for an undefended victim: each attack's clone accuracy, both attackers.
 
-    python -m mlflow_project.lab.table1 --victim artifacts/victims/fashion_mnist_lenet --budget 50000 \
-        --jb-budget 10000 --epochs 10 --out results/table1_fashion_mnist.json
+    python -m mlflow_project.lab.table1 --seeds 0,1,2 --threads 2            # the paper preset, ~5 h per seed
+    mlflow run . -e table1 -P seeds=0,1,2 --env-manager local
 
-Runs, one after another, Knockoff (query sets: the victim's dataset and mnist5k), JBDA, JB-self and JB-top3
-against the undefended victim (``identity``), each in a nested MLflow run under one parent, and prints the
-measured accuracies next to the paper's (Orekondy et al. 2020, Table 1). Results are appended to ``--out``
-after every attack, so a partial run keeps what it measured.
+Runs Knockoff (transfer sets: the handwriting set, the EMNIST stand-in, and mnist5k), JBDA, JB-self and JB-top3
+(seeded from the victim's own train split) against the undefended victim (``identity``) at the ``paper``
+preset's protocol (:data:`mlflow_project.sweep.presets.PAPER_PROTOCOL`: LeNet clone, SGD lr 0.1 momentum 0.5,
+30 epochs, batch 64, budget 50,000), for every seed; every row trains the soft-label clone and its top-1 twin
+from one query pass (:mod:`mlflow_project.lab.attacks`). Each (attack, query set, budget, epochs, seed) is one
+nested MLflow run under one parent and one row of ``--out`` (CSV), appended as soon as it finishes; a rerun
+skips the rows whose key is already in the CSV, so an interrupted run continues where it stopped. The table
+printed at the end puts the mean [min-max] over seeds next to the paper's (Orekondy et al. 2020, Table 1).
+
+The victim: ``--victim`` (an export directory or model URI), else the paper preset's (the lab's saved victim,
+or one trained once and cached, as the sweep does), so the Table 1 row and the paper sweeps share it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
+import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from mlflow_project.cli import integer
 from mlflow_project.lab import evaluate as ev
 
 # Orekondy et al. (ICLR 2020), Table 1, undefended accuracies (%) for the FashionMNIST victim.
 PAPER_FASHION_MNIST = {"victim": 92.0, "jbda": 38.7, "jbself": 45.8, "jbtop3": 68.7, "knockoff": 69.2}
+JB_ATTACKS = ("jbda", "jbself", "jbtop3")
+COLUMNS = ("key", "attack", "queryset", "budget", "epochs", "seed", "victim_accuracy", "attacker_accuracy_soft",
+           "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft",
+           "attacker_agreement_top1", "query_top1_flip_rate", "queries", "paper", "seconds", "threads", "run_id")
 
 
-def rows(dataset: str, budget: int, jb_budget: int) -> list[tuple[str, str, int]]:
-    other = "mnist5k" if dataset != "mnist5k" else "digits"
-    return [
-        ("knockoff", dataset, budget),
-        ("knockoff", other, budget),
-        ("jbda", dataset, jb_budget),
-        ("jbself", dataset, jb_budget),
-        ("jbtop3", dataset, jb_budget),
-    ]
+def rows(dataset: str, budget: int, knockoff_querysets: list[str], attacks: list[str]) -> list[tuple[str, str, int]]:
+    """(attack, query set, budget) of each Table 1 row to run: Knockoff once per transfer set, JB from the
+    victim's dataset."""
+    out = []
+    for attack in attacks:
+        if attack == "knockoff":
+            out += [("knockoff", q, budget) for q in knockoff_querysets]
+        elif attack in JB_ATTACKS:
+            out.append((attack, dataset, budget))
+        else:
+            raise ValueError(f"attacks: unknown {attack!r}; allowed: knockoff, {', '.join(JB_ATTACKS)}")
+    return out
 
 
-def table(results: list[dict], victim_accuracy: float | None) -> str:
-    lines = [f"{'attack':10s} {'queryset':14s} {'queries':>8s} {'clone acc %':>12s} {'paper %':>8s} {'wall s':>8s}"]
-    if victim_accuracy is not None:
-        lines.append(f"{'victim':10s} {'-':14s} {'-':>8s} {100 * victim_accuracy:12.2f} "
-                     f"{PAPER_FASHION_MNIST['victim']:8.1f} {'-':>8s}")
+def row_key(victim_hash: str, attack: str, queryset: str, budget: int, epochs: int, seed: int,
+            options: dict[str, Any]) -> str:
+    from mlflow_project.sweep.run import PROTOCOL_VERSION, stable_hash
+
+    return stable_hash({"victim": victim_hash, "attack": attack, "queryset": queryset, "budget": budget,
+                        "epochs": epochs, "seed": seed, "options": options, "protocol": PROTOCOL_VERSION})
+
+
+def read_done(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Mean [min-max] over seeds per (attack, query set), soft and top-1 clones, next to the paper's number."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in results:
-        paper = PAPER_FASHION_MNIST.get(r["attack"], float("nan"))
-        lines.append(f"{r['attack']:10s} {r['queryset']:14s} {int(r['queries']):8d} "
-                     f"{100 * r['attacker_accuracy']:12.2f} {paper:8.1f} {r['seconds']:8.0f}")
+        groups.setdefault((r["attack"], r["queryset"], str(r["budget"])), []).append(r)
+
+    def cell(mine: list[dict[str, Any]], key: str) -> str:
+        vals = [100 * float(r[key]) for r in mine]
+        mean = sum(vals) / len(vals)
+        return f"{mean:5.1f} [{min(vals):.1f}-{max(vals):.1f}]" if len(vals) > 1 else f"{mean:5.1f}"
+
+    lines = [f"{'attack':9s} {'queryset':12s} {'queries':>8s} {'seeds':>5s} {'soft %':>18s} {'top-1 %':>18s} "
+             f"{'paper %':>8s} {'gap (strongest)':>16s}"]
+    victim = [100 * float(r["victim_accuracy"]) for r in results]
+    if victim:
+        lines.append(f"{'victim':9s} {'-':12s} {'-':>8s} {'-':>5s} {victim[0]:18.1f} {'':>18s} "
+                     f"{PAPER_FASHION_MNIST['victim']:8.1f}")
+    for (attack, queryset, budget), mine in groups.items():
+        paper = PAPER_FASHION_MNIST.get(attack, math.nan)
+        strongest = sum(100 * float(r["attacker_accuracy_strongest"]) for r in mine) / len(mine)
+        lines.append(f"{attack:9s} {queryset:12s} {int(float(budget)):8d} {len(mine):5d} "
+                     f"{cell(mine, 'attacker_accuracy_soft'):>18s} {cell(mine, 'attacker_accuracy_top1'):>18s} "
+                     f"{paper:8.1f} {strongest - paper:+16.1f}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from mlflow_project.sweep.presets import get_preset
+
     p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.table1", description=__doc__.split("\n")[0])
-    p.add_argument("--victim", required=True)
-    p.add_argument("--budget", type=int, default=50_000, help="Knockoff budget")
-    p.add_argument("--jb-budget", type=int, default=50_000, help="JBDA / JB-self / JB-top3 budget")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default="", help="comma-separated row numbers (0-4) to run")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default="results/table1.json")
+    p.add_argument("--victim", default="", help="export directory or model URI (default: the paper preset's victim)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--attacks", default="knockoff,jbda,jbself,jbtop3")
+    p.add_argument("--knockoff-querysets", default="handwriting,mnist5k",
+                   help="Knockoff's transfer sets (the handwriting set stands in for EMNIST)")
+    p.add_argument("--budget", type=integer, default=0, help="queries per attack (default: the paper preset's, 50,000)")
+    p.add_argument("--epochs", type=integer, default=0, help="clone training epochs (default: the paper preset's, 30)")
+    p.add_argument("--threads", type=integer, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="results/table1.csv", help="the CSV (appended to; rows already in it are skipped)")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -65,33 +124,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import mlflow
 
     from mlflow_project.lifecycle import tracking
+    from mlflow_project.sweep.run import resolve_victim, weights_hash
 
-    victim = ev.load_victim(a.victim)
+    preset = get_preset("paper")
+    budget, epochs = a.budget or preset.budget, a.epochs or preset.epochs
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed, e.g. 0 or 0,1,2")
+    victim, victim_ref = resolve_victim(preset, a.victim, progress=not a.no_progress)
     dataset = victim.spec.dataset
+    vhash = weights_hash(victim.model)
+    options = dict(preset.attack_options)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = json.loads(out.read_text()) if out.exists() else []
-    todo = rows(dataset, a.budget, a.jb_budget)
-    if a.only:
-        todo = [todo[int(i)] for i in a.only.split(",")]
+    done = read_done(out)
+    done_keys = {r["key"] for r in done}
+    todo = [(attack, q, b, seed) for seed in seeds for attack, q, b in
+            rows(dataset, budget, [q for q in a.knockoff_querysets.split(",") if q], a.attacks.split(","))]
     tracking.setup(a.tracking_uri)
-    victim_accuracy = None
-    with mlflow.start_run(run_name=f"table1-{dataset}"):
-        mlflow.log_params({"victim": a.victim, "budget": a.budget, "jb_budget": a.jb_budget, "epochs": a.epochs})
-        for attack, queryset, budget in todo:
-            cfg = ev.EvalConfig(dataset=dataset, victim=a.victim, defense={"name": "identity"}, attack=attack,
-                                queryset=queryset, budget=budget, epochs=a.epochs, seed=a.seed)
+    results = [r for r in done if r["key"] in {row_key(vhash, *t[:3], epochs, t[3], options) for t in todo}]
+    with tracking.start_or_resume(f"table1-{dataset}"):
+        mlflow.set_tags({"stealguard.kind": "table1"})
+        for attack, queryset, b, seed in todo:
+            key = row_key(vhash, attack, queryset, b, epochs, seed, options)
+            if key in done_keys:
+                print(f"skip {attack} {queryset} seed {seed}: already in {out}", flush=True)
+                continue
+            cfg = ev.EvalConfig(dataset=dataset, victim=victim_ref, defense={"name": "identity"}, attack=attack,
+                                queryset=queryset, budget=b, epochs=epochs, seed=seed, lr=preset.clone_lr,
+                                batch_size=preset.clone_batch_size, attack_options=options)
             t0 = time.perf_counter()
-            with mlflow.start_run(run_name=f"{attack}-{queryset}-{budget}", nested=True):
-                r = ev.evaluate(cfg, victim=victim)
+            with mlflow.start_run(run_name=f"{attack}-{queryset}-{b}-seed{seed}", nested=True) as run:
+                r = ev.evaluate(cfg, victim=victim, progress=not a.no_progress)
                 ev.log_evaluation(r)
-            victim_accuracy = r.metrics["victim_accuracy"]
-            row = {"attack": attack, "queryset": queryset, "budget": budget, "epochs": a.epochs,
-                   "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), **r.metrics}
+            row = {**r.metrics, "key": key, "attack": attack, "queryset": queryset, "budget": b, "epochs": epochs,
+                   "seed": seed, "paper": PAPER_FASHION_MNIST.get(attack, ""), "seconds": time.perf_counter() - t0,
+                   "threads": torch.get_num_threads(), "run_id": run.info.run_id}
+            append_row(out, row)
             results.append(row)
-            out.write_text(json.dumps(results, indent=2) + "\n")
             print(ev.summary_text(r), flush=True)
-        print(table(results, victim_accuracy), flush=True)
+        print(table(results), flush=True)
     return results
 
 

@@ -1,8 +1,13 @@
 """Training and scoring shared by the victim and the attackers' clones.
 
-One loop for both: mini-batch SGD with momentum and a cosine learning-rate schedule, minimising the soft
-cross-entropy ``-sum_k t_k log softmax(f(x))_k`` against targets ``t`` that are either class indices (the
-victim's labels: plain cross-entropy) or rows on the simplex (the oracle's returned probabilities).
+One loop for both: mini-batch SGD with momentum and a learning-rate schedule (cosine by default; constant, as
+in the paper's clone training, or step decay), minimising the soft cross-entropy ``-sum_k t_k log
+softmax(f(x))_k`` against targets ``t`` that are either class indices (the victim's labels: plain
+cross-entropy) or rows on the simplex (the oracle's returned probabilities).
+
+The loop is kept close to a bare PyTorch loop's throughput (bench/bench_training.py measures the ratio): the
+data are in-memory tensors sliced per batch (no DataLoader), and the epoch's loss is accumulated on the tensor
+side, so there is one host sync per epoch, not one per batch.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+SCHEDULES = ("cosine", "constant", "step")
 
 
 @dataclass(frozen=True)
@@ -25,8 +32,15 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    schedule: str = "cosine"  # cosine (per step, to 0) | constant | step (lr *= step_gamma every step_epochs)
+    step_epochs: int = 30
+    step_gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: unknown {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.step_epochs < 1:
+            raise ValueError(f"step_epochs: must be >= 1; got {self.step_epochs}")
         if self.epochs < 0:
             raise ValueError(f"epochs: must be >= 0; got {self.epochs}")
         if not self.lr > 0:
@@ -68,23 +82,30 @@ def train_classifier(
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(x) + cfg.batch_size - 1) // cfg.batch_size
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sched = None  # stepped per batch (cosine) or per epoch (step); constant: none
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    elif cfg.schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs, gamma=cfg.step_gamma)
+    per_batch = cfg.schedule == "cosine"
     targets = targets.float() if targets.dim() == 2 else targets.long()
     model.train()
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
     for epoch in bar:
         perm = torch.randperm(len(x), generator=gen)
-        total, n = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64)
         for i in range(0, len(x), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             loss = loss_fn(model(x[idx]), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if per_batch:
+                sched.step()
+            total += loss.detach() * len(idx)  # no host sync per batch
+        if sched is not None and not per_batch:
             sched.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
-        losses.append(total / n)
+        losses.append(total.item() / len(x))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])

@@ -21,7 +21,7 @@ from handlers import bundle_document
 from handlers.service import DefendedPipeline
 from handlers.victim_export import VictimExport
 from mlflow_project.lab.models import ARCHITECTURES, build_model
-from plugins import DefenseOutput, build_defense, defense_class, needs_secret, validate_config, with_secret
+from plugins import DefenseOutput, build_defense, needs, needs_secret, validate_config, with_secret
 
 BUNDLE_FILE = bundle_document.DOCUMENT
 
@@ -59,8 +59,7 @@ def _misinformation_doc(config: dict[str, Any], misinformation_dir: str | Path |
                         source: str | None) -> dict[str, Any] | None:
     """The bundle's ``misinformation`` record (None for a defense that needs no such model), after checking that
     it is given exactly when the defense needs one and that it answers with the victim's classes."""
-    needs = defense_class(config["name"]).needs_misinformation
-    if not needs:
+    if not needs(config, "misinformation"):
         if misinformation_dir:
             raise ValueError(f"misinformation: defense '{config['name']}' does not use a misinformation model; "
                              "allowed only with defenses that need one (adaptive_misinformation)")
@@ -108,7 +107,7 @@ def write_bundle(
     if misinformation is not None:
         shutil.copytree(Path(misinformation_dir), out / bundle_document.MISINFORMATION_DIR)
     surrogate = None
-    if defense_class(config["name"]).needs_surrogate:
+    if needs(config, "surrogate"):
         net = make_surrogate(victim.eager(ARCHITECTURES), seed=surrogate_seed)
         torch.save(net.state_dict(), out / bundle_document.SURROGATE_FILE)
         surrogate = {"arch": victim.arch, "num_classes": victim.num_classes, "seed": surrogate_seed,

@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> Path:
         from mlflow_project.lifecycle.tracking import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri or None))
-    from plugins import defense_class, needs_secret
+    from plugins import needs, needs_secret
 
     with tempfile.TemporaryDirectory(prefix="sg-package-") as tmp:
         work = Path(tmp)
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if runtime == "eager"
                 else model_files(runtime, s)
             )
-        elif defense_class(defense["name"]).needs_surrogate:
+        elif needs(defense, "surrogate"):
             arch = args.surrogate_arch or (args.arch if victim.runtime != "eager" else None)
             if arch:
                 surrogate = arch_surrogate(arch, args.num_classes, args.surrogate_seed, work)
@@ -676,7 +676,7 @@ def main(argv: list[str] | None = None) -> Path:
                 raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate")
             shape = input_spec_from_args(args)["shape"]
             surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
-        needs_misinformation = defense_class(defense["name"]).needs_misinformation
+        needs_misinformation = needs(defense, "misinformation")
         if bundle is not None and bundle.misinformation is not None and not args.misinformation:
             args.misinformation = str(bundle.misinformation_dir)  # the registered version's own model
         if needs_misinformation and not args.misinformation:

@@ -42,7 +42,7 @@ from mlflow_project.lifecycle import distributions, tracking
 from mlflow_project.lifecycle.bundle import DefendedVictim, read_bundle, write_bundle
 from mlflow_project.lifecycle.model_uris import is_models_uri, victim_export_dir
 from mlflow_project.sweep.select import MISINFORMATION_TAG, RECOMMENDED_RUN_TAG
-from plugins import defense_class
+from plugins import needs
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
             config, victim, tuned = config_from_run(client, run_id, Path(tmp))
             if a.victim:
                 victim = a.victim
-            if not a.misinformation and defense_class(config["name"]).needs_misinformation:
+            if not a.misinformation and needs(config, "misinformation"):
                 misinformation = misinformation_of_run(client, run_id)
             else:  # a run's param is only used by a defense that needs it; an explicit flag is checked as given
                 misinformation = a.misinformation

@@ -43,9 +43,13 @@ CURVE_VARIANT = {"gradient_redirection": "target"}
 AXES = {
     "defender_accuracy": "defender accuracy (benign top-1, %)",
     "perturbation_l1_mean": "mean L1 perturbation ||y~ - y||_1",
-    "attacker_accuracy": "attacker (clone) accuracy, %",
+    "attacker_accuracy": "strongest attacker's clone accuracy, %",
+    "attacker_accuracy_strongest": "strongest attacker's clone accuracy, %",
+    "attacker_accuracy_soft": "soft-label attacker's clone accuracy, %",
+    "attacker_accuracy_top1": "top-1-label attacker's clone accuracy, %",
 }
-PERCENT = {"defender_accuracy", "attacker_accuracy"}
+PERCENT = {"defender_accuracy", "attacker_accuracy", "attacker_accuracy_strongest", "attacker_accuracy_soft",
+           "attacker_accuracy_top1"}
 
 
 def _field(point: Mapping[str, Any], key: str) -> Any:

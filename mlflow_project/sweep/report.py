@@ -3,9 +3,13 @@
     python -m mlflow_project.sweep.report results/sweeps/quick-*/points.csv --plots-dir docs/results \
         --link-prefix docs/results/ --into RESULTS.md
 
-For each sweep CSV: the undefended victim and attacker accuracies, and per defense the lowest attacker
-accuracy reachable with a defender-accuracy drop of at most 0.5, 1 and 5 points
-(:func:`select.attacker_accuracy_at_drops`; the undefended point counts for every defense). A row is a
+For each sweep CSV: the undefended victim and attacker accuracies, and per defense the lowest strongest-attacker
+accuracy (the better of the soft-label clone and its top-1 twin) reachable with a defender-accuracy drop of at
+most 0.5, 1 and 5 points (:func:`select.attacker_accuracy_at_drops`; the undefended point counts for every
+defense; per point the mean over its seeds). Then every point with its seeds: mean and min-max of the strongest,
+soft and top-1 attackers' accuracies, benign utility (defender accuracy, mean L1, NLL, ECE) and whether its
+difference from the undefended point and from label_only is outside the seed spread (the min-max ranges do
+not overlap) or inside it. A row is a
 curve of the plots (:func:`plots.curve_name`): gradient redirection gets one row per target, e.g.
 ``gradient_redirection[reverse]``. With ``--plots-dir``, the sweep's two plots are copied there under names
 that say which sweep they belong to.
@@ -21,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlflow_project.sweep.plots import curve_name
-from mlflow_project.sweep.run import read_points
-from mlflow_project.sweep.select import attacker_accuracy_at_drops
+from mlflow_project.sweep.run import aggregate, read_points
+from mlflow_project.sweep.select import attacker_accuracy_at_drops, strongest
 
 DROPS = (0.5, 1.0, 5.0)
 ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only",
@@ -46,9 +50,10 @@ def describe_sweep(csv_path: Path) -> dict:
 
 def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
     csv_path = Path(csv_path)
-    points = [{**p, "curve": curve_name(p)} for p in read_points(csv_path)]
-    if not points:
+    per_seed = read_points(csv_path)
+    if not per_seed:
         raise ValueError(f"{csv_path}: no points")
+    points = [{**p, "curve": curve_name(p)} for p in aggregate(per_seed)]
     preset = describe_sweep(csv_path)
     und = next((p for p in points if p["defense"] == "identity"), None)
     at = attacker_accuracy_at_drops(points, drops, by="curve")
@@ -57,8 +62,8 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
             f"(sweep `{sweep_name(csv_path)}`, {len(points)} points)")
     lines = [head, ""]
     if und:
-        lines.append(f"Undefended: victim {100 * und['victim_accuracy']:.1f}%, attacker "
-                     f"{100 * und['attacker_accuracy']:.1f}%.")
+        lines.append(f"Undefended: victim {100 * und['victim_accuracy']:.1f}%, strongest attacker "
+                     f"{100 * strongest(und):.1f}%.")
         lines.append("")
     cols = " | ".join(f"drop <= {d:g}" for d in drops)
     lines += [f"| defense | {cols} | best point within 1 point |", "|---" * (len(drops) + 2) + "|"]
@@ -66,11 +71,64 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
     for name in sorted(at, key=lambda n: _rank(curves[n][0]["defense"])):  # stable: grid order within a rank
         cells = " | ".join("n/a" if at[name][d] is None else f"{100 * at[name][d]:.1f}" for d in drops)
         mine = [p for p in curves[name] if p["accuracy_drop_points"] <= 1.0 + 1e-9]
-        best = min(mine, key=lambda p: p["attacker_accuracy"])["label"] if mine else "(none: undefended)"
+        best = min(mine, key=strongest)["label"] if mine else "(none: undefended)"
         lines.append(f"| {name} | {cells} | {best} |")
     lines.append("")
-    lines.append("Attacker (clone) test accuracy in %, the lowest reachable with at most that drop in defender "
-                 "accuracy (points).")
+    lines.append("Strongest attacker's clone test accuracy in %, the lowest reachable with at most that drop in "
+                 "defender accuracy (points).")
+    lines += ["", seed_table(points)]
+    return "\n".join(lines)
+
+
+def _range(p: dict, key: str) -> tuple[float, float]:
+    lo, hi = p.get(f"{key}_min"), p.get(f"{key}_max")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        return lo, hi
+    v = strongest(p) if key == "attacker_accuracy_strongest" else float(p.get(key, math.nan))
+    return v, v
+
+
+def _cell(p: dict, key: str) -> str:
+    mean = strongest(p) if key == "attacker_accuracy_strongest" else p.get(key)
+    if not isinstance(mean, float) or not math.isfinite(mean):
+        return "-"
+    lo, hi = _range(p, key)
+    return f"{100 * mean:.1f}" + (f" [{100 * lo:.1f}-{100 * hi:.1f}]" if hi > lo else "")
+
+
+def spread_note(p: dict, ref: dict | None, name: str) -> str:
+    """Whether ``p``'s strongest-attacker accuracy differs from ``ref``'s beyond the seed spread."""
+    if ref is None or ref is p:
+        return ""
+    if int(p.get("n_seeds", 1) or 1) < 2 or int(ref.get("n_seeds", 1) or 1) < 2:
+        return f"vs {name}: 1 seed, spread unknown"
+    (lo, hi), (rlo, rhi) = _range(p, "attacker_accuracy_strongest"), _range(ref, "attacker_accuracy_strongest")
+    diff = 100 * (strongest(p) - strongest(ref))
+    inside = lo <= rhi and rlo <= hi
+    return f"vs {name}: {diff:+.1f} ({'inside' if inside else 'outside'} the seed spread)"
+
+
+def seed_table(points: Sequence[dict]) -> str:
+    """Every point: attacker accuracies as mean [min-max] over its seeds, benign utility, spread notes."""
+    und = next((p for p in points if p["defense"] == "identity"), None)
+    lab = next((p for p in points if p["defense"] == "label_only"), None)
+    lines = ["| point | seeds | strongest | soft | top-1 | defender (drop) | L1 | NLL | ECE | difference |",
+             "|---" * 10 + "|"]
+    for p in sorted(points, key=lambda q: _rank(q["defense"])):
+        notes = "; ".join(n for n in (spread_note(p, und, "undefended"), spread_note(p, lab, "label_only")) if n)
+
+        def num(k: str, fmt: str = "{:.3f}", p: dict = p) -> str:
+            v = p.get(k)
+            return fmt.format(v) if isinstance(v, float) and math.isfinite(v) else "-"
+
+        lines.append(f"| {p['label']} | {int(p.get('n_seeds', 1) or 1)} | {_cell(p, 'attacker_accuracy_strongest')} | "
+                     f"{_cell(p, 'attacker_accuracy_soft')} | {_cell(p, 'attacker_accuracy_top1')} | "
+                     f"{100 * p['defender_accuracy']:.1f} ({p['accuracy_drop_points']:+.1f}) | "
+                     f"{num('perturbation_l1_mean', '{:.2f}')} | {num('defender_nll')} | {num('defender_ece')} | "
+                     f"{notes} |")
+    lines += ["", "Clone accuracies in %, mean over the point's seeds [min-max]; strongest = the better of the "
+              "soft-label clone and its top-1 twin per seed. A difference is 'inside the seed spread' when the "
+              "two min-max ranges overlap."]
     return "\n".join(lines)
 
 
@@ -85,7 +143,7 @@ def across_table(csv_paths: Sequence[str | Path], defenses: Sequence[str]) -> st
         preset = describe_sweep(path)
         head = (f"{preset.get('attack', '?')} / {preset.get('queryset', '?')} / {preset.get('budget', '?')} q / "
                 f"{preset.get('epochs', '?')} ep / seed {preset.get('seed', '?')}")
-        sweeps.append((head, {p["label"]: p for p in read_points(path)}))
+        sweeps.append((head, {p["label"]: p for p in aggregate(read_points(path))}))
     keep = ("identity", "label_only", *defenses)
     labels: list[str] = []
     for _, by_label in sweeps:
@@ -103,7 +161,7 @@ def across_table(csv_paths: Sequence[str | Path], defenses: Sequence[str]) -> st
              "|---" * (4 + len(sweeps)) + "|"]
     for label in labels:
         p = first[label]
-        cells = " | ".join(f"{100 * s[label]['attacker_accuracy']:.1f}" if label in s else "-" for _, s in sweeps)
+        cells = " | ".join(f"{100 * strongest(s[label]):.1f}" if label in s else "-" for _, s in sweeps)
         flips = p.get("top1_flip_rate")
         flips = f"{100 * flips:.1f}%" if isinstance(flips, float) and math.isfinite(flips) else "-"
         lines.append(f"| {label} | {100 * p['defender_accuracy']:.1f} ({p['accuracy_drop_points']:+.1f}) | "
@@ -115,7 +173,8 @@ def across_table(csv_paths: Sequence[str | Path], defenses: Sequence[str]) -> st
 def copy_plots(csv_path: Path, plots_dir: Path) -> list[Path]:
     plots_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for name in ("attacker_vs_defender_accuracy.png", "attacker_vs_l1.png"):
+    for name in ("attacker_vs_defender_accuracy.png", "attacker_vs_l1.png", "attacker_soft_vs_l1.png",
+                 "attacker_top1_vs_l1.png"):
         src = csv_path.parent / name
         if src.exists():
             dst = plots_dir / f"{sweep_name(csv_path).rsplit('-', 1)[0]}-{name}"

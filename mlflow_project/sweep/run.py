@@ -13,11 +13,20 @@ defense): a rerun looks the hash up among the FINISHED point runs of the same sw
 interrupted sweep (exception, Ctrl-C, killed process) resumes where it stopped and a widened grid only runs
 the new points.
 
-Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every point,
-its metrics and run id), ``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` and ``selection.json``.
-The selection step picks, among points whose defender accuracy dropped by at most ``--max-drop`` points, the
-one with the lowest attacker accuracy, prints it and tags its run ``stealguard.recommended=true``
-(:func:`select.find_recommended_run` finds it again for the registry).
+Seeds (``--seeds 0,1,2``): every point is run once per seed (attacker query order and clone initialisation;
+the victim stays the same); the seed is part of a point's key, not of the sweep's, so adding seeds later runs
+only the new (point, seed) pairs under the same parent. ``--multi-seed-points identity,label_only,mad(epsilon=0.9)``
+restricts the extra seeds to those points (labels as in the CSV; the rest of the grid runs the first seed).
+
+Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every (point,
+seed) run, its metrics and run id), ``points_mean.csv`` (one row per point: the mean over its seeds and the
+min/max of each attacker accuracy), ``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` (strongest
+attacker), ``attacker_soft_vs_l1.png``, ``attacker_top1_vs_l1.png`` and ``selection.json``. The selection
+(:func:`select.choose`, on the per-point means) picks, among points whose defender accuracy dropped by at most
+``--max-drop`` points and whose mean L1 is at most ``--max-l1``, the lowest strongest-attacker accuracy, and only
+if it beats label_only (else label_only, or the undefended point); it prints why and tags the point's run (its
+first seed's) ``stealguard.recommended=true`` (:func:`select.find_recommended_run` and ``register --sweep-run``
+find it again).
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from mlflow_project.sweep.select import (
     POINT_KEY_TAG,
     RECOMMENDED_TAG,
     SWEEP_KEY_TAG,
-    select_point,
+    choose,
     sweep_child_runs,
     tag_recommended,
 )
@@ -58,10 +67,16 @@ MISINFORMATION_ARTIFACT = "misinformation"  # on the parent run: the model the a
 METRIC_COLUMNS = (
     "victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
     "top1_flip_rate", "angular_deviation_mean", "attacker_accuracy", "attacker_agreement", "queries",
+    "attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft",
+    "attacker_agreement_top1", "query_top1_flip_rate", "defender_nll", "defender_ece", "victim_nll", "victim_ece",
 )
+SPREAD_COLUMNS = ("attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_accuracy_strongest",
+                  "defender_accuracy")
 CSV_COLUMNS = ("label", "defense", "epsilon", "beta", "gamma", "decimals", "norm", *METRIC_COLUMNS,
                "accuracy_drop_points", "seconds", "status", "recommended", "point_key", "run_id", "defense_config",
-               "tau", "target")
+               "tau", "target", "seed")
+MEAN_CSV_COLUMNS = (*CSV_COLUMNS, "seeds", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max")))
+PROTOCOL_VERSION = 2  # part of every key: points recorded before the attackers were a set are not reused
 PARENT_KIND = "sweep"
 POINT_KIND = "sweep_point"
 
@@ -93,34 +108,35 @@ class SweepSpec:
     victim_path: str
     victim_hash: str
     grid: list[dict[str, Any]]
-    lr: float = 0.05
-    batch_size: int = 128
     oracle: str = "local"
     misinformation_hash: str = ""  # weights of the misinformation model, for defenses that need one
 
     def context(self) -> dict[str, Any]:
+        """What every point and seed of the sweep shares (the seed is a point's, see :meth:`point_key`)."""
         p = self.preset
         return {
             "dataset": p.dataset, "victim_weights": self.victim_hash, "attack": p.attack, "queryset": p.queryset,
-            "budget": p.budget, "epochs": p.epochs, "seed": p.seed, "surrogate_seed": p.surrogate_seed,
-            "lr": self.lr, "batch_size": self.batch_size, "oracle": self.oracle,
+            "budget": p.budget, "epochs": p.epochs, "surrogate_seed": p.surrogate_seed,
+            "lr": p.clone_lr, "batch_size": p.clone_batch_size, "oracle": self.oracle,
+            "attack_options": dict(sorted(p.attack_options.items())), "protocol": PROTOCOL_VERSION,
         }
 
     @property
     def sweep_key(self) -> str:
         return stable_hash(self.context())
 
-    def point_key(self, defense: Mapping[str, Any]) -> str:
-        ident = {**self.context(), "defense": dict(defense)}
+    def point_key(self, defense: Mapping[str, Any], seed: int | None = None) -> str:
+        seed = self.preset.seed if seed is None else seed
+        ident = {**self.context(), "seed": seed, "defense": dict(defense)}
         if needs_misinformation(defense):  # other points keep the keys they always had
             ident["misinformation_weights"] = self.misinformation_hash
         return stable_hash(ident)
 
 
 def needs_misinformation(defense: Mapping[str, Any]) -> bool:
-    from plugins import defense_class
+    from plugins import needs
 
-    return defense_class(defense["name"]).needs_misinformation
+    return needs(defense, "misinformation")
 
 
 # ---------------------------------------------------------------------------------------------- the victim
@@ -243,13 +259,15 @@ def run_sweep(
     evaluate_fn: Callable | None = None,
     grid: Sequence[Mapping[str, Any]] | None = None,
     report_only: bool = False,
+    max_l1: float | None = None,
 ) -> SweepResult:
     """Run (or resume) the sweep of ``preset``; return its points, selection and output files.
 
     ``evaluate_fn(EvalConfig, victim=..., progress=...)`` defaults to :func:`mlflow_project.lab.evaluate.evaluate`
     (a seam for tests that inject failures). ``grid`` overrides the preset's defense grid. ``report_only``:
     evaluate nothing and leave the parent run's state alone; write the outputs and select from the points
-    finished so far (e.g. while a long sweep is still running, or after it was stopped).
+    finished so far (e.g. while a long sweep is still running, or after it was stopped). ``max_drop`` /
+    ``max_l1`` default to the preset's.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -259,7 +277,7 @@ def run_sweep(
 
     t_start = time.perf_counter()
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    max_drop = preset.max_drop if max_drop is None else max_drop
+    caps = (preset.max_drop if max_drop is None else max_drop, preset.max_l1 if max_l1 is None else max_l1)
     evaluate_fn = evaluate_fn or evaluate
     experiment_id = tracking.setup(tracking_uri, experiment)
     client = MlflowClient(mlflow.get_tracking_uri())
@@ -282,6 +300,7 @@ def run_sweep(
     out_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS / (
         f"{preset.name}-{preset.dataset}-{preset.attack}-{preset.queryset}-{preset.budget}-{sweep_key[:8]}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    todo = point_seeds(preset, configs)
 
     parent = _find_parent(client, experiment_id, sweep_key)
     if report_only:
@@ -289,16 +308,16 @@ def run_sweep(
             raise LookupError(f"report_only: no sweep {sweep_key} in experiment {experiment!r} yet; run it first")
         done = finished_points(client, experiment_id, sweep_key)
         rows = []
-        for defense in configs:
-            run = done.get(spec.point_key(defense))
+        for defense, seed in todo:
+            run = done.get(spec.point_key(defense, seed))
             if run is not None:
-                rows.append(_flat_row(defense, run.data.metrics, status="reused", point_key=spec.point_key(defense),
-                                      run_id=run.info.run_id,
+                rows.append(_flat_row(defense, run.data.metrics, status="reused", seed=seed,
+                                      point_key=spec.point_key(defense, seed), run_id=run.info.run_id,
                                       seconds=run.data.metrics.get("seconds_total", math.nan)))
         if not rows:
             raise LookupError(f"report_only: sweep {sweep_key} has no finished point yet")
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent.info.run_id, rows, out_dir, preset,
-                                         max_drop)
+                                         caps)
         return SweepResult(parent.info.run_id, sweep_key, rows, recommended, out_dir, artifacts, 0, len(rows),
                            time.perf_counter() - t_start)
     run_name = f"sweep-{preset.name}-{preset.attack}-{preset.queryset}-{preset.budget}"
@@ -309,107 +328,183 @@ def run_sweep(
         parent_id = parent_run.info.run_id
         mlflow.set_tags({KIND_TAG: PARENT_KIND, SWEEP_KEY_TAG: sweep_key, "stealguard.preset": preset.name})
         if parent is None or parent_id != parent.info.run_id:
-            tracking.log_params({**spec.context(), "preset": preset.name, "victim": victim_path, "arch": vict.arch})
+            tracking.log_params({**{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+                                    for k, v in spec.context().items()}, "preset": preset.name,
+                                 "victim": victim_path, "arch": vict.arch})
         mlflow.log_dict({"preset": preset.to_dict(), "context": spec.context(), "grid": configs}, "sweep.json")
         if misinformation and not client.list_artifacts(parent_id, MISINFORMATION_ARTIFACT):
             # the model every adaptive_misinformation point used, in the store: `register --sweep-run` finds it
             # on any machine (the points' `misinformation` param is a path on the machine that ran the sweep)
             mlflow.log_artifacts(misinformation, MISINFORMATION_ARTIFACT)
         done = finished_points(client, experiment_id, sweep_key)
-        bar = tqdm(configs, desc=f"sweep {preset.name}", unit="point", disable=not progress)
-        for defense in bar:
-            key = spec.point_key(defense)
+        bar = tqdm(todo, desc=f"sweep {preset.name}", unit="point", disable=not progress)
+        for defense, seed in bar:
+            key = spec.point_key(defense, seed)
             label = describe(defense)
-            bar.set_postfix_str(label)
+            bar.set_postfix_str(f"{label} seed {seed}")
             if key in done:
                 run = done[key]
-                rows.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key,
+                rows.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key, seed=seed,
                                       run_id=run.info.run_id, seconds=run.data.metrics.get("seconds_total", math.nan)))
                 reused += 1
                 continue
             cfg = EvalConfig(dataset=preset.dataset, victim=victim_path, defense=defense, attack=preset.attack,
-                             queryset=preset.queryset, budget=preset.budget, epochs=preset.epochs, seed=preset.seed,
-                             oracle=spec.oracle, lr=spec.lr, batch_size=spec.batch_size,
-                             surrogate_seed=preset.surrogate_seed,
+                             queryset=preset.queryset, budget=preset.budget, epochs=preset.epochs, seed=seed,
+                             oracle=spec.oracle, lr=preset.clone_lr, batch_size=preset.clone_batch_size,
+                             surrogate_seed=preset.surrogate_seed, attack_options=dict(preset.attack_options),
                              misinformation=misinformation if needs_misinformation(defense) else "")
             tags = {KIND_TAG: POINT_KIND, SWEEP_KEY_TAG: sweep_key, POINT_KEY_TAG: key,
                     "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
             if needs_misinformation(defense):
                 tags[MISINFORMATION_TAG] = f"runs:/{parent_id}/{MISINFORMATION_ARTIFACT}"
-            with mlflow.start_run(run_name=label, nested=True, tags=tags) as child:
+            with mlflow.start_run(run_name=f"{label} seed {seed}", nested=True, tags=tags) as child:
                 result = evaluate_fn(cfg, victim=vict, progress=False)
                 log_evaluation(result)
                 mlflow.log_param("defense_config", json.dumps(defense, sort_keys=True))
                 mlflow.set_tags({KIND_TAG: POINT_KIND, "stealguard.label": label})
             rows.append(_flat_row(defense, result.metrics, status="new", point_key=key, run_id=child.info.run_id,
-                                  seconds=result.seconds.get("total", math.nan)))
+                                  seed=seed, seconds=result.seconds.get("total", math.nan)))
             new += 1
-            bar.set_postfix_str(f"{label} attacker={100 * result.metrics['attacker_accuracy']:.1f}%")
+            m = result.metrics
+            bar.set_postfix_str(f"{label} seed {seed} attacker soft/top-1 {100 * m['attacker_accuracy_soft']:.1f}/"
+                                f"{100 * m['attacker_accuracy_top1']:.1f}%")
         bar.close()
 
-        recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, max_drop)
+        recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, caps)
         mlflow.log_metrics({"points": len(rows), "points_new": new, "points_reused": reused,
                             "sweep_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
                             "loadavg_1m_end": os.getloadavg()[0]})
         if recommended:
             mlflow.log_metrics({f"recommended_{k}": float(recommended[k]) for k in
-                                ("attacker_accuracy", "defender_accuracy", "perturbation_l1_mean")})
+                                ("attacker_accuracy", "attacker_accuracy_strongest", "defender_accuracy",
+                                 "perturbation_l1_mean") if _is_number(recommended.get(k))})
     return SweepResult(parent_id, sweep_key, rows, recommended, out_dir, artifacts, new, reused,
                        time.perf_counter() - t_start)
 
 
-def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: list[dict[str, Any]], out_dir: Path,
-            preset: Preset, max_drop: float) -> tuple[dict[str, Any] | None, dict[str, Path]]:
-    """Select and tag the recommended point, write the outputs, log them to the parent run."""
-    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, rows, max_drop)
+def _is_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def point_seeds(preset: Preset, configs: Sequence[Mapping[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """(defense, seed) pairs in run order: every point at the first seed, then the extra seeds (all points, or
+    those whose label is in ``preset.multi_seed_points``), so a first pass over the grid finishes early."""
+    seeds = preset.all_seeds
+    labels = {describe(dict(c)) for c in configs}
+    unknown = [x for x in preset.multi_seed_points if x not in labels and x not in {c["name"] for c in configs}]
+    if unknown:
+        raise ValueError(f"multi_seed_points: {unknown} match no point of the grid; points: "
+                         f"{', '.join(sorted(labels))}")
+    out = [(dict(c), seeds[0]) for c in configs]
+    for seed in seeds[1:]:
+        for c in configs:
+            if not preset.multi_seed_points or describe(dict(c)) in preset.multi_seed_points \
+                    or c["name"] in preset.multi_seed_points:
+                out.append((dict(c), seed))
+    return out
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per defense config (in first-seen order): metric means over its seeds, ``<metric>_min`` /
+    ``_max`` of the attacker and defender accuracies, ``seeds`` and ``n_seeds``; ``run_id`` and ``point_key``
+    are the first seed's (the run the selection tags)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
+        groups.setdefault(r["defense_config"], []).append(r)
+    out = []
+    for mine in groups.values():
+        row = dict(mine[0])
+        for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds"):
+            vals = [float(r[k]) for r in mine if _is_number(r.get(k))]
+            row[k] = sum(vals) / len(vals) if vals else math.nan
+        for k in SPREAD_COLUMNS:
+            vals = [float(r[k]) for r in mine if _is_number(r.get(k))]
+            row[f"{k}_min"], row[f"{k}_max"] = (min(vals), max(vals)) if vals else (math.nan, math.nan)
+        row["seeds"] = ",".join(str(int(float(r["seed"]))) if _is_number(r.get("seed")) else "" for r in mine)
+        row["n_seeds"] = len(mine)
+        row["seed"] = ""
+        out.append(row)
+    return out
+
+
+def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: list[dict[str, Any]], out_dir: Path,
+            preset: Preset, caps: tuple[float, float]) -> tuple[dict[str, Any] | None, dict[str, Path]]:
+    """Select (on the per-point means) and tag the recommended point, write the outputs, log them to the parent."""
+    means = aggregate(rows)
+    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, means, caps)
+    for r in (*rows, *means):
         r["recommended"] = r["run_id"] == (recommended or {}).get("run_id")
-    artifacts = write_outputs(rows, out_dir, preset, recommended, max_drop)
+    artifacts = write_outputs(rows, out_dir, preset, recommended, caps, means)
     for p in artifacts.values():
         client.log_artifact(parent_id, str(p), artifact_path="sweep")
     return recommended, artifacts
 
 
 def select_and_tag(client, experiment_id: str, sweep_key: str, parent_run_id: str, rows: Sequence[Mapping],
-                   max_drop: float) -> dict[str, Any] | None:
-    """Pick the point (see :func:`select.select_point`), tag its run, print it; None if nothing fits."""
+                   caps: tuple[float, float]) -> dict[str, Any] | None:
+    """Pick the point (see :func:`select.choose`), tag its run, print it and why; None if nothing fits."""
+    max_drop, max_l1 = caps
     try:
-        best = dict(select_point(rows, max_drop))
+        selection = choose(rows, max_drop, max_l1)
     except ValueError as exc:
         print(f"selection: {exc}")
         for run in sweep_child_runs(client, experiment_id, sweep_key):
             if RECOMMENDED_TAG in run.data.tags:
                 client.delete_tag(run.info.run_id, RECOMMENDED_TAG)
         return None
+    best = dict(selection.point)
+    best["selection_reason"] = selection.reason
+    best["beats_label_only"] = selection.beats_label_only
     tag_recommended(client, experiment_id, sweep_key, best["run_id"], parent_run_id)
-    print(f"recommended (defender-accuracy drop <= {max_drop:g} points): {best['label']}  "
-          f"attacker {100 * best['attacker_accuracy']:.2f}%  defender {100 * best['defender_accuracy']:.2f}% "
+    client.set_tag(parent_run_id, "stealguard.selection_reason", selection.reason[:5000])
+    print(f"selection: {selection.reason}")
+    print(f"recommended (drop <= {max_drop:g} points, mean L1 <= {max_l1:g}): {best['label']}  "
+          f"strongest attacker {100 * best['attacker_accuracy_strongest']:.2f}% (soft "
+          f"{100 * best['attacker_accuracy_soft']:.2f}%, top-1 {100 * best['attacker_accuracy_top1']:.2f}%, "
+          f"{best['n_seeds']} seed(s))  defender {100 * best['defender_accuracy']:.2f}% "
           f"(drop {best['accuracy_drop_points']:.2f})  L1 {best['perturbation_l1_mean']:.3f}  run {best['run_id']}")
     return best
 
 
-def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: Path, preset: Preset,
-                  recommended: Mapping[str, Any] | None, max_drop: float) -> dict[str, Path]:
-    """points.csv, the two trade-off plots and selection.json in ``out_dir``."""
-    from mlflow_project.sweep.plots import plot_tradeoff
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "points.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
+    return path
+
+
+def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: Path, preset: Preset,
+                  recommended: Mapping[str, Any] | None, caps: tuple[float, float],
+                  means: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+    """points.csv, points_mean.csv, the trade-off plots and selection.json in ``out_dir``."""
+    from mlflow_project.sweep.plots import plot_tradeoff
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    means = aggregate(rows) if means is None else means
+    csv_path = _write_csv(out_dir / "points.csv", rows, CSV_COLUMNS)
+    mean_path = _write_csv(out_dir / "points_mean.csv", means, MEAN_CSV_COLUMNS)
     title = (f"{preset.dataset} victim, {preset.attack} attacker\n{preset.queryset} queries, budget {preset.budget}, "
-             f"clone epochs {preset.epochs}")
+             f"clone epochs {preset.epochs}, seeds {','.join(map(str, preset.all_seeds))}")
     rec_key = recommended["point_key"] if recommended else None
-    acc = plot_tradeoff(rows, "defender_accuracy", out_dir / "attacker_vs_defender_accuracy.png", title,
-                        recommended=rec_key)
-    l1 = plot_tradeoff(rows, "perturbation_l1_mean", out_dir / "attacker_vs_l1.png", title, recommended=rec_key)
+    out = {"csv": csv_path, "csv_mean": mean_path}
+    out["plot_accuracy"] = plot_tradeoff(means, "defender_accuracy", out_dir / "attacker_vs_defender_accuracy.png",
+                                         title, y="attacker_accuracy_strongest", recommended=rec_key)
+    out["plot_l1"] = plot_tradeoff(means, "perturbation_l1_mean", out_dir / "attacker_vs_l1.png", title,
+                                   y="attacker_accuracy_strongest", recommended=rec_key)
+    for kind in ("soft", "top1"):
+        out[f"plot_l1_{kind}"] = plot_tradeoff(means, "perturbation_l1_mean", out_dir / f"attacker_{kind}_vs_l1.png",
+                                               title, y=f"attacker_accuracy_{kind}", recommended=rec_key)
     sel = out_dir / "selection.json"
-    sel.write_text(json.dumps({"max_drop_points": max_drop, "recommended": dict(recommended) if recommended else None,
+    sel.write_text(json.dumps({"max_drop_points": caps[0], "max_l1": caps[1],
+                               "recommended": dict(recommended) if recommended else None,
                                "preset": preset.to_dict()}, indent=2, default=str) + "\n")
-    return {"csv": csv_path, "plot_accuracy": acc, "plot_l1": l1, "selection": sel}
+    out["selection"] = sel
+    return out
 
 
 def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
@@ -418,7 +513,7 @@ def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
     with Path(csv_path).open() as f:
         for r in csv.DictReader(f):
             for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals",
-                      "tau"):
+                      "tau", "seed", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max"))):
                 if r.get(k) not in (None, ""):
                     r[k] = float(r[k])
             rows.append(r)
@@ -428,6 +523,19 @@ def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- command line
 
 
+def split_labels(text: str) -> tuple[str, ...]:
+    """Comma-separated point labels; commas inside parentheses (nested too) belong to a label, e.g.
+    ``ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), outside=label_only),identity``."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return tuple(x.strip() for x in out if x.strip())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlflow_project.sweep.run", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="quick", choices=list(PRESETS))
@@ -435,16 +543,23 @@ def _parser() -> argparse.ArgumentParser:
                    "victim under artifacts/victims, else one trained once and cached under results/victims)")
     p.add_argument("--dataset", default="", choices=["", *data.DATASETS])
     p.add_argument("--attack", default="", help="knockoff, jbda, jbself, jbtop3, or any of them + _argmax")
-    p.add_argument("--queryset", default="", choices=["", *data.DATASETS])
+    p.add_argument("--queryset", default="", choices=["", *data.QUERYSETS])
     p.add_argument("--budget", type=integer, default=0, help="attacker queries (default: the preset's)")
     p.add_argument("--epochs", type=integer, default=0, help="clone training epochs (default: the preset's)")
     p.add_argument("--seed", type=integer, default=-1)
+    p.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
+    p.add_argument("--multi-seed-points", default="",
+                   help="labels (or defense names) of the points that get every seed, e.g. "
+                        "'identity,label_only,mad(epsilon=0.9)'; default: all points")
     for name in ("mad_epsilons", "mad_argmax_epsilons", "reverse_sigmoid_betas", "random_noise_epsilons",
-                 "rounding_decimals", "adaptive_misinformation_taus", "gradient_redirection_epsilons"):
+                 "rounding_decimals", "adaptive_misinformation_taus", "gradient_redirection_epsilons",
+                 "ood_gated_taus"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
     p.add_argument("--no-label-only", action="store_true", help="leave the label-only point out of the grid")
     p.add_argument("--max-drop", type=float, default=-1.0,
                    help="largest acceptable defender-accuracy drop in points (default: the preset's, 1.0)")
+    p.add_argument("--max-l1", type=float, default=-1.0,
+                   help="largest acceptable mean L1 perturbation on the test set (default: the preset's, 1.0)")
     p.add_argument("--results-dir", default="", help="default: results/sweeps/<preset>-...-<sweep key>")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db")
     p.add_argument("--report-only", action="store_true",
@@ -465,13 +580,15 @@ def main(argv: list[str] | None = None) -> SweepResult:
         "reverse_sigmoid_betas": a.reverse_sigmoid_betas, "random_noise_epsilons": a.random_noise_epsilons,
         "rounding_decimals": a.rounding_decimals, "label_only": False if a.no_label_only else None,
         "adaptive_misinformation_taus": a.adaptive_misinformation_taus,
-        "gradient_redirection_epsilons": a.gradient_redirection_epsilons,
+        "gradient_redirection_epsilons": a.gradient_redirection_epsilons, "ood_gated_taus": a.ood_gated_taus,
+        "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,
     }
     if a.dataset and not a.queryset:
         overrides["queryset"] = a.dataset  # a new dataset's in-distribution query set unless told otherwise
     preset = get_preset(a.preset, **overrides)
     result = run_sweep(preset, victim=a.victim, tracking_uri=a.tracking_uri, results_dir=a.results_dir or None,
-                       max_drop=a.max_drop if a.max_drop >= 0 else None, progress=not a.no_progress,
+                       max_drop=a.max_drop if a.max_drop >= 0 else None,
+                       max_l1=a.max_l1 if a.max_l1 >= 0 else None, progress=not a.no_progress,
                        report_only=a.report_only)
     print(f"sweep {result.sweep_key}: {len(result.points)} points ({result.new_points} new, "
           f"{result.reused_points} reused) in {result.seconds:.1f}s; parent run {result.parent_run_id}")

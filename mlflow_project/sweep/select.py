@@ -1,7 +1,15 @@
 """Choosing a sweep's operating point and finding it again in MLflow.
 
-- :func:`select_point`: among points whose defender-accuracy drop is at most ``max_drop`` accuracy points, the
-  one with the lowest attacker accuracy (ties: higher defender accuracy, then smaller mean L1 perturbation).
+- :func:`choose` / :func:`select_point`: among points whose defender-accuracy drop is at most ``max_drop``
+  accuracy points and whose mean L1 perturbation on the test set is at most ``max_l1`` (default 1.0: half of
+  the L1 diameter of the simplex, so a recommended defense keeps at least half of every benign probability
+  vector's mass where it was on average), the one with the lowest *strongest*-attacker accuracy
+  (``attacker_accuracy_strongest``, the better of the soft and the top-1 clone; ties: higher defender
+  accuracy, then smaller L1). The grid must hold the ``label_only`` point: a defense is recommended only if it
+  does strictly better against the strongest attacker than label_only (which costs benign users every
+  probability but no top-1 accuracy). If nothing does, the selection says so and recommends label_only, or
+  the undefended point when label_only itself breaks the caps; never a point that only wins against the
+  soft attacker.
 - :func:`tag_recommended`: tag that child run ``stealguard.recommended=true`` and remove the tag from every other
   run of the same sweep; the parent run records ``stealguard.recommended_run_id``.
 - :func:`find_recommended_run`: what the registry step calls to get the recommended run (of one sweep, or the
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 RECOMMENDED_TAG = "stealguard.recommended"
@@ -38,31 +47,89 @@ def _finite(point: Mapping[str, Any], key: str) -> bool:
         return False
 
 
-def select_point(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0) -> Mapping[str, Any]:
-    """The point minimising attacker accuracy with a drop of at most ``max_drop`` points (see module doc)."""
+DEFAULT_MAX_L1 = 1.0
+LABEL_ONLY = "label_only"
+UNDEFENDED = "identity"
+
+
+def strongest(point: Mapping[str, Any]) -> float:
+    """The strongest attacker's accuracy of a point: ``attacker_accuracy_strongest``, or ``attacker_accuracy``
+    for points recorded before the attackers were a set."""
+    key = "attacker_accuracy_strongest" if _finite(point, "attacker_accuracy_strongest") else "attacker_accuracy"
+    return float(point[key])
+
+
+def _l1(point: Mapping[str, Any]) -> float:
+    return float(point["perturbation_l1_mean"]) if _finite(point, "perturbation_l1_mean") else math.inf
+
+
+@dataclass(frozen=True)
+class Selection:
+    point: Mapping[str, Any]
+    reason: str
+    beats_label_only: bool
+
+
+def within_caps(point: Mapping[str, Any], max_drop: float, max_l1: float) -> bool:
+    # a tiny tolerance so that a drop (or L1) of exactly the cap, up to float rounding, is accepted
+    return accuracy_drop_points(point) <= max_drop + 1e-9 and _l1(point) <= max_l1 + 1e-9
+
+
+def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
+           max_l1: float = DEFAULT_MAX_L1) -> Selection:
+    """The operating point (see the module doc) and why it was chosen. Points need ``defense`` (the defense's
+    name), victim/defender accuracy, the attacker accuracy and ``perturbation_l1_mean``."""
     if not 0 <= max_drop <= 100:
         raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {max_drop}")
-    usable = [p for p in points if all(_finite(p, k) for k in ("victim_accuracy", "defender_accuracy",
-                                                                   "attacker_accuracy"))]
+    if not max_l1 >= 0:
+        raise ValueError(f"max_l1: must be >= 0 (mean L1 perturbation on the test set, at most 2); got {max_l1}")
+    usable = [p for p in points if all(_finite(p, k) for k in ("victim_accuracy", "defender_accuracy"))
+              and (_finite(p, "attacker_accuracy_strongest") or _finite(p, "attacker_accuracy"))]
     if not usable:
         raise ValueError("no point has victim_accuracy, defender_accuracy and attacker_accuracy to select from")
-    # a tiny tolerance so that a drop of exactly max_drop (up to float rounding) is accepted
-    eligible = [p for p in usable if accuracy_drop_points(p) <= max_drop + 1e-9]
+    label_only = [p for p in usable if p.get("defense") == LABEL_ONLY]
+    if not label_only:
+        raise ValueError("grid: the selection compares every defense with the label_only point, and the sweep has "
+                         "none; keep label_only in the grid (drop --no-label-only)")
+    eligible = [p for p in usable if within_caps(p, max_drop, max_l1)]
     if not eligible:
         best = min(accuracy_drop_points(p) for p in usable)
-        raise ValueError(f"max_drop: no point drops defender accuracy by <= {max_drop} points "
-                         f"(smallest drop measured: {best:.2f}); allow a larger drop or add smaller budgets")
+        raise ValueError(f"max_drop / max_l1: no point drops defender accuracy by <= {max_drop} points with a mean "
+                         f"L1 <= {max_l1} (smallest drop measured: {best:.2f}); allow more or add smaller budgets")
 
     def key(p: Mapping[str, Any]) -> tuple[float, float, float]:
-        l1 = float(p["perturbation_l1_mean"]) if _finite(p, "perturbation_l1_mean") else math.inf
-        return (float(p["attacker_accuracy"]), -float(p["defender_accuracy"]), l1)
+        return (strongest(p), -float(p["defender_accuracy"]), _l1(p))
 
-    return min(eligible, key=key)
+    best = min(eligible, key=key)
+    floor = min(label_only, key=key)
+    caps = f"drop <= {max_drop:g} points, mean L1 <= {max_l1:g}"
+    if strongest(best) < strongest(floor) and best.get("defense") != LABEL_ONLY:
+        gain = 100 * (strongest(floor) - strongest(best))
+        return Selection(best, f"{best.get('label', best['defense'])} is the lowest strongest-attacker accuracy "
+                               f"within {caps}, {gain:.2f} points below label_only", True)
+    if within_caps(floor, max_drop, max_l1):
+        return Selection(floor, f"no defense within {caps} beats label_only against the strongest attacker "
+                                f"({100 * strongest(floor):.2f}%); recommending label_only", False)
+    undefended = [p for p in eligible if p.get("defense") == UNDEFENDED]
+    if not undefended:
+        raise ValueError(f"no defense within {caps} beats label_only, label_only breaks the caps and the grid has "
+                         "no undefended (identity) point to fall back to")
+    return Selection(undefended[0], f"no defense within {caps} beats label_only against the strongest attacker, "
+                                    f"and label_only breaks the caps (drop {accuracy_drop_points(floor):.2f}, L1 "
+                                    f"{_l1(floor):.3f}); recommending the undefended point", False)
+
+
+def select_point(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
+                 max_l1: float = DEFAULT_MAX_L1) -> Mapping[str, Any]:
+    """The recommended point (:func:`choose` without the explanation)."""
+    return choose(points, max_drop, max_l1).point
 
 
 def attacker_accuracy_at_drops(points: Iterable[Mapping[str, Any]], drops: Sequence[float] = (0.5, 1.0, 5.0),
-                               by: str = "defense") -> dict[str, dict[float, float | None]]:
-    """``{defense: {drop: lowest attacker accuracy among its points within drop}}`` (None: no point fits).
+                               by: str = "defense",
+                               max_l1: float = math.inf) -> dict[str, dict[float, float | None]]:
+    """``{defense: {drop: lowest strongest-attacker accuracy among its points within drop and max_l1}}`` (None:
+    no point fits).
 
     The undefended point counts for every defense: doing nothing is always within budget, so a defense whose
     every budget costs too much reads as the undefended attacker accuracy, as in the paper's tables.
@@ -74,7 +141,7 @@ def attacker_accuracy_at_drops(points: Iterable[Mapping[str, Any]], drops: Seque
         mine = [p for p in points if p[by] == name] + ([] if name == "identity" else undefended)
         row: dict[float, float | None] = {}
         for d in drops:
-            within = [float(p["attacker_accuracy"]) for p in mine if accuracy_drop_points(p) <= d + 1e-9]
+            within = [strongest(p) for p in mine if within_caps(p, d, max_l1)]
             row[d] = min(within) if within else None
         out[name] = row
     return out

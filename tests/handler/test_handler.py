@@ -416,3 +416,31 @@ def test_make_context_uses_the_declared_metrics(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+# --- ood_gated in the handler: the surrogate its inner MAD needs is passed through -------------------------
+def test_ood_gated_is_served_with_its_inner_defenses_resources(serve, tmp_path):
+    from tests.integration.victims import export, make_net
+
+    sur = export(make_net("mlp", seed=77), "eager", tmp_path / "s_gated", "mlp")
+    # the test victim is nearly uniform (max probabilities 0.109-0.119 on these rows): tau splits them
+    cfg = {"name": "ood_gated", "tau": 0.111, "inside": {"name": "identity"},
+           "outside": {"name": "mad", "epsilon": 0.8, "norm": "l1", "jacobian": "last_layer"}}
+    s = serve(cfg, surrogate=sur)
+    x = torch.tensor(rows(8, seed=9))
+    a = s.one({"instances": x.tolist()})
+    assert a.status == 200 and a.headers["X-StealGuard-Defense"] == "ood_gated@unversioned"
+    got = torch.tensor([r["probabilities"] for r in a.json["predictions"]], dtype=torch.float64)
+    y = s.victim_probs(x)
+    confident = y.amax(1) >= 0.111
+    assert 0 < int(confident.sum()) < 8, "the rows should exercise both sides of the gate"
+    assert not torch.allclose(got[~confident], y[~confident], atol=1e-3)
+    assert torch.allclose(got.sum(1), torch.ones(8, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(got[confident], y[confident], atol=1e-6)
+    assert (distance(y, got, "l1") <= 0.8 + 1e-6).all()
+
+
+def test_ood_gated_without_the_surrogate_its_inner_mad_needs_is_refused(serve, caplog):
+    cfg = {"name": "ood_gated", "inside": {"name": "identity"}, "outside": {"name": "mad", "epsilon": 0.8}}
+    with pytest.raises(Exception, match="surrogate"):
+        serve(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlflow_project.lab import data
-from mlflow_project.lab.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack
+from mlflow_project.lab.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack, train_top1_twin
 from mlflow_project.lab.models import build_model
 from mlflow_project.lab.oracles import ArgmaxOracle, BudgetExceeded, LocalOracle, build_victim_defense
 from mlflow_project.lab.training import accuracy
@@ -38,10 +38,55 @@ def test_each_attack_spends_exactly_its_budget(name, digits_victim, pool):
     assert torch.allclose(rows.sum(1), torch.ones(budget), atol=1e-5)
     is_one_hot = bool(((rows == 0) | (rows == 1)).all())
     assert is_one_hot == name.endswith("_argmax"), "only the argmax attacker sees one-hot labels"
-    if not name.startswith("knockoff"):
+    if not name.startswith(("knockoff", "art_")):
         assert res.rounds == 4 and [h["transfer_size"] for h in res.history] == [40, 80, 150]
         # the augmented queries are new points, not members of the query set
         assert not torch.equal(res.transfer_x[20:40], res.transfer_x[:20])
+
+
+@pytest.mark.parametrize("name", ["knockoff", "jbda", "art_copycat", "knockoff_argmax"])
+def test_one_query_pass_gives_two_clones(name, digits_victim, pool):
+    """The attackers as a set: the top-1 twin costs no query and is trained on the top-1 labels of the same
+    transfer set (an independent training, unless the rows already are one-hot)."""
+    oracle = LocalOracle(digits_victim.model, budget=150)
+    cfg = tiny(name, 150, digits_victim.spec)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim), cfg, progress=False)
+    assert oracle.queries == 150 and res.top1_clone is not None
+    if name.endswith("_argmax"):
+        assert res.top1_clone is res.clone
+        return
+    assert res.top1_clone is not res.clone
+    if name.startswith("art_"):
+        return  # ART trains the twin itself (its lookup classifier answers from the recorded rows)
+    expected = train_top1_twin(res, make_clone_for(digits_victim), cfg)
+    for a, b in zip(expected.state_dict().values(), res.top1_clone.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    soft_first = next(iter(res.clone.state_dict().values()))
+    assert not torch.equal(soft_first, next(iter(res.top1_clone.state_dict().values())))
+
+
+def test_jbtop3_all_queries_every_target(digits_victim, pool):
+    oracle = LocalOracle(digits_victim.model, budget=None)
+    cfg = tiny("jbtop3", 420, digits_victim.spec, jb_top3_all=True)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim), cfg, progress=False, twin=False)
+    # 20 seeds -> x4 a round (one query per top-3 class): 80, 320, then 100 more to fit the budget exactly
+    assert [h["transfer_size"] for h in res.history] == [80, 320, 420] and oracle.queries == 420
+
+
+def test_art_copycat_agrees_with_our_knockoff(digits_victim, pool):
+    """An attacker no one here wrote, on one small setting (the digits MLP, the whole pool, argmax labels in both,
+    the same SGD settings): the two clones' test accuracies are within a few points."""
+    test = data.victim_data("digits").test
+    accs = {}
+    for name in ("knockoff_argmax", "art_copycat"):
+        oracle = LocalOracle(digits_victim.model, budget=len(pool))
+        cfg = AttackConfig(name=name, budget=len(pool), epochs=20, lr=0.05, batch_size=32, momentum=0.9,
+                           weight_decay=0.0, schedule="constant", seed=0)
+        res = run_attack(oracle, pool, make_clone_for(digits_victim), cfg, progress=False)
+        assert oracle.queries == len(pool)
+        accs[name] = accuracy(res.top1_clone, test.x, test.y)
+    assert accs["knockoff_argmax"] > 0.85 and accs["art_copycat"] > 0.85, accs
+    assert abs(accs["knockoff_argmax"] - accs["art_copycat"]) <= 0.03, accs
 
 
 def test_argmax_attacker_trains_on_one_hot_of_the_returned_outputs(digits_victim, pool):

@@ -16,13 +16,16 @@ from mlflow_project.sweep.presets import defense_grid, get_preset, reverse_sigmo
 from mlflow_project.sweep.select import (
     RECOMMENDED_TAG,
     attacker_accuracy_at_drops,
+    choose,
     find_recommended_run,
     select_point,
     sweep_child_runs,
 )
 
 ALWAYS = ("victim_accuracy", "defender_accuracy", "perturbation_l1_mean", "perturbation_l1_max", "kl_mean",
-          "top1_flip_rate", "attacker_accuracy", "attacker_agreement", "queries")
+          "top1_flip_rate", "attacker_accuracy", "attacker_agreement", "queries", "attacker_accuracy_soft",
+          "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft", "attacker_agreement_top1",
+          "query_top1_flip_rate", "defender_nll", "defender_ece", "victim_nll", "victim_ece")
 MAD_FAMILY = ("mad", "mad_argmax")
 
 
@@ -75,6 +78,9 @@ def test_every_point_is_a_finished_nested_run_with_all_metrics(tiny):
         assert c.data.metrics["queries"] == get_preset("tiny").budget
         # the point's row (points.csv, the selection) holds what its run logged
         assert c.data.metrics["attacker_accuracy"] == pytest.approx(rows[c.info.run_id]["attacker_accuracy"])
+        m = c.data.metrics
+        assert m["attacker_accuracy"] == m["attacker_accuracy_strongest"] == max(m["attacker_accuracy_soft"],
+                                                                                  m["attacker_accuracy_top1"])
     # the undefended point changes nothing; the budgeted defenses respect their budget on every test row
     by_name = {p["label"]: p for p in first.points}
     assert by_name["identity"]["perturbation_l1_max"] == 0.0
@@ -100,7 +106,12 @@ def test_csv_and_both_plots_are_written_and_logged(tiny):
         rows = list(csv.DictReader(f))
     assert [r["run_id"] for r in rows] == [p["run_id"] for p in first.points]
     assert all(r["attacker_accuracy"] and r["defender_accuracy"] for r in rows)
-    for key in ("plot_accuracy", "plot_l1"):
+    assert all(r["attacker_accuracy_soft"] and r["attacker_accuracy_top1"] and r["attacker_accuracy_strongest"]
+               and r["seed"] == "0" for r in rows)
+    for key in ("plot_accuracy", "plot_l1", "plot_l1_soft", "plot_l1_top1", "csv_mean"):
+        if key == "csv_mean":
+            assert len(sw.read_points(first.artifacts[key])) == len(rows)  # one seed: one row per point
+            continue
         png = first.artifacts[key].read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     logged = {a.path for a in client.list_artifacts(first.parent_run_id, "sweep")}
@@ -121,24 +132,60 @@ def test_sweep_tags_exactly_the_selected_point(tiny):
     assert json.loads(run.data.params["defense_config"])["name"] == expected["defense"]
 
 
-def _point(name, victim, defender, attacker, l1=0.1):
+def _point(name, victim, defender, attacker, l1=0.1, soft=None, top1=None):
+    """A point; ``attacker`` is the strongest attacker's accuracy (soft / top-1 default to it)."""
+    soft = attacker if soft is None else soft
+    top1 = attacker if top1 is None else top1
     return {"defense": name, "label": name, "victim_accuracy": victim, "defender_accuracy": defender,
-            "attacker_accuracy": attacker, "perturbation_l1_mean": l1}
+            "attacker_accuracy": max(soft, top1), "attacker_accuracy_strongest": max(soft, top1),
+            "attacker_accuracy_soft": soft, "attacker_accuracy_top1": top1, "perturbation_l1_mean": l1}
 
 
 def test_select_point_respects_the_drop_and_breaks_ties():
     pts = [_point("identity", 0.90, 0.90, 0.80, 0.0), _point("a", 0.90, 0.895, 0.60),
-           _point("b", 0.90, 0.88, 0.40), _point("c", 0.90, 0.8905, 0.60, l1=0.05)]
+           _point("b", 0.90, 0.88, 0.40), _point("c", 0.90, 0.8905, 0.60, l1=0.05),
+           _point("label_only", 0.90, 0.90, 0.70, 0.3)]
     assert select_point(pts, 1.0)["label"] == "a"  # b drops 2 points; a and c tie on attacker, a keeps more accuracy
     assert select_point(pts, 2.0)["label"] == "b"
-    assert select_point(pts, 0.0)["label"] == "identity"
+    assert select_point(pts, 0.0)["label"] == "label_only"  # nothing within 0 points beats label_only
     with pytest.raises(ValueError, match="max_drop"):
-        select_point([_point("x", 0.9, 0.5, 0.1)], 1.0)
+        select_point([_point("x", 0.9, 0.5, 0.1), _point("label_only", 0.9, 0.5, 0.2)], 1.0)
+    with pytest.raises(ValueError, match="label_only"):
+        select_point(pts[:4], 1.0)
     with pytest.raises(ValueError, match="max_drop"):
         select_point(pts, -1)
     table = attacker_accuracy_at_drops(pts, drops=(0.5, 1.0, 5.0))
     assert table["a"] == {0.5: 0.60, 1.0: 0.60, 5.0: 0.60}
     assert table["b"] == {0.5: 0.80, 1.0: 0.80, 5.0: 0.40}  # within 0.5/1 points only the undefended point fits
+
+
+def test_a_point_that_only_beats_label_only_against_the_soft_attacker_is_not_chosen():
+    und = _point("identity", 0.90, 0.90, 0.85, 0.0)
+    lab = _point("label_only", 0.90, 0.90, 0.84, 0.30)
+    soft_only = _point("mad_argmax", 0.90, 0.90, None, 1.2 / 2, soft=0.10, top1=0.845)
+    sel = choose([und, soft_only, lab], max_drop=1.0)
+    assert sel.point["defense"] == "label_only" and not sel.beats_label_only
+    assert "no defense" in sel.reason and "label_only" in sel.reason
+    # strictly lower than label_only against the strongest attacker is needed; equal is not enough
+    tie = _point("mad", 0.90, 0.90, 0.84, 0.5)
+    assert choose([und, tie, lab]).point["defense"] == "label_only"
+    better = _point("mad", 0.90, 0.899, 0.70, 0.5)
+    sel = choose([und, better, soft_only, lab])
+    assert sel.point["defense"] == "mad" and sel.beats_label_only and "14.00 points below label_only" in sel.reason
+
+
+def test_a_point_over_max_l1_is_not_chosen_and_label_only_over_the_caps_falls_back_to_undefended():
+    und = _point("identity", 0.90, 0.90, 0.85, 0.0)
+    lab = _point("label_only", 0.90, 0.90, 0.84, 0.30)
+    loud = _point("reverse_sigmoid", 0.90, 0.90, 0.30, 1.42)
+    assert choose([und, loud, lab], max_l1=1.0).point["defense"] == "label_only"
+    assert choose([und, loud, lab], max_l1=1.5).point["defense"] == "reverse_sigmoid"
+    sel = choose([und, loud, lab], max_l1=0.2)  # label_only's L1 0.3 breaks the cap too
+    assert sel.point["defense"] == "identity" and "undefended" in sel.reason
+    with pytest.raises(ValueError, match="max_l1"):
+        choose([und, lab], max_l1=-1)
+    # the per-defense tables honour the cap as well
+    assert attacker_accuracy_at_drops([und, loud, lab], drops=(1.0,), max_l1=1.0)["reverse_sigmoid"] == {1.0: 0.85}
 
 
 def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
@@ -148,7 +195,8 @@ def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
     exp = tr.setup(tracking, "selection")
     client = MlflowClient(tracking)
     key = "feedbeef00000000"
-    known = {"identity": (0.95, 0.95, 0.90), "mad_argmax": (0.95, 0.946, 0.55), "mad": (0.95, 0.90, 0.20)}
+    known = {"identity": (0.95, 0.95, 0.90), "mad_argmax": (0.95, 0.946, 0.55), "mad": (0.95, 0.90, 0.20),
+             "label_only": (0.95, 0.95, 0.80)}
     rows = []
     with mlflow.start_run(run_name="parent", tags={"stealguard.kind": "sweep", "stealguard.sweep_key": key}) as par:
         for name, (v, d, a) in known.items():
@@ -164,10 +212,11 @@ def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
         return sorted(r.info.run_name for r in sweep_child_runs(client, exp, key)
                       if r.data.tags.get(RECOMMENDED_TAG) == "true")
 
-    best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, max_drop=1.0)
+    rows = [{**r, "n_seeds": 1} for r in rows]
+    best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, (1.0, 1.0))
     assert best["run_id"] == ids["mad_argmax"] and tagged() == ["mad_argmax"]
     assert client.get_run(par.info.run_id).data.tags["stealguard.recommended_run_id"] == ids["mad_argmax"]
-    best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, max_drop=10.0)
+    best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, (10.0, 1.0))
     assert best["run_id"] == ids["mad"] and tagged() == ["mad"]
     assert find_recommended_run(sweep_key=key, tracking_uri=tracking, experiment="selection").info.run_id == ids["mad"]
     assert find_recommended_run(tracking_uri=tracking, experiment="selection").info.run_id == ids["mad"]
@@ -221,7 +270,8 @@ def test_point_identity_is_stable_and_covers_the_whole_config():
     assert spec.point_key(d) == same.point_key(dict(reversed(list(d.items()))))
     assert len({spec.point_key(d), other_victim.point_key(d), other_budget.point_key(d),
                 spec.point_key({**d, "epsilon": 0.6})}) == 4
-    assert spec.point_key(d) == sw.stable_hash({**spec.context(), "defense": d})
+    assert spec.point_key(d) == sw.stable_hash({**spec.context(), "seed": preset.seed, "defense": d})
+    assert spec.point_key(d, seed=1) != spec.point_key(d, seed=0) and "seed" not in spec.context()
 
 
 def test_presets_follow_the_paper_gammas_and_validate():
@@ -229,8 +279,17 @@ def test_presets_follow_the_paper_gammas_and_validate():
     assert reverse_sigmoid_gamma("cifar10") == 0.1
     assert {g["gamma"] for g in defense_grid(get_preset("quick")) if g["name"] == "reverse_sigmoid"} == {0.4}
     assert {g["gamma"] for g in defense_grid(get_preset("tiny")) if g["name"] == "reverse_sigmoid"} == {0.2}
-    names = {g["name"] for g in defense_grid(get_preset("paper"))}
-    assert names == {"identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only"}
+    paper = get_preset("paper")
+    names = {g["name"] for g in defense_grid(paper)}
+    assert names == {"identity", "mad", "mad_argmax", "reverse_sigmoid", "label_only", "ood_gated"}
+    assert {0.6, 0.7, 0.8, 0.9, 0.95} <= {g["epsilon"] for g in defense_grid(paper) if g["name"] == "mad"}
+    assert (paper.budget, paper.epochs, paper.clone_lr, paper.clone_batch_size, paper.queryset) == (
+        50_000, 30, 0.1, 64, "handwriting")
+    assert paper.attack_options["momentum"] == 0.5 and paper.attack_options["weight_decay"] == 0.0
+    gated = [g for g in defense_grid(paper) if g["name"] == "ood_gated"]
+    assert {(g["inside"]["name"], g["outside"]["name"]) for g in gated} == {
+        ("identity", "mad"), ("identity", "label_only"), ("mad_argmax", "mad"), ("mad_argmax", "label_only")}
+    assert get_preset("quick", seeds="0,1,2").all_seeds == (0, 1, 2) and get_preset("quick").all_seeds == (0,)
     assert get_preset("quick", mad_epsilons="0.2,0.4").mad_epsilons == (0.2, 0.4)
     with pytest.raises(ValueError, match="preset"):
         get_preset("huge")
@@ -253,4 +312,38 @@ def test_report_tables_are_computed_from_the_csv(tiny, tmp_path):
     for name, row in at.items():
         cells = " | ".join(f"{100 * row[d]:.1f}" for d in (0.5, 1.0, 5.0))
         assert f"| {name} | {cells} |" in text
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 2
+    assert "1 seed, spread unknown" in text and "| strongest | soft | top-1 |" in text
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_seeds_are_points_of_one_sweep_and_adding_seeds_runs_only_the_new_ones(tmp_path, victim_dir, tracking_uri):
+    grid = [{"name": "identity"}, {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1"}, {"name": "label_only"}]
+    two = get_preset("tiny", seeds="0,1", multi_seed_points=("identity", "label_only"))
+    first = sw.run_sweep(two, victim=victim_dir, tracking_uri=tracking_uri, experiment="seeds",
+                         results_dir=tmp_path / "a", progress=False, grid=grid)
+    assert [(p["label"], p["seed"]) for p in first.points] == [
+        ("identity", 0), ("mad_argmax(epsilon=0.5)", 0), ("label_only", 0), ("identity", 1), ("label_only", 1)]
+    three = get_preset("tiny", seeds="0,1,2", multi_seed_points=("identity", "label_only"))
+    second = sw.run_sweep(three, victim=victim_dir, tracking_uri=tracking_uri, experiment="seeds",
+                          results_dir=tmp_path / "b", progress=False, grid=grid)
+    assert second.parent_run_id == first.parent_run_id and (second.reused_points, second.new_points) == (5, 2)
+    means = {p["label"]: p for p in sw.read_points(second.artifacts["csv_mean"])}
+    und = means["identity"]
+    assert und["n_seeds"] == 3 and und["seeds"] == "0,1,2" and means["mad_argmax(epsilon=0.5)"]["n_seeds"] == 1
+    per_seed = [p["attacker_accuracy_strongest"] for p in second.points if p["label"] == "identity"]
+    assert und["attacker_accuracy_strongest"] == pytest.approx(sum(per_seed) / 3)
+    assert (und["attacker_accuracy_strongest_min"], und["attacker_accuracy_strongest_max"]) == (min(per_seed),
+                                                                                                max(per_seed))
+    assert second.recommended is not None and second.recommended["n_seeds"] in (1, 3)
+    from mlflow_project.sweep import report as sweep_report
+
+    text = sweep_report.table(second.artifacts["csv"])
+    assert "vs undefended" in text and ("inside the seed spread" in text or "outside the seed spread" in text)
+    with pytest.raises(ValueError, match="multi_seed_points"):
+        sw.point_seeds(get_preset("tiny", seeds="0,1", multi_seed_points=("nope",)), grid)
+
+
+def test_point_labels_split_on_top_level_commas_only():
+    text = "identity, ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), outside=label_only),mad(epsilon=0.9)"
+    assert sw.split_labels(text) == ("identity", "ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), "
+                                     "outside=label_only)", "mad(epsilon=0.9)")

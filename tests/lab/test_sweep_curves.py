@@ -59,9 +59,12 @@ def points_csv(request, tmp_path):
 
 
 def rows_of(text: str) -> dict[str, list[str]]:
+    """The rows of the report's first table (per defense; the per-point seed table follows it)."""
     out = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] == "point":
+            break
         if line.startswith("| ") and cells[0] not in ("defense",):
             out[cells[0]] = cells[1:]
     return out

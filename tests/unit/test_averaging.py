@@ -35,9 +35,11 @@ CONFIGS = [
     {"name": "gradient_redirection", "epsilon": 0.5, "refine_steps": 2},
     {"name": "gradient_redirection", "epsilon": 0.5, "target": "random", "refine_steps": 2},
     {"name": "adaptive_misinformation", "tau": 0.5},
+    {"name": "ood_gated", "tau": 0.5, "inside": {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1"},
+     "outside": {"name": "random_noise", "epsilon": 1.0, "norm": "l1"}},
 ]
 RANDOMISED = [c for c in CONFIGS if c["name"] == "random_noise" or c.get("oracle") == "random"
-              or c.get("target") == "random"]
+              or c.get("target") == "random" or c["name"] == "ood_gated"]
 
 
 def _id(cfg: dict) -> str:

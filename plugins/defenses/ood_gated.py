@@ -1,0 +1,147 @@
+"""``ood_gated``: one configured defense for the queries the victim is confident on, another for the rest.
+
+The gate is adaptive misinformation's (Kariyappa & Qureshi, CVPR 2020) maximum-probability gate on the victim's
+own posterior ``y`` (plugins.ood: ``ood_score = 1 - max_k y_k``):
+
+- hard gate (``nu`` unset): a row with ``max_k y_k >= tau`` is in-distribution and gets ``inside(y)``; the
+  other rows get ``outside(y)``. Each inner defense runs once on its own rows (batched, no per-row loop);
+- soft gate (``nu`` set): ``h = sigmoid(nu * (tau - max_k y_k))`` and ``y~ = (1 - h) inside(y) + h outside(y)``
+  (both inner defenses run on every row).
+
+E.g. ``{"name": "ood_gated", "tau": 0.9, "inside": {"name": "identity"}, "outside": {"name": "mad", "epsilon":
+1.0, "norm": "l1", "secret": ...}}``: benign, confident queries get the truth, thieves' uncertain
+out-of-distribution queries get MAD (whose top-1 may move). ``inside`` and ``outside`` are full defense configs,
+validated by the registry (errors name ``inside.<field>`` / ``outside.<field>``); ood_gated cannot nest itself.
+``secret``, when given, is passed to each inner defense that takes one and sets none itself (no default: a
+randomised inner defense needs its secret from here or from its own config).
+
+- Needs what its inner defenses need (the batch of inputs, a surrogate, a misinformation model): the builders
+  ask :meth:`OodGated.requirements` and pass the resources through to both.
+- Budget: when both inner defenses declare one in the same norm and space, ``max`` of the two epsilons (a row
+  gets one of them, or with the soft gate a convex combination, which stays in a norm ball or KL ball around
+  ``y``); otherwise none (e.g. label_only declares none). Soft gate with a logit-space budget: none.
+- ``extras``: ``gate`` (B: 1 for an outside row; h with the soft gate) and ``ood_score`` (B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.ood import confidence_gate, max_prob, ood_score
+from plugins.registry import build_defense, defense_class, register, validate_config
+
+INNER = ("inside", "outside")
+
+
+class OodGatedConfig(DefenseConfig):
+    name: Literal["ood_gated"] = "ood_gated"
+    tau: float = Field(
+        default=0.9, gt=0, le=1,
+        description="confidence threshold: rows with max_k y_k >= tau get 'inside', the rest 'outside' (0 < tau <= 1)",
+    )
+    nu: float | None = Field(
+        default=None, gt=0, le=1e6,
+        description="unset: a hard gate; set: the soft gate h = sigmoid(nu * (tau - max_k y_k)) mixing both answers",
+    )
+    inside: dict[str, Any] = Field(description="defense config for confident (in-distribution) rows")
+    outside: dict[str, Any] = Field(description="defense config for the other (out-of-distribution) rows")
+    secret: str | None = Field(
+        default=None, min_length=1,
+        description="server secret given to each inner defense that takes one and sets none (no default)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pass_secret(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or not data.get("secret"):
+            return data
+        data = dict(data)
+        for key in INNER:
+            inner = data.get(key)
+            if isinstance(inner, Mapping) and "secret" not in inner and _takes_secret(inner.get("name")):
+                data[key] = {**inner, "secret": data["secret"]}
+        return data
+
+    @field_validator(*INNER)
+    @classmethod
+    def _validate_inner(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("name") == "ood_gated":
+            raise ValueError("an ood_gated defense cannot nest another ood_gated")
+        return validate_config(value).model_dump()
+
+
+def _takes_secret(name: Any) -> bool:
+    try:
+        return "secret" in defense_class(str(name)).Config.model_fields
+    except ValueError:
+        return False  # an unknown name: the field validator says so with the allowed names
+
+
+def _rows(inputs: Any, mask: torch.Tensor) -> Any:
+    """The rows of ``inputs`` (a tensor, an array or a sequence of per-row inputs) where ``mask`` is True."""
+    if inputs is None:
+        return None
+    if isinstance(inputs, torch.Tensor):
+        return inputs[mask]
+    if isinstance(inputs, np.ndarray):
+        return inputs[mask.numpy()]
+    idx = mask.nonzero().squeeze(1).tolist()
+    return [inputs[i] for i in idx]
+
+
+@register
+class OodGated(Defense):
+    name = "ood_gated"
+    Config = OodGatedConfig
+
+    @classmethod
+    def requirements(cls, config: Mapping[str, Any]) -> dict[str, bool]:
+        cfg = validate_config(config)
+        needs = [defense_class(inner["name"]).requirements(inner) for inner in (cfg.inside, cfg.outside)]
+        return {k: any(n[k] for n in needs) for k in needs[0]}
+
+    def __init__(self, config: OodGatedConfig, **resources: Any) -> None:
+        super().__init__(config)
+        self.inside = build_defense(config.inside, **resources)
+        self.outside = build_defense(config.outside, **resources)
+        self.needs_inputs = self.inside.needs_inputs or self.outside.needs_inputs
+
+    @property
+    def budget(self) -> Budget | None:
+        a, b = self.inside.budget, self.outside.budget
+        if a is None or b is None or (a.norm, a.space) != (b.norm, b.space):
+            return None
+        if self.config.nu is not None and a.space != "probs":
+            return None
+        return Budget(norm=a.norm, epsilon=max(a.epsilon, b.epsilon), space=a.space)
+
+    def perturb(self, y: torch.Tensor, inputs: Any) -> DefenseOutput:
+        b = y.shape[0]
+        score = ood_score(y) if b else torch.zeros(0, dtype=torch.float64)
+        if self.config.nu is not None:
+            h = confidence_gate(y, self.config.tau, self.config.nu) if b else score.clone()
+            a, o = self.inside(y, inputs), self.outside(y, inputs)
+            tilde = (1 - h).unsqueeze(1) * a.probs.to(torch.float64) + h.unsqueeze(1) * o.probs.to(torch.float64)
+            tilde = tilde / tilde.sum(dim=1, keepdim=True)
+            return DefenseOutput(probs=tilde, extras={"gate": h, "ood_score": score})
+        outside = max_prob(y) < self.config.tau if b else torch.zeros(0, dtype=torch.bool)
+        tilde = y.clone()
+        deviation = torch.zeros(b, dtype=torch.float64)
+        have_deviation = True
+        for mask, defense in ((~outside, self.inside), (outside, self.outside)):
+            if not mask.any():
+                continue
+            out = defense(y[mask], _rows(inputs, mask))
+            tilde[mask] = out.probs.to(torch.float64)
+            if out.angular_deviation is None:
+                have_deviation = False
+            else:
+                deviation[mask] = out.angular_deviation.to(torch.float64)
+        return DefenseOutput(probs=tilde, angular_deviation=deviation if have_deviation and b else None,
+                             extras={"gate": outside.to(torch.float64), "ood_score": score})
