@@ -9,11 +9,11 @@ own posterior ``y`` (plugins.ood: ``ood_score = 1 - max_k y_k``):
   (both inner defenses run on every row).
 
 E.g. ``{"name": "ood_gated", "tau": 0.9, "inside": {"name": "identity"}, "outside": {"name": "mad", "epsilon":
-1.0, "norm": "l1", "secret": ...}}``: benign, confident queries get the truth, thieves' uncertain
+1.0, "norm": "l1"}}``: benign, confident queries get the truth, thieves' uncertain
 out-of-distribution queries get MAD (whose top-1 may move). ``inside`` and ``outside`` are full defense configs,
 validated by the registry (errors name ``inside.<field>`` / ``outside.<field>``); ood_gated cannot nest itself.
-``secret``, when given, is passed to each inner defense that takes one and sets none itself (no default: a
-randomised inner defense needs its secret from here or from its own config).
+``secret`` (deploy-time, no default, never dumped) keys every randomised inner defense; an inner config never
+holds one, and a randomised inner defense without it refuses to build (plugins.base.MissingSecret).
 
 - Needs what its inner defenses need (the batch of inputs, a surrogate, a misinformation model): the builders
   ask :meth:`OodGated.requirements` and pass the resources through to both.
@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 
-from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
+from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, secret_field
 from plugins.ood import confidence_gate, max_prob, ood_score
-from plugins.registry import build_defense, defense_class, register, validate_config
+from plugins.registry import build_defense, defense_class, register, validate_config, with_secret
 
 INNER = ("inside", "outside")
 
@@ -51,36 +51,21 @@ class OodGatedConfig(DefenseConfig):
     )
     inside: dict[str, Any] = Field(description="defense config for confident (in-distribution) rows")
     outside: dict[str, Any] = Field(description="defense config for the other (out-of-distribution) rows")
-    secret: str | None = Field(
-        default=None, min_length=1,
-        description="server secret given to each inner defense that takes one and sets none (no default)",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _pass_secret(cls, data: Any) -> Any:
-        if not isinstance(data, Mapping) or not data.get("secret"):
-            return data
-        data = dict(data)
-        for key in INNER:
-            inner = data.get(key)
-            if isinstance(inner, Mapping) and "secret" not in inner and _takes_secret(inner.get("name")):
-                data[key] = {**inner, "secret": data["secret"]}
-        return data
+    secret: SecretStr | None = secret_field("its inner defenses' keyed randomness (given to each one that takes it)")
 
     @field_validator(*INNER)
     @classmethod
     def _validate_inner(cls, value: dict[str, Any]) -> dict[str, Any]:
         if value.get("name") == "ood_gated":
             raise ValueError("an ood_gated defense cannot nest another ood_gated")
+        if "secret" in value:
+            raise ValueError("give the secret once, as ood_gated's own 'secret' (it keys every inner defense that "
+                             "takes one); an inner config never holds it")
         return validate_config(value).model_dump()
 
-
-def _takes_secret(name: Any) -> bool:
-    try:
-        return "secret" in defense_class(str(name)).Config.model_fields
-    except ValueError:
-        return False  # an unknown name: the field validator says so with the allowed names
+    @property
+    def needs_secret(self) -> bool:
+        return any(validate_config(inner).needs_secret for inner in (self.inside, self.outside))
 
 
 def _rows(inputs: Any, mask: torch.Tensor) -> Any:
@@ -108,8 +93,9 @@ class OodGated(Defense):
 
     def __init__(self, config: OodGatedConfig, **resources: Any) -> None:
         super().__init__(config)
-        self.inside = build_defense(config.inside, **resources)
-        self.outside = build_defense(config.outside, **resources)
+        secret = config.secret.get_secret_value() if config.secret is not None else None
+        self.inside = build_defense(with_secret(config.inside, secret), **resources)
+        self.outside = build_defense(with_secret(config.outside, secret), **resources)
         self.needs_inputs = self.inside.needs_inputs or self.outside.needs_inputs
 
     @property

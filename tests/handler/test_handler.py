@@ -420,7 +420,7 @@ def _write(path, text):
 
 # --- ood_gated in the handler: the surrogate its inner MAD needs is passed through -------------------------
 def test_ood_gated_is_served_with_its_inner_defenses_resources(serve, tmp_path):
-    from tests.integration.victims import export, make_net
+    from tests.support.victims import export, make_net
 
     sur = export(make_net("mlp", seed=77), "eager", tmp_path / "s_gated", "mlp")
     # the test victim is nearly uniform (max probabilities 0.109-0.119 on these rows): tau splits them

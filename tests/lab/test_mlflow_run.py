@@ -27,7 +27,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mlflow_project.sweep.presets import defense_grid, get_preset
-from tests.integration.mlflow_server import MlflowServer
+from tests.support.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 

@@ -113,13 +113,26 @@ def test_config_errors_name_the_nested_field():
                          "outside": {"name": "identity"}})
 
 
-def test_the_secret_goes_to_inner_defenses_that_take_one():
-    cfg = validate_config({"name": "ood_gated", "secret": "s3cret", "inside": {"name": "identity"},
-                           "outside": {"name": "random_noise", "epsilon": 1.0}})
-    assert cfg.outside["secret"] == "s3cret" and "secret" not in cfg.inside
-    own = validate_config({"name": "ood_gated", "secret": "s3cret", "inside": {"name": "identity"},
-                           "outside": {"name": "random_noise", "epsilon": 1.0, "secret": "mine"}})
-    assert own.outside["secret"] == "mine"
+def test_the_secret_keys_the_randomised_inner_defense_and_is_never_dumped():
+    from plugins import MissingSecret, with_secret
+
+    plain = {"name": "ood_gated", "tau": 0.99, "inside": {"name": "identity"},
+             "outside": {"name": "random_noise", "epsilon": 1.0}}
+    assert validate_config(plain).needs_secret
+    assert not validate_config({**plain, "outside": {"name": "label_only"}}).needs_secret
+    with pytest.raises(MissingSecret, match="ood_gated"):
+        build_defense(plain)
+    secret = "an-ood-gated-test-secret"
+    cfg = with_secret(plain, secret)
+    assert secret not in repr(cfg) and secret not in str(cfg.model_dump()) and "secret" not in cfg.outside
+    y = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.35, 0.25]], dtype=torch.float64)
+    out = build_defense(cfg)(y).probs
+    inner = build_defense(with_secret(plain["outside"], secret))(y).probs
+    assert torch.allclose(out, inner)  # every row is outside at tau 0.99: the keyed inner defense answers
+    other = build_defense(with_secret(plain, "another-test-secret-value"))(y).probs
+    assert not torch.allclose(out, other)
+    with pytest.raises(ValueError, match="inside: .*give the secret once"):
+        validate_config({**plain, "inside": {"name": "random_noise", "epsilon": 1.0, "secret": secret}})
 
 
 def test_resource_needs_are_the_inner_defenses():
