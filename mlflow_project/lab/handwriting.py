@@ -35,8 +35,9 @@ Limits, to keep in mind when reading results obtained with it:
 - the framing is MNIST's (20 px box, centre of mass), which suits MNIST-like victims, not EMNIST's own
   conversion (bounding box centred and nearly filling the frame, Gaussian-blurred); images are upright
   (the raw EMNIST files are transposed);
-- the pixels depend on the installed fonts and on Pillow/FreeType: the cache key covers the font files'
-  contents and the library versions; bit-for-bit equality across machines needs the same versions.
+- the pixels depend on the installed fonts and on Pillow/FreeType/torch: the cache key covers the font files'
+  contents and the library versions; bit-for-bit equality across machines also needs the same CPU kernels
+  (torch dispatches on the instruction set), and a few grey levels may differ otherwise.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ _DISTINCT_LOWER = "abdefghnqrt"
 _UNICASE_SIMILARITY = 0.7
 
 # Geometry, in source pixels of the high-resolution canvas unless said otherwise.
-CANVAS = 112  # square canvas a glyph is rendered and distorted on
+CANVAS = 112  # square canvas a glyph is rendered and distorted on ((CANVAS - 1) % _FIELD_STEP == 0)
 GLYPH_SIDE = (52.0, 66.0)  # a glyph's longer side after the affine scaling, source px (2.6-3.3x the final BOX)
 PEN = (1.8, 3.5)  # pen thickness in final px (for the BOX px side; fonts with thinner strokes are thickened)
 ROTATION_DEG = 15.0
@@ -104,7 +105,7 @@ SCALE = (0.8, 1.2)  # drawn independently for x and y: also varies the aspect ra
 TRANSLATION = 4.0  # source px; the final centring undoes it (kept to vary sub-pixel phase)
 ELASTIC_SIGMA = 4.0  # final px (Simard et al. 2003: sigma = 4, alpha = 34 on 28 x 28 digits)
 ELASTIC_ALPHA = (8.0, 34.0)
-_FIELD_GRID = 28  # the elastic noise lives on a 28 x 28 grid over the canvas (one cell = 4 source px)
+_FIELD_STEP = 3  # the elastic field lives on the canvas's pixel centres 0, 3, 6...: (CANVAS - 1) / 3 + 1 nodes
 # MNIST-style framing, for a 28 px frame (scaled for other sizes).
 BOX = 20  # the longer side of the ink's bounding box, in final px
 SUPERSAMPLE = 4  # final images are box-filtered from a grid 4x finer
@@ -309,9 +310,10 @@ class _BatchParams:
     noise: np.ndarray  # (B, 2, G, G) in [-1, 1)
 
 
-def _draw_params(rng: np.random.Generator, classes: np.ndarray, m: int) -> _BatchParams:
+def _draw_params(rng: np.random.Generator, classes: np.ndarray, m: int = BATCH) -> _BatchParams:
     """Draw a full BATCH of parameters (so a sample's draws do not depend on how many are kept), keep m."""
     b = BATCH
+    g = (CANVAS - 1) // _FIELD_STEP + 1
     p = _BatchParams(
         labels=classes[rng.integers(0, len(classes), b)],
         font_u=rng.random(b),
@@ -322,7 +324,7 @@ def _draw_params(rng: np.random.Generator, classes: np.ndarray, m: int) -> _Batc
         scale=rng.uniform(*SCALE, (b, 2)),
         translation=rng.uniform(-TRANSLATION, TRANSLATION, (b, 2)),
         alpha=rng.uniform(*ELASTIC_ALPHA, b),
-        noise=rng.uniform(-1.0, 1.0, (b, 2, _FIELD_GRID, _FIELD_GRID)).astype(np.float32),
+        noise=rng.uniform(-1.0, 1.0, (b, 2, g, g)).astype(np.float32),
     )
     for name, value in vars(p).items():
         setattr(p, name, value[:m])
@@ -398,22 +400,23 @@ def _distort(canvas: np.ndarray, longest: np.ndarray, residual: np.ndarray, p: _
     shear[:, 0, 1] = p.shear
     scale = p.scale * residual[:, None]
     forward = rot @ shear @ (np.eye(2)[None] * scale[:, None, :])  # glyph -> distorted, about the centre
-    inverse = np.linalg.inv(forward)
+    inv = torch.from_numpy(np.linalg.inv(forward)).float()
     half = CANVAS / 2  # grid_sample's normalised coordinates are source px about the centre / half
 
     # A point q of the distorted image (about the centre) shows the glyph at inverse @ (q + d(q) - t), d being
-    # the elastic field. The affine part is affine_grid's; inverse @ d is linear, so it is applied on the coarse
-    # field before the (linear) bilinear upsampling. One final px is (longest side after scaling) / BOX.
+    # the elastic field. That map is computed on a coarse grid of nodes lying on every _FIELD_STEP-th pixel
+    # centre and upsampled bilinearly with align_corners=True, which is exact for its affine part and smooth
+    # for the field. One final px is (longest side after scaling) / BOX source px.
     px_per_final = longest * p.scale.mean(1) / BOX
-    cell = CANVAS / _FIELD_GRID
     field = _elastic_field(
-        p.noise, ELASTIC_SIGMA * px_per_final / cell, _simard_std(p.alpha, ELASTIC_SIGMA) * px_per_final
+        p.noise, ELASTIC_SIGMA * px_per_final / _FIELD_STEP, _simard_std(p.alpha, ELASTIC_SIGMA) * px_per_final
     )
-    inv = torch.from_numpy(inverse).float()
-    field = torch.einsum("bij,bjhw->bihw", inv, field) / half
-    field = F.interpolate(field, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False)
-    theta = torch.cat([inv, -(inv @ torch.from_numpy(p.translation).float()[:, :, None]) / half], 2)
-    grid = F.affine_grid(theta, [m, 1, CANVAS, CANVAS], align_corners=False) + field.permute(0, 2, 3, 1)
+    nodes = torch.arange(0, CANVAS, _FIELD_STEP, dtype=torch.float32) + 0.5 - half
+    g = len(nodes)
+    q = torch.stack([nodes[None, :].expand(g, g), nodes[:, None].expand(g, g)])[None] + field
+    q = q - torch.from_numpy(p.translation).float()[:, :, None, None]
+    coarse = torch.einsum("bij,bjhw->bihw", inv, q) / half
+    grid = F.interpolate(coarse, size=(CANVAS, CANVAS), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -498,12 +501,13 @@ def render_handwriting(
     with _torch_threads(1), torch.no_grad():
         for b, start in enumerate(starts):
             m = min(BATCH, n - start)
-            rng = np.random.default_rng([seed, b])
-            p = _draw_params(rng, classes, m)
+            # Always a full batch, even for the last one: torch may pick other kernels for other shapes, and
+            # float differences would flip a few grey levels between sets of different n.
+            p = _draw_params(np.random.default_rng([seed, b]), classes)
             canvas, longest, residual = _render_glyphs(p, _choose_faces(p, hands))
-            framed = _frame(_distort(canvas, longest, residual, p), size)
+            framed = _frame(_distort(canvas, longest, residual, p), size)[:m]
             images[start : start + m] = framed.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
-            labels[start : start + m] = p.labels
+            labels[start : start + m] = p.labels[:m]
             if bar is not None:
                 bar.update(m)
     if bar is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mlflow_project.lab import handwriting as hw
@@ -49,6 +50,22 @@ def test_unusable_glyphs_are_left_out():
     assert len({fg.family for fg in lower_faces}) >= 3
 
 
+def test_glyphs_a_font_lacks_are_skipped(tmp_path):
+    subset = pytest.importorskip("fontTools.subset")
+    wanted = "0123ABCxyz"
+    source = next(fg.path for fg in hw.glyph_table() if set(wanted) <= set(fg.chars))
+    options = subset.Options()
+    options.notdef_outline = True  # keep a visible .notdef box, as most fonts have
+    font = subset.load_font(str(source), options)
+    subsetter = subset.Subsetter(options)
+    subsetter.populate(text=wanted)
+    subsetter.subset(font)
+    out = tmp_path / "partial.ttf"
+    subset.save_font(font, str(out), options)
+    (face,) = hw.glyph_table([out])
+    assert face.chars == wanted
+
+
 def test_charset_is_emnist_byclass():
     assert hw.CHARSET == "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
     assert hw.NUM_CLASSES == 62
@@ -64,7 +81,9 @@ def test_shape_dtype_range(rendered):
 
 def test_deterministic_and_seed_dependent(rendered):
     images, labels = rendered
-    again_x, again_y = hw.render_handwriting(300, seed=0)  # also the first 300 of the 2,000
+    threads = torch.get_num_threads()
+    again_x, again_y = hw.render_handwriting(300, seed=0)  # also the first 300 of the 2,000 (a partial batch)
+    assert torch.get_num_threads() == threads, "the renderer must restore the torch thread count"
     assert again_x.tobytes() == images[:300].tobytes()
     assert np.array_equal(again_y, labels[:300])
     other_x, other_y = hw.render_handwriting(300, seed=1)
