@@ -125,6 +125,8 @@ def parse_monitor(section: Mapping[str, Any] | MonitorConfig | None, field: str 
             loc = ".".join(str(p) for p in (field, *err["loc"]))
             if err["type"] == "extra_forbidden":
                 parts.append(f"{loc}: unknown key")
+            elif err["type"] == "value_error":  # our validators' messages already say what was given
+                parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
             else:
                 parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
         raise ValueError("invalid monitor config: " + "; ".join(parts)) from None

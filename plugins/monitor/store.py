@@ -10,7 +10,8 @@ worker processes (and replicas, for a shared backend) can update one client atom
 loads the client's summary and the growing sets of ``classes`` (a summary last seen more than ``ttl_seconds``
 before ``now`` counts as absent: its state and flag are forgotten), calls ``fn(summary, growing)`` which returns
 ``(new_summary, appended, result)``, persists the new summary and appends ``appended[c]`` (n x D float32) to the
-growing sets, and returns ``result``; all of it under one lock or transaction for that client.
+growing sets, and returns ``result``; all of it under one lock or transaction for that client. A ``new_summary``
+of None writes nothing (a read-only look).
 
 Bounds (documented in docs/configuration.md): a growing set keeps its newest ``max_per_class`` rows (FIFO
 eviction), a client unseen for ``ttl_seconds`` expires, and when more than ``max_clients`` clients are live the
@@ -169,6 +170,8 @@ class MemoryStore(MonitorStore):
             summary = self._live(client, now)
             growing = {int(c): self._growing[(client, int(c))] for c in classes if (client, int(c)) in self._growing}
             new, appended, result = fn(json.loads(json.dumps(summary)) if summary else None, growing)
+            if new is None:
+                return result
             self._summaries[client] = new
             self._summaries.move_to_end(client)
             for c, rows in appended.items():
