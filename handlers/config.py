@@ -14,6 +14,8 @@
         image: {size: [28, 28], mode: L, mean: [0.286], std: [0.353], max_bytes: 1000000}
       threads: {intra_op: 1, inter_op: 1}
       labels: index_to_name.json                             # optional; used when the file is shipped
+      monitor: {action: harden, harden: {name: label_only}}  # optional per-client extraction monitor
+                                                             # (plugins/monitor/config.py documents it)
 
 Every failure is a :class:`ConfigError` whose message names the field (``stealguard.<path>``) and what is
 allowed. File paths are relative to the archive's directory and must stay inside it.
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from handlers.errors import ConfigError
 from plugins import defense_class, validate_config
+from plugins.monitor import parse_monitor
 
 SECTION = "stealguard"
 RUNTIMES = ("eager", "export", "torchscript", "onnx")
@@ -165,6 +168,7 @@ class ServeConfig(_Strict):
     version: VersionSpec | None = None
     threads: Threads = Field(default_factory=Threads)
     labels: str | None = "index_to_name.json"
+    monitor: dict[str, Any] | None = None  # validated by plugins.monitor.parse_monitor in parse()
 
     @property
     def defense_name(self) -> str:
@@ -222,6 +226,11 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
             f"{SECTION}.misinformation: defense '{cls.name}' does not use a misinformation model; remove the "
             "field (allowed only for defenses that need one, e.g. adaptive_misinformation)"
         )
+    if cfg.monitor is not None:
+        try:
+            parse_monitor(cfg.monitor, f"{SECTION}.monitor")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     jacobian = getattr(defense_cfg, "jacobian", None)
     if jacobian == "all" and cfg.surrogate is not None and cfg.surrogate.runtime not in TORCH_RUNTIMES:
         raise ConfigError(

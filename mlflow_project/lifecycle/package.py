@@ -137,6 +137,21 @@ def read_defense_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] 
     return dict(data), version
 
 
+def read_monitor_file(path: str) -> dict[str, Any]:
+    """The ``monitor:`` section from a YAML/JSON file (a top-level ``monitor:`` key is unwrapped) or inline
+    JSON, validated; it names where the watermark key lives, never the key (an unknown ``key`` field is refused)."""
+    from plugins.monitor import parse_monitor
+
+    text = str(path) if not Path(path).is_file() and str(path).lstrip().startswith("{") else None
+    data = yaml.safe_load(text if text is not None else Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and set(data) == {"monitor"}:
+        data = data["monitor"]
+    if not isinstance(data, dict):
+        raise ValueError(f"--monitor {path}: must hold a mapping (the monitor: section); got {type(data).__name__}")
+    parse_monitor(data, "--monitor")
+    return data
+
+
 def eager_from_arch(weights: Path, arch: str, num_classes: int) -> ModelFiles:
     from mlflow_project.lab.models import ARCHITECTURES
 
@@ -384,6 +399,7 @@ def stage(
     workers: int = 1,
     response_timeout_s: int = 60,
     threads: dict[str, int] | None = None,
+    monitor: dict[str, Any] | None = None,
 ) -> Path:
     """Lay out an archive's contents in ``root`` (what TorchServe unpacks to model_dir); return the
     model-config.yaml path. Used by :func:`build_archive` and by the handler tests (no archive needed)."""
@@ -399,6 +415,8 @@ def stage(
         if version.get("resolve_at_start"):
             shutil.copy2(MODELS_PY, root / REGISTRY_MODELS)
     section["threads"] = dict(threads or {"intra_op": 1, "inter_op": 1})
+    if monitor is not None:
+        section["monitor"] = dict(monitor)
     if labels is not None:
         shutil.copy2(labels, root / "index_to_name.json")
     for pkg in CODE_PACKAGES:
@@ -569,6 +587,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_int, default=1)
     p.add_argument("--threads", type=_int, default=1, help="intra-op threads per worker")
     p.add_argument("--export-path", default=str(REPO / "model_store"))
+    p.add_argument(
+        "--monitor",
+        default="",
+        help="YAML/JSON file (or inline JSON) with the per-client monitor: section (plugins/monitor/config.py)",
+    )
     return p
 
 
@@ -665,6 +688,7 @@ def main(argv: list[str] | None = None) -> Path:
             max_batch_delay_ms=args.max_batch_delay,
             workers=args.workers,
             threads={"intra_op": args.threads, "inter_op": 1},
+            monitor=read_monitor_file(args.monitor) if args.monitor else None,
         )
         mar_version = (version or {}).get("version") if registered else args.version
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))
