@@ -12,6 +12,10 @@ TorchServe's request context, case-insensitive; absent or empty -> ``anonymous``
   its normal defense, ``stealguard_monitor_errors_total`` increments, and the store is not asked again for
   ``RETRY_AFTER_S`` (those batches count as errors too), so a dead store costs no time per request.
 
+Watermark (``monitor.watermark.enabled``, plugins/monitor/watermark.py): after the action, the keyed rows of
+every client get their deterministic wrong top-1 and are recorded in the store (bounded); a recording failure is
+a monitor error like any other. The key's fingerprint is logged, never the key.
+
 Metrics (no per-client label): ``stealguard_client_flags_total{reason}`` per newly flagged client,
 ``stealguard_clients_flagged`` (the store's live flagged count, refreshed at most every ``GAUGE_EVERY_S``),
 ``stealguard_monitor_errors_total``. Flagged client ids go to the worker log (WARNING) and stay in the store,
@@ -33,6 +37,7 @@ from handlers.metrics import CLIENT_FLAGS, CLIENTS_FLAGGED, MONITOR_ERRORS, Defe
 from handlers.monitor_stores import open_store
 from plugins import Defense, build_defense, check_probs, distance
 from plugins.monitor import ExtractionMonitor, MonitorConfig, MonitorStore, StoreLimits, parse_monitor
+from plugins.monitor.watermark import Watermark, fingerprint, load_key
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +75,14 @@ class ClientMonitor:
         store: MonitorStore,
         harden: Defense | None,
         metrics: DefenseMetrics | None = None,
+        watermark: Watermark | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.monitor = ExtractionMonitor(cfg, store)
         self.harden = harden
         self.metrics = metrics
+        self.watermark = watermark
         self.errors = 0
         self._skip_until = 0.0
         self._gauge_at = 0.0
@@ -100,6 +107,17 @@ class ClientMonitor:
                 harden = build_defense(cfg.harden, **resources)
             except ValueError as exc:
                 raise ConfigError(f"stealguard.monitor.harden: {exc}") from exc
+        watermark = None
+        if cfg.watermark.enabled:
+            try:
+                key = load_key(cfg.watermark, "stealguard.monitor.watermark")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            watermark = Watermark(key, cfg.watermark.fraction)
+            log.info(
+                "StealGuard monitor: DAWN watermark on %.3g%% of queries, key fingerprint %s",
+                100 * cfg.watermark.fraction, fingerprint(key),
+            )
         try:
             store = open_monitor_store(cfg, model_name)
         except Exception as exc:
@@ -112,7 +130,7 @@ class ClientMonitor:
             store.url.split("@")[-1],  # no credentials from a redis://user:pass@host URL
             cfg.prada.delta,
         )
-        return cls(cfg, store, harden, metrics)
+        return cls(cfg, store, harden, metrics, watermark)
 
     def client_id(self, context: Any, idx: int) -> str:
         """The request's client id from the configured header; ``anonymous`` when absent or empty."""
@@ -134,20 +152,33 @@ class ClientMonitor:
         return value.strip()[:MAX_CLIENT_ID]
 
     def screen(self, clients: list[str], x: torch.Tensor, y: torch.Tensor, probs: torch.Tensor) -> Screened:
-        """Run the monitor on one defended batch (``y``: victim probabilities, ``probs``: the defense's answers)
-        and apply the configured action. Never raises because of the store."""
-        b = len(clients)
-        none = np.zeros(b, dtype=bool)
+        """Run the monitor on one defended batch (``y``: victim probabilities, ``probs``: the defense's answers),
+        apply the configured action, then the watermark. Never raises because of the store."""
         now = time.time()
+        none = np.zeros(len(clients), dtype=bool)
+        verdict = self._observe(clients, x, y, now)
+        flagged = none if verdict is None else verdict.flagged_rows
+        out, blocked = probs, none
+        if flagged.any() and self.cfg.action == "block":
+            blocked = flagged
+        elif flagged.any() and self.cfg.action == "harden":
+            out = probs.clone()
+            rows = torch.from_numpy(np.flatnonzero(flagged))
+            out[rows] = self._harden(y[rows], x[rows]).to(out.dtype)
+        if self.watermark is not None:
+            out = self._watermark(x, y, out, blocked, now)
+        return Screened(out, blocked, flagged)
+
+    def _observe(self, clients, x, y, now):
         if now < self._skip_until:
             self._error(None)
-            return Screened(probs, none, none)
+            return None
         try:
             verdict = self.monitor.observe(clients, x, y, now)
         except Exception as exc:
             self._skip_until = now + RETRY_AFTER_S
             self._error(exc)
-            return Screened(probs, none, none)
+            return None
         for client, reason in verdict.newly_flagged:
             w = verdict.statistics.get(client)
             log.warning(
@@ -157,15 +188,19 @@ class ClientMonitor:
             self._inc(CLIENT_FLAGS, 1, (label_value(reason),))
         if verdict.newly_flagged or now >= self._gauge_at:
             self._refresh_gauge(now)
-        flagged = verdict.flagged_rows
-        if not flagged.any() or self.cfg.action == "observe":
-            return Screened(probs, none, flagged)
-        if self.cfg.action == "block":
-            return Screened(probs, flagged, flagged)
-        out = probs.clone()
-        rows = torch.from_numpy(np.flatnonzero(flagged))
-        out[rows] = self._harden(y[rows], x[rows]).to(out.dtype)
-        return Screened(out, none, flagged)
+        return verdict
+
+    def _watermark(self, x, y, probs, blocked, now) -> torch.Tensor:
+        """DAWN: the keyed rows get their wrong top-1; the answered (not blocked) ones are recorded."""
+        out, records, rows = self.watermark.apply(x, y, probs, now)
+        records = [r for r, i in zip(records, rows, strict=True) if not blocked[i]]
+        if records and now >= self._skip_until:
+            try:
+                self.store.record_watermarks(records)
+            except Exception as exc:
+                self._skip_until = now + RETRY_AFTER_S
+                self._error(exc)
+        return out
 
     def _harden(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The harden defense's answer, checked like the main defense's (on the simplex, within its budget);

@@ -52,12 +52,13 @@ class StoreLimits:
 @dataclass(frozen=True)
 class WatermarkRecord:
     """One watermarked query: the row as the victim saw it (float32, row shape), the watermark's top-1 label,
-    the answer served and when."""
+    the answer served, when, and the victim's own top-1 (which the watermark label is not)."""
 
     query: np.ndarray
     label: int
     probs: np.ndarray
     at: float
+    victim_label: int = -1
 
     def to_json(self) -> dict:
         return {
@@ -66,12 +67,14 @@ class WatermarkRecord:
             "label": int(self.label),
             "probs": [float(p) for p in self.probs],
             "at": float(self.at),
+            "victim_label": int(self.victim_label),
         }
 
     @classmethod
     def from_json(cls, d: dict) -> WatermarkRecord:
         q = np.frombuffer(bytes.fromhex(d["query"]), dtype=np.float32).reshape(d["shape"])
-        return cls(query=q, label=int(d["label"]), probs=np.asarray(d["probs"], dtype=np.float64), at=float(d["at"]))
+        return cls(query=q, label=int(d["label"]), probs=np.asarray(d["probs"], dtype=np.float64), at=float(d["at"]),
+                   victim_label=int(d.get("victim_label", -1)))
 
 
 @dataclass(frozen=True)

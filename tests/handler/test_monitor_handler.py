@@ -106,3 +106,33 @@ def test_monitor_config_errors_fail_the_load(serve, tmp_path):
         serve({"name": "identity"}, monitor={"action": "ban"})
     with pytest.raises(ConfigError, match=r"stealguard\.monitor\.key: unknown key"):
         serve({"name": "identity"}, monitor={"key": "s3cret"})
+
+
+def test_watermark_answers_wrong_top1_records_and_never_leaks_the_key(serve, tmp_path, monkeypatch, caplog):
+    secret = "deploy-time watermark secret 0123456789"
+    monitor = {"store": f"sqlite:///{tmp_path}/wm.sqlite", "prada": {"min_distances": 5000, "window": 5000},
+               "ood": {"enabled": False}, "watermark": {"enabled": True, "fraction": 0.3}}
+    monkeypatch.delenv("STEALGUARD_WATERMARK_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"stealguard\.monitor\.watermark: enabled but no key"):
+        serve({"name": "identity"}, monitor=monitor)
+    monkeypatch.setenv("STEALGUARD_WATERMARK_KEY", secret)
+    with caplog.at_level("DEBUG"):
+        s = serve({"name": "identity"}, monitor=monitor)
+        x = rows(s, 8, 7)
+        answers = send(s, [("c1", x), ("c2", rows(s, 8, 8)), ("c1", x)])
+    assert [a.status for a in answers] == [200, 200, 200]
+    got = torch.tensor([p["probabilities"] for p in answers[0].json["predictions"]], dtype=torch.float64)
+    labels = [p["label"] for p in answers[0].json["predictions"]]
+    y = s.victim_probs(x)
+    records = s.handler.monitor.store.watermarks()
+    assert 2 <= len(records) <= 14  # 24 rows at 30 %
+    marked = [i for i in range(8) if labels[i] != int(y[i].argmax())]
+    assert marked, "some of the 8 rows are watermarked"
+    for i in marked:
+        assert torch.equal(got[i].sort().values, y[i].sort().values)  # a permutation of the served answer
+    assert answers[2].body == answers[0].body  # deterministic per query
+    recorded = {(r.query.tobytes(), r.label) for r in records}
+    for i in marked:
+        assert (x[i].numpy().tobytes(), labels[i]) in recorded
+    staged = (tmp_path / "m1" / "model" / "model-config.yaml").read_text()
+    assert secret not in staged and secret not in caplog.text and "key fingerprint" in caplog.text
