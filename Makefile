@@ -81,6 +81,9 @@ bench: setup
 # --- serving (issue 6): archives in model_store/, TorchServe on loopback, started and stopped by
 # mlflow_project/ops/torchserve.py. The resolved config, pid file, logs, TMPDIR (worker sockets) and
 # key_file.json (token auth) live in the git-ignored .run/serve/.
+# Per-client extraction monitor: ARCHIVE_ARGS='--monitor deploy/monitor.yaml' (a monitor: section; see
+# docs/configuration.md). Its default store is the embedded SQLite file /var/tmp/stealguard/monitor.sqlite,
+# shared by every worker on this host; for several replicas point it at one Redis: store: redis://HOST:6379/0.
 ARCHIVE_NAME ?= fashion_mnist_mad_argmax
 ARCHIVE_VICTIM ?= artifacts/victims/fashion_mnist_lenet
 ARCHIVE_DEFENSE ?= {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}

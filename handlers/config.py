@@ -18,6 +18,8 @@
       secret: {fingerprint: 1f0e..., file: /etc/stealguard/secret}  # optional; never the secret (deployment.py)
       threads: {intra_op: 1, inter_op: 1}
       labels: index_to_name.json                             # optional; used when the file is shipped
+      monitor: {action: harden, harden: {name: label_only}}  # optional per-client extraction monitor
+                                                             # (plugins/monitor/config.py documents it)
 
 Every failure is a :class:`ConfigError` whose message names the field (``stealguard.<path>``) and what is
 allowed. File paths are relative to the archive's directory and must stay inside it (before ``package`` stages
@@ -35,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from handlers.errors import ConfigError
 from plugins import defense_class, needs, validate_config
 from plugins.base import describe_validation_error
+from plugins.monitor import parse_monitor
 
 SECTION = "stealguard"
 CONFIG_FILE = "model-config.yaml"  # TorchServe's per-model config, carrying the section
@@ -194,6 +197,7 @@ class ServeConfig(_Strict):
     secret: SecretSpec | None = None
     threads: Threads = Field(default_factory=Threads)
     labels: str | None = LABELS_FILE
+    monitor: dict[str, Any] | None = None  # validated by plugins.monitor.parse_monitor in parse()
 
     @property
     def defense_name(self) -> str:
@@ -266,6 +270,11 @@ def parse(model_yaml_config: Mapping[str, Any] | None, model_dir: str) -> ServeC
             f"{SECTION}.misinformation: defense '{cls.name}' does not use a misinformation model; remove the "
             "field (allowed only for defenses that need one, e.g. adaptive_misinformation)"
         )
+    if cfg.monitor is not None:
+        try:
+            parse_monitor(cfg.monitor, f"{SECTION}.monitor")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     jacobian = getattr(defense_cfg, "jacobian", None)
     if jacobian == "all" and cfg.surrogate is not None and cfg.surrogate.runtime not in TORCH_RUNTIMES:
         raise ConfigError(

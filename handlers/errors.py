@@ -6,6 +6,7 @@ REASONS = {
     400: "Bad Request",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }

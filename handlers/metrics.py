@@ -115,6 +115,20 @@ METRIC_SPECS: dict[str, MetricSpec] = {
             "Rows that look out-of-distribution: 1 - the victim's top probability above the threshold "
             f"(default {DEFAULT_OOD_THRESHOLD:g}; plugins.ood).",
         ),
+        _spec("clients_flagged", "gauge", "Count", "Clients the extraction monitor currently flags (store-wide)."),
+        _spec(
+            "client_flags_total",
+            "counter",
+            "Count",
+            "Clients newly flagged by the extraction monitor, by reason (prada, ood_share).",
+            ("reason",),
+        ),
+        _spec(
+            "monitor_errors_total",
+            "counter",
+            "Count",
+            "Batches the extraction monitor could not check (store lost or timed out); they were served defended.",
+        ),
         _spec(
             "defense_info",
             "gauge",
@@ -135,6 +149,9 @@ ERRORS = PREFIX + "errors_total"
 ERROR_ROWS = PREFIX + "error_rows_total"
 OOD_QUERIES = PREFIX + "ood_queries_total"
 INFO = PREFIX + "defense_info"
+CLIENTS_FLAGGED = PREFIX + "clients_flagged"
+CLIENT_FLAGS = PREFIX + "client_flags_total"
+MONITOR_ERRORS = PREFIX + "monitor_errors_total"
 
 
 def perturbation_metric(norm: str) -> str:

@@ -37,6 +37,7 @@ from handlers import registry as sg_registry  # noqa: E402
 from handlers.codec import error_body  # noqa: E402
 from handlers.errors import REASONS, RequestError  # noqa: E402
 from handlers.metrics import DefenseMetrics  # noqa: E402
+from handlers.monitor import BLOCK_MESSAGE, ClientMonitor  # noqa: E402
 from handlers.service import DefendedModel, DefenseFailed  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class StealGuardHandler:
         self.model: DefendedModel | None = None
         self.metrics: DefenseMetrics | None = None
         self.send_header = False
+        self.monitor: ClientMonitor | None = None
 
     def initialize(self, context) -> None:
         model_dir = context.system_properties.get("model_dir") or _ROOT
@@ -91,6 +93,7 @@ class StealGuardHandler:
             secret_fingerprint=self.model.secret_fingerprint,
         )
         self.metrics.record_info()
+        self.monitor = ClientMonitor.from_config(cfg.monitor, self.model, self.metrics, context.model_name)
         self.initialized = True
         v = cfg.version
         log.info(
@@ -140,8 +143,15 @@ class StealGuardHandler:
     def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> None:
         """Defend the rows of several requests in one batched call; split the answer back per request.
         If the batch fails, each request is retried alone so one bad request cannot fail the others."""
+        x = torch.cat(rows) if len(rows) > 1 else rows[0]
         try:
-            result = self.model.defend(torch.cat(rows) if len(rows) > 1 else rows[0])
+            result = self.model.defend(x)
+            probs, blocked = result.out.probs, None
+            if self.monitor is not None:  # per-client monitor: observe / harden / block (handlers/monitor.py)
+                clients = [self.monitor.client_id(context, i) for r, i in zip(rows, owners, strict=True)
+                           for _ in range(r.shape[0])]
+                screened = self.monitor.screen(clients, x, result.y, probs)
+                probs, blocked = screened.probs, screened.blocked
         except Exception as exc:
             if len(rows) > 1:
                 log.warning(
@@ -163,13 +173,16 @@ class StealGuardHandler:
                 "the defense could not run on this request; no prediction",
             )
             return
-        self.metrics.record_batch(result.y, result.out.probs, result.out.angular_deviation, result.latency_s)
-        probs = result.out.probs
+        self.metrics.record_batch(result.y, probs, result.out.angular_deviation, result.latency_s)
         start = 0
-        for x, idx in zip(rows, owners, strict=True):
-            n = x.shape[0]
-            responses[idx] = self.model.codec.encode(probs[start : start + n])
-            context.set_response_content_type(idx, JSON)
+        for r, idx in zip(rows, owners, strict=True):
+            n = r.shape[0]
+            if blocked is not None and blocked[start : start + n].any():
+                self.metrics.record_error("blocked", 1)
+                responses[idx] = self._refuse(context, idx, 429, "TooManyRequests", BLOCK_MESSAGE)
+            else:
+                responses[idx] = self.model.codec.encode(probs[start : start + n])
+                context.set_response_content_type(idx, JSON)
             start += n
 
     def describe_handle(self) -> str:

@@ -8,6 +8,9 @@ refuses to answer beyond its budget, so an attack's query count is exact.
 - :class:`HTTPOracle`: a TorchServe prediction URL; ``POST {"instances": [...]}``, response
   ``{"predictions": [{"label": ..., "probabilities": [...]}, ...]}``.
 - :class:`ArgmaxOracle`: wraps any oracle and returns one-hot rows of its top-1 outputs (the argmax attacker).
+- :class:`MonitoredOracle`: the victim behind a defense *and* the server's per-client monitor
+  (handlers/monitor.py over an in-process store): the attacker is one client; :func:`serve_benign` scores the
+  benign test set as other clients through the same monitor, so the lab measures monitor + harden like a defense.
 """
 
 from __future__ import annotations
@@ -129,6 +132,80 @@ class LocalOracle(Oracle):
         return torch.cat(outs)
 
 
+class ClientBlocked(RuntimeError):
+    """The monitor (action block) refused the attacker's client: no more answers."""
+
+
+def lab_monitor(victim: nn.Module, monitor: Mapping[str, Any], num_classes: int, surrogate_seed: int = 0):
+    """The handler's :class:`handlers.monitor.ClientMonitor` over an in-process store (``store: memory:``
+    whatever the config says; the lab runs in one process), with its harden defense built for ``victim``."""
+    from handlers.monitor import ClientMonitor, limits
+    from plugins.monitor import MemoryStore, parse_monitor
+
+    cfg = parse_monitor(monitor)
+    harden = build_victim_defense(victim, cfg.harden, num_classes, surrogate_seed) if cfg.action == "harden" else None
+    return ClientMonitor(cfg, MemoryStore("lab", limits(cfg)), harden)
+
+
+class MonitoredOracle(Oracle):
+    """:class:`LocalOracle`'s answers screened by a per-client monitor, all queries from one ``client``.
+
+    ``flagged_at``: the number of queries answered when the client was first flagged (None while it is not);
+    under action ``block`` every query after that raises :class:`ClientBlocked`."""
+
+    def __init__(self, victim: nn.Module, defense, monitor, client: str = "attacker", budget: int | None = None,
+                 batch_size: int = 64) -> None:
+        super().__init__(budget)
+        self.inner = LocalOracle(victim, defense, batch_size=batch_size)
+        self.monitor = monitor
+        self.client = client
+        self.batch_size = batch_size
+        self.flagged_at: int | None = None
+
+    @torch.no_grad()
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            xb = x[i : i + self.batch_size]
+            y = torch.softmax(self.inner.victim(xb), dim=1)
+            answered = self.inner.defense(y, xb).probs if self.inner.defense is not None else y
+            screened = self.monitor.screen([self.client] * len(xb), xb, y, answered)
+            if screened.flagged.any() and self.flagged_at is None:
+                self.flagged_at = self.queries + sum(len(o) for o in outs) + len(xb)
+            if screened.blocked.any():
+                raise ClientBlocked(f"client {self.client!r} blocked after {self.flagged_at} queries")
+            outs.append(screened.probs.float())
+        return torch.cat(outs)
+
+
+@torch.no_grad()
+def serve_benign(victim: nn.Module, defense, monitor, x: torch.Tensor, clients: int = 20,
+                 batch_size: int = 16) -> tuple[torch.Tensor, set[str]]:
+    """The benign test set ``x`` answered as ``clients`` clients (``benign-0`` ...), each replaying a contiguous
+    share in batches of ``batch_size``, interleaved round-robin as concurrent users would be. Returns the answers
+    (in ``x``'s order; blocked rows are NaN) and the set of benign clients the monitor flagged."""
+    shares = torch.arange(len(x)).tensor_split(clients)
+    out: torch.Tensor | None = None
+    flagged: set[str] = set()
+    for start in range(0, max(len(s) for s in shares), batch_size):
+        for c, share in enumerate(shares):
+            idx = share[start : start + batch_size]
+            if len(idx) == 0:
+                continue
+            xb = x[idx]
+            y = torch.softmax(victim(xb), dim=1)
+            answered = defense(y, xb).probs if defense is not None else y
+            screened = monitor.screen([f"benign-{c}"] * len(idx), xb, y, answered)
+            if screened.flagged.any():
+                flagged.add(f"benign-{c}")
+            probs = screened.probs.float().clone()
+            probs[torch.from_numpy(screened.blocked)] = float("nan")
+            if out is None:
+                out = torch.full((len(x), probs.shape[1]), float("nan"))
+            out[idx] = probs
+    return out, flagged
+
+
 class HTTPOracle(Oracle):
     """A served model: POST ``{"instances": x.tolist()}`` to ``url`` in batches of ``batch_size`` rows.
 
@@ -137,7 +214,8 @@ class HTTPOracle(Oracle):
     """
 
     def __init__(self, url: str, budget: int | None = None, batch_size: int = 64, timeout: float = 30.0,
-                 send: str = "normalised", mean: float = 0.0, std: float = 1.0, session=None) -> None:
+                 send: str = "normalised", mean: float = 0.0, std: float = 1.0, session=None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(budget)
         if send not in ("normalised", "pixels"):
             raise ValueError(f"send: unknown {send!r}; allowed: normalised, pixels")
@@ -149,6 +227,7 @@ class HTTPOracle(Oracle):
         self.send = send
         self.mean, self.std = mean, std
         self.session = session or requests.Session()
+        self.headers = {"Content-Type": "application/json", **(headers or {})}  # e.g. {"X-Client-Id": "thief-1"}
         self.last_headers: Mapping[str, str] = {}
 
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +241,7 @@ class HTTPOracle(Oracle):
 
     def _post(self, xb: torch.Tensor) -> torch.Tensor:
         body = json.dumps({"instances": xb.tolist()})
-        r = self.session.post(self.url, data=body, headers={"Content-Type": "application/json"}, timeout=self.timeout)
+        r = self.session.post(self.url, data=body, headers=self.headers, timeout=self.timeout)
         if r.status_code != 200:
             raise RuntimeError(f"oracle {self.url} answered HTTP {r.status_code}: {r.text[:300]}")
         self.last_headers = r.headers

@@ -159,6 +159,21 @@ def secret_section(defense: dict[str, Any], secret_file: str | None) -> dict[str
     return section or None
 
 
+def read_monitor_file(path: str) -> dict[str, Any]:
+    """The ``monitor:`` section from a YAML/JSON file (a top-level ``monitor:`` key is unwrapped) or inline
+    JSON, validated; it names where the watermark key lives, never the key (an unknown ``key`` field is refused)."""
+    from plugins.monitor import parse_monitor
+
+    text = str(path) if not Path(path).is_file() and str(path).lstrip().startswith("{") else None
+    data = yaml.safe_load(text if text is not None else Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and set(data) == {"monitor"}:
+        data = data["monitor"]
+    if not isinstance(data, dict):
+        raise ValueError(f"--monitor {path}: must hold a mapping (the monitor: section); got {type(data).__name__}")
+    parse_monitor(data, "--monitor")
+    return data
+
+
 def eager_from_arch(weights: Path, arch: str, num_classes: int) -> RuntimeSpec:
     from mlflow_project.lab.models import ARCHITECTURES
 
@@ -386,6 +401,7 @@ def stage(
     response_timeout_s: int = 60,
     threads: dict[str, int] | None = None,
     extra_dists: list[str] | tuple[str, ...] = (),
+    monitor: dict[str, Any] | None = None,
 ) -> Path:
     """Lay out an archive's contents in ``root`` (what TorchServe unpacks to model_dir); return the
     model-config.yaml path, whose ``stealguard:`` section is written through handlers.config.ServeConfig. Used by
@@ -411,6 +427,8 @@ def stage(
     if secret:
         section["secret"] = dict(secret)  # a fingerprint and a file path outside the archive, never the secret
     section["threads"] = dict(threads or {"intra_op": 1, "inter_op": 1})
+    if monitor is not None:
+        section["monitor"] = dict(monitor)
     cfg = build_section(section)
     if labels is not None:
         shutil.copy2(labels, root / str(cfg.labels))
@@ -611,6 +629,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=integer, default=1)
     p.add_argument("--threads", type=integer, default=1, help="intra-op threads per worker")
     p.add_argument("--export-path", default=str(REPO / "model_store"))
+    p.add_argument(
+        "--monitor",
+        default="",
+        help="YAML/JSON file (or inline JSON) with the per-client monitor: section (plugins/monitor/config.py)",
+    )
     return p
 
 
@@ -713,6 +736,7 @@ def main(argv: list[str] | None = None) -> Path:
             workers=args.workers,
             threads={"intra_op": args.threads, "inter_op": 1},
             extra_dists=[n for value in args.extra_dist for n in value.split(",") if n.strip()],
+            monitor=read_monitor_file(args.monitor) if args.monitor else None,
         )
         mar_version = (version or {}).get("version") if registered else args.version
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))

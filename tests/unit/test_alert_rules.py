@@ -25,6 +25,7 @@ EXPECTED_ALERTS = {
     "StealGuardDefenseMissing",
     "StealGuardQueryVolumeSurge",
     "StealGuardOODQueryRatioHigh",
+    "StealGuardExtractionSuspected",
 }
 TORCHSERVE_METRICS = {"ts_inference_requests_total"}
 

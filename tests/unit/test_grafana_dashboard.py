@@ -115,3 +115,14 @@ def test_alert_thresholds_are_drawn():
     assert _alert_threshold("StealGuardOODQueryRatioHigh") in _threshold_steps("Out-of-distribution")
     ood = next(p for p in _panels(_dashboard()) if p["title"].startswith("Out-of-distribution"))
     assert any("3 * stealguard:ood_query_ratio:rate1d_baseline" in t["expr"] for t in ood["targets"])
+
+
+def test_flagged_clients_panel_draws_the_extraction_alert():
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    rule = next(r for r in rules if r.get("alert") == "StealGuardExtractionSuspected")
+    assert rule["expr"].strip() == "max by (model_name) (stealguard_clients_flagged) > 0"
+    assert _threshold_steps("Flagged clients") == [1]  # one flagged client is red, as the alert fires
+    panel = next(p for p in _panels(_dashboard()) if p["title"].startswith("Flagged clients"))
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert any(e.startswith("max by (model_name) (stealguard_clients_flagged") for e in exprs)
+    assert any("stealguard_monitor_errors_total" in e for e in exprs)

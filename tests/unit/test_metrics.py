@@ -70,12 +70,15 @@ def test_issue_names_are_all_declared():
         "stealguard_top1_confidence_drop", "stealguard_angular_deviation_radians",
         "stealguard_defense_latency_seconds", "stealguard_budget_violations_total", "stealguard_errors_total",
         "stealguard_defense_info", "stealguard_ood_queries_total", "stealguard_error_rows_total",
+        "stealguard_clients_flagged", "stealguard_client_flags_total", "stealguard_monitor_errors_total",
     }
     assert names == set(METRIC_SPECS)
     for s in METRIC_SPECS.values():
         assert s.labels[:3] == ("model_name", "defense", "defense_version")
     assert "reason" in METRIC_SPECS["stealguard_errors_total"].labels
     assert "budget" in METRIC_SPECS["stealguard_defense_info"].labels
+    assert METRIC_SPECS["stealguard_client_flags_total"].labels[3:] == ("reason",)  # never a client label
+    assert METRIC_SPECS["stealguard_clients_flagged"].kind == "gauge"
 
 
 def test_observe_batch_hand_computed():

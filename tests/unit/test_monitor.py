@@ -1,0 +1,155 @@
+"""plugins/monitor: PRADA's update and test, the OOD share, the config, the in-process store's bounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from plugins.monitor import ExtractionMonitor, MemoryStore, StoreLimits, parse_monitor, prada
+from plugins.monitor.config import PRADA_DELTA, PradaConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fmnist_test():
+    from mlflow_project.lab.data import load_fashion_mnist
+
+    return load_fashion_mnist("test")
+
+
+def _confident(labels: torch.Tensor, k: int = 10) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels.long(), k).double() * 0.9 + 0.1 / k
+
+
+def _feed(monitor, client, x, y, batch=16):
+    flagged_at = None
+    for i in range(0, len(x), batch):
+        v = monitor.observe([client] * len(x[i : i + batch]), x[i : i + batch], y[i : i + batch])
+        if v.newly_flagged and flagged_at is None:
+            flagged_at = (i + len(x[i : i + batch]), v.newly_flagged[0][1])
+    return flagged_at
+
+
+def test_config_defaults_and_errors():
+    cfg = parse_monitor(None)
+    assert cfg.header == "X-Client-Id" and cfg.action == "observe" and cfg.harden == {"name": "label_only"}
+    assert cfg.prada.delta == PRADA_DELTA == 0.95 and cfg.prada.min_distances == 100
+    assert cfg.watermark.enabled is False and cfg.watermark.fraction == 0.005
+    with pytest.raises(ValueError, match=r"monitor\.prada\.delta: .*less than 1"):
+        parse_monitor({"prada": {"delta": 1.5}})
+    with pytest.raises(ValueError, match=r"monitor\.actions?: unknown key"):
+        parse_monitor({"actions": "block"})
+    with pytest.raises(ValueError, match=r"monitor\.action: .*observe.*harden.*block"):
+        parse_monitor({"action": "ban"})
+    with pytest.raises(ValueError, match=r"unknown defense 'nope'"):
+        parse_monitor({"harden": {"name": "nope"}})
+    with pytest.raises(ValueError, match=r"monitor\.store: .*sqlite:///"):
+        parse_monitor({"store": "postgres://x"})
+    with pytest.raises(ValueError, match=r"window \(50\) must be >= min_distances \(100\)"):
+        parse_monitor({"prada": {"window": 50}})
+
+
+def test_update_follows_algorithm_1_by_hand():
+    """1-D rows, one class: the first opens G; then d_min joins D, and rows above T join G and raise T."""
+    cfg = PradaConfig(min_distances=3, window=10)
+    s = prada.new_summary()
+    rows = np.array([[0.0], [1.0], [1.5], [4.0], [4.2]], dtype=np.float32)
+    appended = prada.update(s, {}, rows, np.zeros(5, dtype=int), cfg)
+    # G = {0}; x=1: d=1 > T=0 -> G={0,1}, D_G={1}, T=max(0, 1-0)=1
+    # x=1.5: d=0.5 <= 1 -> D only;  x=4: d=3 > 1 -> G={0,1,4}, D_G={1,3}, T=max(1, 2-1)=1
+    # x=4.2: d=0.2 -> D only
+    assert s["D"] == pytest.approx([1.0, 0.5, 3.0, 0.2], abs=1e-6)
+    assert s["T"]["0"] == pytest.approx(1.0)
+    assert appended[0].ravel().tolist() == [0.0, 1.0, 4.0]
+    # a later batch compares with the stored growing set
+    appended2 = prada.update(s, {0: appended[0]}, np.array([[10.0]], dtype=np.float32), np.zeros(1, int), cfg)
+    assert s["D"][-1] == pytest.approx(6.0) and appended2[0].ravel().tolist() == [10.0]
+    count, total, squares = s["G"]["0"]
+    assert count == 3 and total == pytest.approx(10.0) and squares == pytest.approx(46.0)
+    assert s["T"]["0"] == pytest.approx(max(1.0, 10 / 3 - math.sqrt(46 / 3 - (10 / 3) ** 2)))
+
+
+def test_batched_equals_one_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(120, 1, 8, 8, generator=g)
+    y = _confident(torch.randint(0, 3, (120,), generator=g), 3)
+    cfg = parse_monitor({"prada": {"min_distances": 10, "window": 500}})
+    a, b = MemoryStore(), MemoryStore()
+    ma, mb = ExtractionMonitor(cfg, a), ExtractionMonitor(cfg, b)
+    for i in range(120):
+        ma.observe(["c"], x[i : i + 1], y[i : i + 1], now=1.0)
+    for i in range(0, 120, 40):
+        mb.observe(["c"] * 40, x[i : i + 40], y[i : i + 40], now=1.0)
+    sa, sb = a._summaries["c"], b._summaries["c"]
+    assert sorted(sa["D"]) == pytest.approx(sorted(sb["D"]))  # within a batch rows go class by class
+    assert sa["T"] == pytest.approx(sb["T"]) and sa["n"] == sb["n"] == 120
+    for c in range(3):
+        assert np.array_equal(a._growing[("c", c)], b._growing[("c", c)])
+
+
+def test_benign_natural_images_pass_and_synthetic_steps_are_flagged(fmnist_test):
+    """Fashion-MNIST test images (natural queries) keep W above delta; JBDA-like sign steps around 50 seeds
+    (the synthetic queries PRADA targets) drive W below it."""
+    x, labels = fmnist_test
+    cfg = parse_monitor({})
+    monitor = ExtractionMonitor(cfg, MemoryStore())
+    assert _feed(monitor, "benign", x[:1000], _confident(labels[:1000])) is None
+    g = torch.Generator().manual_seed(1)
+    seeds, queries = x[1000:1050], [x[1000:1050]]
+    for _ in range(4):
+        queries.append((queries[-1] + 0.1 * torch.sign(torch.randn(seeds.shape, generator=g))).clamp(0, 1))
+    steps = torch.cat(queries)
+    flagged = _feed(monitor, "thief", steps, _confident(labels[1000:1050].repeat(5)))
+    assert flagged is not None and flagged[1] == "prada"
+    assert flagged[0] <= 250
+    assert [f.client for f in monitor.store.flagged()] == ["thief"]
+
+
+def test_statistic_needs_min_distances_and_drops_outliers():
+    cfg = PradaConfig(min_distances=100, window=1000)
+    rng = np.random.default_rng(0)
+    assert prada.statistic(rng.normal(size=99), cfg) is None
+    normal = rng.normal(10, 1, size=300)
+    w = prada.statistic(normal, cfg)
+    assert w > 0.98
+    with_outliers = np.concatenate([normal, [1000.0, 2000.0]])  # beyond 3 std: dropped
+    from scipy.stats import shapiro
+
+    assert shapiro(with_outliers).statistic < 0.2
+    assert prada.statistic(with_outliers, cfg) > 0.98
+    bimodal = np.concatenate([rng.normal(0, 0.1, 150), rng.normal(5, 0.1, 150)])
+    assert prada.statistic(bimodal, cfg) < 0.9
+    assert prada.statistic(np.ones(200), cfg) == 1.0
+
+
+def test_ood_share_flags_after_min_queries():
+    cfg = parse_monitor({"ood": {"share": 0.4, "min_queries": 50}, "prada": {"min_distances": 5000, "window": 5000}})
+    monitor = ExtractionMonitor(cfg, MemoryStore())
+    x = torch.rand(100, 4)
+    unsure = torch.full((100, 10), 0.1, dtype=torch.float64)  # ood score 0.9 > 0.5
+    sure = _confident(torch.zeros(100))
+    v = monitor.observe(["a"] * 40, x[:40], unsure[:40])
+    assert not v.flagged_rows.any()  # 40 < min_queries
+    v = monitor.observe(["a"] * 10 + ["b"] * 10, x[40:60], torch.cat([unsure[:10], sure[:10]]))
+    assert v.newly_flagged == [("a", "ood_share")]
+    assert v.flagged_rows.tolist() == [True] * 10 + [False] * 10
+    assert monitor.observe(["b"] * 60, x[:60], torch.cat([sure[:40], unsure[:20]])).flagged_rows.sum() == 0
+
+
+def test_memory_store_bounds():
+    limits = StoreLimits(max_per_class=3, ttl_seconds=10, max_clients=2)
+    store = MemoryStore(limits=limits)
+    cfg = parse_monitor({"prada": {"max_per_class": 3}})
+    monitor = ExtractionMonitor(cfg, store)
+    x = (2.0 ** torch.arange(10, dtype=torch.float32)).reshape(10, 1)  # each d_min above T: every row joins G
+    monitor.observe(["a"] * 10, x, _confident(torch.zeros(10)), now=0.0)
+    assert store._growing[("a", 0)].ravel().tolist() == [128.0, 256.0, 512.0]  # newest 3 kept
+    monitor.observe(["b"], x[:1], _confident(torch.zeros(1)), now=1.0)
+    monitor.observe(["c"], x[:1], _confident(torch.zeros(1)), now=2.0)
+    assert list(store._summaries) == ["b", "c"]  # max_clients 2: a (least recently seen) evicted
+    monitor.observe(["b"], x[1:2], _confident(torch.zeros(1)), now=20.0)  # b idle 19 s > ttl: forgotten
+    assert store._summaries["b"]["n"] == 1
