@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.stealguard-requirements
 # fonts-*: the handwriting query set (mlflow_project/lab/handwriting.py, the offline EMNIST stand-in)
 FONT_DEBS := fonts-bwht fonts-dkg-handwriting fonts-breip fonts-femkeklaver fonts-klee fonts-rufscript
-DEBS := prometheus dataset-fashion-mnist $(FONT_DEBS)
+DEBS := prometheus dataset-fashion-mnist redis-server $(FONT_DEBS)
 PYTEST_ARGS ?=
 
 .PHONY: help setup debs test test-fast lint bench demo
@@ -45,6 +45,7 @@ debs:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	for pkg in $(FONT_DEBS); do \
 		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
 	done; \
