@@ -9,7 +9,7 @@ import torch
 from ts.context import RequestProcessor
 
 from handlers.errors import ConfigError
-from tests.handler.conftest import Answer
+from tests.support.handler import Answer
 from tests.handler.test_handler import FakeSink
 
 JSON = "application/json"

@@ -24,7 +24,7 @@ from mlflow_project.lifecycle.package import eager_from_arch, stage
 from mlflow_project.lifecycle.pyfunc import DefensePyfunc
 from plugins import registry
 from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
-from tests.handler.conftest import Served, make_context
+from tests.support.handler import Served, make_context
 
 SENTINEL = 123.0
 BREAKER = "test_budget_breaker"
