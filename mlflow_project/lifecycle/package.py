@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -60,6 +61,7 @@ EXTENSIONS = {
     ".pth": "eager",
 }
 _ARCHIVER_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ModelFiles:
     class_name: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     output: str = "logits"
+    check_error: float | None = None  # a converted surrogate: its largest logit difference from the eager one
 
     def __post_init__(self) -> None:
         self.file = Path(self.file)
@@ -214,10 +217,66 @@ def _load_eager(files: ModelFiles) -> torch.nn.Module:
     return net.eval()
 
 
+SURROGATE_RUNTIMES = ("auto", "eager", "onnx", "export")
+CHECK_ROWS = 16  # random inputs of the declared shape the converted surrogate is checked on
+CHECK_ATOL = 1e-4  # largest |logit difference| accepted, relative to max(1, |logit|)
+
+
+def onnx_equivalent(defense: dict[str, Any]) -> bool:
+    """True when the defense needs only the surrogate's logits, so an ONNX surrogate defends the same as the eager
+    one: last-layer MAD and MAD-argmax (angles from the softmax alone) and last-layer gradient_redirection except
+    ``target: random`` (its fixed direction is over the real last layer's weights, whose input ONNX hides)."""
+    from plugins import validate_config
+
+    cfg = validate_config(defense)
+    if cfg.name not in ("mad", "mad_argmax", "gradient_redirection") or getattr(cfg, "jacobian", None) != "last_layer":
+        return False
+    return not (cfg.name == "gradient_redirection" and cfg.target == "random")
+
+
+def surrogate_runtime(requested: str, defense: dict[str, Any], surrogate: ModelFiles) -> str:
+    """The runtime to ship the surrogate in: ``auto`` is ONNX for an eager surrogate of a defense that needs only
+    its logits (:func:`onnx_equivalent`), else the surrogate's own runtime; an explicit runtime is checked."""
+    if requested == "auto":
+        return "onnx" if surrogate.runtime == "eager" and onnx_equivalent(defense) else surrogate.runtime
+    from plugins import validate_config
+
+    if requested == "onnx" and getattr(validate_config(defense), "jacobian", None) == "all":
+        raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate (eager or export)")
+    return requested
+
+
+def check_converted(net: torch.nn.Module, files: ModelFiles, input_shape: list[int], seed: int = 0) -> float:
+    """Run the converted surrogate and the eager one on :data:`CHECK_ROWS` seeded random inputs of the declared
+    shape; return the largest logit difference (relative to max(1, |logit|)), or raise ValueError above
+    :data:`CHECK_ATOL`."""
+    x = torch.randn((CHECK_ROWS, *input_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        want = net(x).to(torch.float32)
+    if files.runtime == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(files.file), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        got = torch.from_numpy(got)
+    else:
+        with torch.inference_mode():
+            got = torch.export.load(str(files.file)).module()(x)
+    if tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"the {files.runtime} surrogate returns shape {tuple(got.shape)}; eager {tuple(want.shape)}")
+    worst = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+    if not worst <= CHECK_ATOL:  # also catches NaN
+        raise ValueError(
+            f"the {files.runtime} surrogate's logits differ from the eager surrogate's by up to {worst:.3g} "
+            f"(relative) on {CHECK_ROWS} random inputs of shape {input_shape}; at most {CHECK_ATOL:g} is accepted"
+        )
+    return worst
+
+
 def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Path) -> ModelFiles:
-    """An eager network re-saved for ``runtime`` (ONNX or torch.export, dynamic batch dimension). With
-    ``jacobian: last_layer`` MAD needs only the surrogate's softmax, so an ONNX surrogate defends the same and
-    runs faster (see BENCHMARKS.md, Serving)."""
+    """An eager network re-saved for ``runtime`` (ONNX or torch.export, dynamic batch dimension) and checked
+    against the eager network (:func:`check_converted`). With ``jacobian: last_layer`` MAD needs only the
+    surrogate's softmax, so an ONNX surrogate defends the same and runs faster (see BENCHMARKS.md, Serving)."""
     if runtime == files.runtime:
         return files
     if files.runtime != "eager" or runtime not in ("onnx", "export"):
@@ -230,7 +289,31 @@ def convert(files: ModelFiles, runtime: str, input_shape: list[int], workdir: Pa
     x = torch.zeros((2, *input_shape))
     path = workdir / ("surrogate.pt2" if runtime == "export" else "surrogate.onnx")
     (save_program if runtime == "export" else save_onnx)(net, x, path)
-    return ModelFiles(runtime, path)
+    converted = ModelFiles(runtime, path)
+    converted.check_error = check_converted(net, converted, input_shape)
+    return converted
+
+
+def ship_surrogate(
+    surrogate: ModelFiles, requested: str, defense: dict[str, Any], input_shape: list[int], workdir: Path
+) -> ModelFiles:
+    """The surrogate in the runtime it ships in. With ``auto`` a conversion that fails, or whose logits differ
+    from the eager surrogate's, is logged and the eager surrogate is shipped instead; an explicit
+    ``--surrogate-runtime`` that cannot be honoured is an error."""
+    runtime = surrogate_runtime(requested, defense, surrogate)
+    if runtime == surrogate.runtime:
+        return surrogate
+    try:
+        return convert(surrogate, runtime, input_shape, workdir)
+    except Exception as exc:
+        if requested != "auto":
+            raise ValueError(f"--surrogate-runtime {requested}: {exc}") from exc
+        log.warning(
+            "package: shipping the surrogate as eager (--surrogate-runtime auto could not use onnx: %s: %s)",
+            type(exc).__name__,
+            exc,
+        )
+        return surrogate
 
 
 EXPORT_DIR_FILES = {
@@ -581,9 +664,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate-seed", type=integer, default=0)
     p.add_argument(
         "--surrogate-runtime",
-        choices=["eager", "onnx", "export"],
-        default="eager",
-        help="ship the generated surrogate in this runtime (onnx is fastest for jacobian=last_layer)",
+        choices=list(SURROGATE_RUNTIMES),
+        default="auto",
+        help="ship an eager surrogate in this runtime; auto: onnx for defenses that need only its logits "
+        "(last-layer mad, mad_argmax, gradient_redirection except target random), checked against the eager "
+        "surrogate, else (or when the check fails, logged) eager",
     )
     p.add_argument(
         "--misinformation",
@@ -693,11 +778,9 @@ def main(argv: list[str] | None = None) -> Path:
                 surrogate = arch_surrogate(arch, args.num_classes, args.surrogate_seed, work)
             else:
                 surrogate = random_surrogate(victim, args.surrogate_seed, work)
-        if surrogate is not None and args.surrogate_runtime != surrogate.runtime:
-            if defense.get("jacobian") == "all" and args.surrogate_runtime == "onnx":
-                raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate")
+        if surrogate is not None:
             shape = input_spec_from_args(args)["shape"]
-            surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
+            surrogate = ship_surrogate(surrogate, args.surrogate_runtime, defense, shape, work)
         needs_misinformation = defense_class(defense["name"]).needs_misinformation
         if bundle is not None and bundle.misinformation is not None and not args.misinformation:
             args.misinformation = str(bundle.misinformation_dir)  # the registered version's own model
@@ -739,7 +822,12 @@ def main(argv: list[str] | None = None) -> Path:
         mar_version = (version or {}).get("version") if registered else args.version
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))
     label = f", version {version['name']}/{version['version']}" if registered else ""
-    print(f"wrote {mar} ({os.path.getsize(mar)} bytes): defense {defense['name']}{label}, victim {victim.runtime}")
+    shipped = "" if surrogate is None else f", surrogate {surrogate.runtime}" + (
+        f" (logits within {surrogate.check_error:.2g} of the eager surrogate's)"
+        if surrogate.check_error is not None else ""
+    )
+    print(f"wrote {mar} ({os.path.getsize(mar)} bytes): defense {defense['name']}{label}, victim {victim.runtime}"
+          f"{shipped}")
     if secret is not None or needs_secret(defense):
         found = secret or {}
         print(f"defense '{defense['name']}' is randomised: the server needs its secret at deploy time "
