@@ -18,7 +18,9 @@ Units (TorchServe's histogram buckets are fixed at 0.005, 0.01, 0.025, 0.05, 0.0
 2.5, 5, 7.5, 10, +Inf): perturbation distances are in their natural units (l1 in [0, 2], l2 in [0, sqrt 2],
 linf in [0, 1], KL in nats), the top-1 confidence drop is a probability in [0, 1] (negative drops, where the
 defense raised the top class, are observed as 0), the angular deviation is in radians [0, pi] and the
-defense latency is in seconds per batch; all of them land inside the fixed buckets without rescaling.
+defense latency is in seconds per batch; all of them land inside the fixed buckets without rescaling. The
+per-stage and handler latencies are in **milliseconds** per batch: a stage takes 0.01 to a few ms, which in
+seconds would all fall in the first bucket (0.005 s); in milliseconds the buckets span 5 us to 10 ms.
 
 Never imports mlflow; imports ``ts`` only when a TorchServe metrics cache is wrapped.
 """
@@ -95,6 +97,20 @@ METRIC_SPECS: dict[str, MetricSpec] = {
             "defense_latency_seconds", "histogram", "Seconds", "Wall time of the defense per batch (seconds)."
         ),
         _spec(
+            "stage_latency_milliseconds",
+            "histogram",
+            "Milliseconds",
+            "Wall time of one stage of the handler per batch, in milliseconds: decode, victim, surrogate, defense, "
+            "encode, metrics (see docs/operations.md, Where the time goes).",
+            ("stage",),
+        ),
+        _spec(
+            "handler_latency_milliseconds",
+            "histogram",
+            "Milliseconds",
+            "Wall time of the handler per batch, in milliseconds, up to writing its metrics: the stages plus glue.",
+        ),
+        _spec(
             "budget_violations_total",
             "counter",
             "Count",
@@ -131,6 +147,9 @@ CONFIDENCE_DROP = PREFIX + "top1_confidence_drop"
 ANGULAR = PREFIX + "angular_deviation_radians"
 LATENCY = PREFIX + "defense_latency_seconds"
 VIOLATIONS = PREFIX + "budget_violations_total"
+STAGE_LATENCY = PREFIX + "stage_latency_milliseconds"
+HANDLER_LATENCY = PREFIX + "handler_latency_milliseconds"
+STAGES = ("decode", "victim", "surrogate", "defense", "encode", "metrics")
 ERRORS = PREFIX + "errors_total"
 ERROR_ROWS = PREFIX + "error_rows_total"
 OOD_QUERIES = PREFIX + "ood_queries_total"
@@ -346,6 +365,7 @@ class DefenseMetrics:
             label_value(defense_version if defense_version is not None else "unversioned"),
         )
         self.budget_label = label_value(budget_label(budget))
+        self._stage_labels = {stage: self.labels + (stage,) for stage in STAGES}
         if metrics is None:
             self.sink: MetricSink | None = None
         elif all(hasattr(metrics, a) for a in ("inc", "set", "observe_many")):
@@ -364,16 +384,30 @@ class DefenseMetrics:
         y_tilde: torch.Tensor,
         angular_deviation: torch.Tensor | None,
         latency_s: float | None,
+        stages_s: dict[str, float] | None = None,
+        handler_s: float | None = None,
     ) -> BatchObservations | None:
-        """Record one successfully defended batch; never raises (a metrics fault must not fail a request)."""
+        """Record one successfully defended batch; never raises (a metrics fault must not fail a request).
+
+        ``stages_s`` (seconds per stage of :data:`STAGES`) and ``handler_s`` (the handler's time so far) go out
+        in the same record as milliseconds; the time this call takes to measure the batch is added as stage
+        ``metrics`` and to the handler's total."""
         if self.sink is None:
             return None
         try:
+            start = time.perf_counter()
             obs = observe_batch(
                 y, y_tilde, angular_deviation, latency_s, self.budget, self.extra_norm, self.ood_threshold
             )
             updates = [(name, (value,), self.labels) for name, value in obs.counters.items()]
             updates += [(name, values, self.labels) for name, values in obs.histograms.items() if values]
+            if stages_s is not None and handler_s is not None:
+                measured = time.perf_counter() - start
+                stages = {**stages_s, "metrics": measured}
+                updates += [
+                    (STAGE_LATENCY, (1000.0 * max(0.0, t),), self._stage_labels[stage]) for stage, t in stages.items()
+                ]
+                updates.append((HANDLER_LATENCY, (1000.0 * (handler_s + measured),), self.labels))
             if obs.dropped_nonfinite:
                 logger.warning("dropped %d non-finite metric values", obs.dropped_nonfinite)
                 labels = self.labels + ("nonfinite_measure",)

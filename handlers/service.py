@@ -41,7 +41,39 @@ class DefenseFailed(RuntimeError):
 class Defended:
     y: torch.Tensor  # B x K victim probabilities (never leave the worker)
     out: DefenseOutput  # the defense's output, checked
-    latency_s: float  # wall time of the defense call
+    latency_s: float  # wall time of the defense call (its surrogate forward included)
+    victim_s: float = 0.0  # wall time of the victim's forward and softmax
+    surrogate_s: float = 0.0  # wall time inside the resource networks the defense ran (surrogate, misinformation)
+    defense_s: float = 0.0  # the defense's own time: its call minus surrogate_s, plus the fail-closed check
+
+
+class NetworkTimer:
+    """Wall time spent inside the resource networks a defense runs, accumulated by forward pre/post hooks on
+    the modules it was given (what the defense calls, whatever runtime is behind them); ``take()`` reads and
+    resets it. Re-entrant calls (a module calling another hooked one) are counted once."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._depth = 0
+        self._start = 0.0
+
+    def watch(self, module: torch.nn.Module) -> None:
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._leave, always_call=True)
+
+    def _enter(self, module, args) -> None:
+        if self._depth == 0:
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.total += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        total, self.total, self._depth = self.total, 0.0, 0
+        return total
 
 
 def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module:
@@ -110,6 +142,10 @@ class DefendedModel:
                 cfg.misinformation, model_dir, "stealguard.misinformation", threads.intra_op, threads.inter_op
             )
             resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
+        self.timer = NetworkTimer()
+        for name in ("surrogate", "misinformation"):
+            if isinstance(resources.get(name), torch.nn.Module):
+                self.timer.watch(resources[name])
         try:
             self.defense: Defense = build_defense(defense_cfg, **resources)
         except ValueError as exc:
@@ -162,15 +198,21 @@ class DefendedModel:
     def defend(self, x: torch.Tensor) -> Defended:
         """Victim probabilities for ``x`` and the defense's checked output. Raises DefenseFailed if the
         defense raises or returns anything but a B x K batch on the simplex within its probs-space budget."""
+        t0 = time.perf_counter()
         y = self.victim.probabilities(x)
-        start = time.perf_counter()
+        t1 = time.perf_counter()
+        self.timer.take()
         try:
             out = self.defense(y, x)
         except Exception as exc:
             raise DefenseFailed(f"defense '{self.defense.name}' raised {type(exc).__name__}: {exc}") from exc
-        latency = time.perf_counter() - start
+        t2 = time.perf_counter()
+        surrogate = self.timer.take()
         self.check(y, out)
-        return Defended(y=y, out=out, latency_s=latency)
+        t3 = time.perf_counter()
+        return Defended(
+            y=y, out=out, latency_s=t2 - t1, victim_s=t1 - t0, surrogate_s=surrogate, defense_s=t3 - t1 - surrogate
+        )
 
     def check(self, y: torch.Tensor, out: DefenseOutput) -> None:
         probs = out.probs

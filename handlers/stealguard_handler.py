@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # In a .mar this file sits at the archive root next to handlers/ and plugins/; in the repository it is
@@ -119,6 +120,7 @@ class StealGuardHandler:
             raise RuntimeError("StealGuard handler used before initialize()")
         if _is_describe(context):  # TorchServe's describe API, GET /models/<name>?customized=true
             return [self.describe_handle()]
+        start = time.perf_counter()
         responses: list = [None] * len(data)
         rows: list[torch.Tensor] = []
         owners: list[int] = []
@@ -133,13 +135,39 @@ class StealGuardHandler:
                 kind = exc.reason.replace(" ", "")
                 responses[idx] = self._refuse(context, idx, exc.status, kind, exc.message)
                 self.metrics.record_error("bad_input", rows=exc.rows)
-        if rows:
-            self._defend(rows, owners, responses, context)
+        if not rows:
+            return responses
+        decoded = time.perf_counter()
+        done = self._defend(rows, owners, responses, context)
+        defended = time.perf_counter()
+        for result, idxs, sizes in done:
+            for idx, body in zip(idxs, self.model.codec.encode_many(result.out.probs, sizes), strict=True):
+                responses[idx] = body
+                context.set_response_content_type(idx, JSON)
+        encoded = time.perf_counter()
+        stages = {
+            "decode": decoded - start,
+            "victim": sum(r.victim_s for r, _, _ in done),
+            "surrogate": sum(r.surrogate_s for r, _, _ in done),
+            "defense": sum(r.defense_s for r, _, _ in done),
+            "encode": encoded - defended,
+        }
+        for k, (result, _, _) in enumerate(done):  # one record per defended batch; the timings with the last
+            last = k == len(done) - 1
+            self.metrics.record_batch(
+                result.y,
+                result.out.probs,
+                result.out.angular_deviation,
+                result.latency_s,
+                stages if last else None,
+                time.perf_counter() - start if last else None,
+            )
         return responses
 
-    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> None:
-        """Defend the rows of several requests in one batched call; split the answer back per request.
-        If the batch fails, each request is retried alone so one bad request cannot fail the others."""
+    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> list:
+        """Defend the rows of several requests in one batched call; return ``[(Defended, owners, row counts)]``
+        for the answered batches. If the batch fails, each request is retried alone so one bad request cannot
+        fail the others; a request that fails alone gets its refusal in ``responses``."""
         try:
             result = self.model.defend(torch.cat(rows) if len(rows) > 1 else rows[0])
         except Exception as exc:
@@ -149,9 +177,10 @@ class StealGuardHandler:
                     len(rows),
                     exc,
                 )
+                done = []
                 for x, idx in zip(rows, owners, strict=True):
-                    self._defend([x], [idx], responses, context)
-                return
+                    done += self._defend([x], [idx], responses, context)
+                return done
             kind = "defense_failed" if isinstance(exc, DefenseFailed) else "model_failed"
             log.error("StealGuard: request %s refused, %s: %s", context.get_request_id(owners[0]), kind, exc)
             self.metrics.record_error(kind, rows=rows[0].shape[0])
@@ -162,15 +191,8 @@ class StealGuardHandler:
                 "DefenseFailed",
                 "the defense could not run on this request; no prediction",
             )
-            return
-        self.metrics.record_batch(result.y, result.out.probs, result.out.angular_deviation, result.latency_s)
-        probs = result.out.probs
-        start = 0
-        for x, idx in zip(rows, owners, strict=True):
-            n = x.shape[0]
-            responses[idx] = self.model.codec.encode(probs[start : start + n])
-            context.set_response_content_type(idx, JSON)
-            start += n
+            return []
+        return [(result, owners, [x.shape[0] for x in rows])]
 
     def describe_handle(self) -> str:
         """TorchServe's describe API (``GET /models/<name>?customized=true``): the archive's input contract,
