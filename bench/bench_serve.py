@@ -107,7 +107,7 @@ def stage_means(metrics_url: str) -> dict[str, dict[str, float]]:
     for family in text_string_to_metric_families(requests.get(f"{metrics_url}/metrics", timeout=30).text):
         for sample in family.samples:
             model = sample.labels.get("model_name", "").removeprefix("bench_")
-            if family.name == "stealguard_rows_total":
+            if sample.name == "stealguard_rows_total":
                 rows[model] = rows.get(model, 0.0) + sample.value
             if family.name not in ("stealguard_stage_latency_milliseconds", "stealguard_handler_latency_milliseconds"):
                 continue
