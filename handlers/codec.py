@@ -203,14 +203,25 @@ class Codec:
     # ---------------------------------------------------------------- responses
     def encode(self, probs: torch.Tensor) -> bytes:
         """B x K defended probabilities -> ``{"predictions": [{"label": ..., "probabilities": [...]}]}``."""
+        return self.encode_many(probs, [probs.shape[0]])[0]
+
+    def encode_many(self, probs: torch.Tensor, sizes: Sequence[int]) -> list[bytes]:
+        """The responses of consecutive requests of ``sizes`` rows each, from one B x K batch: one argmax and
+        one conversion to Python floats for the whole batch, then one JSON body per request."""
         top = probs.argmax(dim=1).tolist()
         rows = probs.tolist()
         labels = self.labels
-        preds = [
-            {"label": labels[t] if labels is not None else t, "probabilities": r}
-            for t, r in zip(top, rows, strict=True)
-        ]
-        return json.dumps({"predictions": preds}, separators=(",", ":")).encode("utf-8")
+        out, start = [], 0
+        for n in sizes:
+            preds = [
+                {"label": labels[t] if labels is not None else t, "probabilities": r}
+                for t, r in zip(top[start : start + n], rows[start : start + n], strict=True)
+            ]
+            out.append(json.dumps({"predictions": preds}, separators=(",", ":")).encode("utf-8"))
+            start += n
+        if start != len(rows):
+            raise ValueError(f"encode_many: request sizes {list(sizes)} do not add up to the batch's {len(rows)} rows")
+        return out
 
 
 def error_body(status: int, kind: str, message: str) -> bytes:

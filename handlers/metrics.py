@@ -1,10 +1,11 @@
 """StealGuard's defense metrics, emitted through TorchServe's own metrics API (``context.metrics``).
 
-One batch is measured once (``plugins.measures`` over the B x K batch) and turned into counter increments
-(one per counter per batch) and histogram observations (one per row). TorchServe's metrics API writes one
-``[METRICS]`` line to the worker's stdout per value (``CachingMetric.add_or_update``), which the frontend reads
-line by line and turns into one counter increment or one ``Histogram.observe``. Going through that API costs a
-``logging`` record per value (~30-60 us each, 20-40 per batch); :class:`TorchServeSink` instead writes the
+One batch is measured once (the emitted measures of ``plugins.measures``, over the B x K batch in NumPy) and
+turned into counter increments (one per counter per batch) and histogram observations (one per row).
+TorchServe's metrics API writes one ``[METRICS]`` line to the worker's stdout per value
+(``CachingMetric.add_or_update``), which the frontend reads line by line and turns into one counter increment
+or one ``Histogram.observe``. Going through that API costs a ``logging`` record per value (~30-60 us each, 20-40
+per batch); :class:`TorchServeSink` instead writes the
 same lines, in TorchServe's documented format, as one multi-line record per batch (the worker logs
 ``%(message)s`` to stdout, so the frontend sees exactly the same lines). The metric objects, names, units and
 dimension names still come from TorchServe's metrics cache (``deploy/metrics.yaml``).
@@ -18,7 +19,9 @@ Units (TorchServe's histogram buckets are fixed at 0.005, 0.01, 0.025, 0.05, 0.0
 2.5, 5, 7.5, 10, +Inf): perturbation distances are in their natural units (l1 in [0, 2], l2 in [0, sqrt 2],
 linf in [0, 1], KL in nats), the top-1 confidence drop is a probability in [0, 1] (negative drops, where the
 defense raised the top class, are observed as 0), the angular deviation is in radians [0, pi] and the
-defense latency is in seconds per batch; all of them land inside the fixed buckets without rescaling.
+defense latency is in seconds per batch; all of them land inside the fixed buckets without rescaling. The
+per-stage and handler latencies are in **milliseconds** per batch: a stage takes 0.01 to a few ms, which in
+seconds would all fall in the first bucket (0.005 s); in milliseconds the buckets span 5 us to 10 ms.
 
 Never imports mlflow; imports ``ts`` only when a TorchServe metrics cache is wrapped.
 """
@@ -34,11 +37,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from plugins.base import BUDGET_TOLERANCE, Budget
-from plugins.measures import distance, measures
-from plugins.ood import DEFAULT_OOD_THRESHOLD, check_threshold, ood_score
+from plugins.measures import distance
+from plugins.ood import DEFAULT_OOD_THRESHOLD, check_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +99,20 @@ METRIC_SPECS: dict[str, MetricSpec] = {
             "defense_latency_seconds", "histogram", "Seconds", "Wall time of the defense per batch (seconds)."
         ),
         _spec(
+            "stage_latency_milliseconds",
+            "histogram",
+            "Milliseconds",
+            "Wall time of one stage of the handler per batch, in milliseconds: decode, victim, surrogate, defense, "
+            "encode, metrics (see docs/operations.md, Where the time goes).",
+            ("stage",),
+        ),
+        _spec(
+            "handler_latency_milliseconds",
+            "histogram",
+            "Milliseconds",
+            "Wall time of the handler per batch, in milliseconds, up to writing its metrics: the stages plus glue.",
+        ),
+        _spec(
             "budget_violations_total",
             "counter",
             "Count",
@@ -145,6 +163,9 @@ CONFIDENCE_DROP = PREFIX + "top1_confidence_drop"
 ANGULAR = PREFIX + "angular_deviation_radians"
 LATENCY = PREFIX + "defense_latency_seconds"
 VIOLATIONS = PREFIX + "budget_violations_total"
+STAGE_LATENCY = PREFIX + "stage_latency_milliseconds"
+HANDLER_LATENCY = PREFIX + "handler_latency_milliseconds"
+STAGES = ("decode", "victim", "surrogate", "defense", "encode", "metrics")
 ERRORS = PREFIX + "errors_total"
 ERROR_ROWS = PREFIX + "error_rows_total"
 OOD_QUERIES = PREFIX + "ood_queries_total"
@@ -188,11 +209,32 @@ class BatchObservations:
     dropped_nonfinite: int = 0
 
 
-def _finite_list(t: torch.Tensor) -> tuple[list[float], int]:
-    t = t.detach().to(torch.float64).reshape(-1)
-    ok = torch.isfinite(t)
-    dropped = int((~ok).sum().item())
-    return (t[ok] if dropped else t).tolist(), dropped
+def _finite_list(values: np.ndarray) -> tuple[list[float], int]:
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(values)
+    dropped = int(values.size - np.count_nonzero(ok))
+    return (values[ok] if dropped else values).tolist(), dropped
+
+
+def _numpy64(t: Any) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+def _row_distance(y: np.ndarray, y_tilde: np.ndarray, norm: str) -> np.ndarray:
+    """``plugins.measures.distance`` per row, in NumPy for l1/l2/linf (a B x K batch costs a few us instead of
+    a torch dispatch per operation); KL goes through plugins.measures."""
+    if norm == "kl":
+        return distance(torch.from_numpy(y), torch.from_numpy(y_tilde), "kl").numpy()
+    diff = np.abs(y_tilde - y)
+    if norm == "l1":
+        return diff.sum(axis=1)
+    if norm == "l2":
+        return np.sqrt(np.square(diff).sum(axis=1))
+    if norm == "linf":
+        return diff.max(axis=1)
+    raise ValueError(f"norm: unknown {norm!r}; allowed: {', '.join(PERTURBATION_NORMS)}")
 
 
 def observe_batch(
@@ -204,42 +246,50 @@ def observe_batch(
     extra_norm: str | None = None,
     ood_threshold: float = DEFAULT_OOD_THRESHOLD,
 ) -> BatchObservations:
-    """Measure one defended batch (``measures`` once, batched) into counters and histogram observations.
+    """Measure one defended batch into counters and histogram observations: the per-row measures of
+    :func:`plugins.measures.measures` that are emitted (l1 and ``extra_norm``, top-1 flips, top-1 confidence
+    drop), computed once per batch in float64 NumPy (only those: the server does not pay for KL unless it is
+    the budget norm).
 
     ``stealguard_ood_queries_total`` counts the rows whose OOD score ``1 - max_k y_k`` (of the victim's
     probabilities ``y``, :func:`plugins.ood.ood_score`) is above ``ood_threshold``.
     Non-finite values are never observed: they are dropped and counted in ``dropped_nonfinite``.
     """
-    y = torch.as_tensor(y)
-    y_tilde = torch.as_tensor(y_tilde)
-    if y.dim() == 1:
-        y, y_tilde = y.unsqueeze(0), y_tilde.reshape(1, -1)
-    m = measures(y, y_tilde)
+    y = _numpy64(y)
+    y_tilde = _numpy64(y_tilde)
+    if y.ndim == 1:
+        y, y_tilde = y.reshape(1, -1), y_tilde.reshape(1, -1)
+    if y.shape != y_tilde.shape or y.ndim != 2:
+        raise ValueError(f"observe_batch needs two B x K batches of one shape; got {y.shape} and {y_tilde.shape}")
     rows = int(y.shape[0])
     obs = BatchObservations(rows=rows)
     obs.counters[ROWS] = float(rows)
-    flips = m["top1_flip"]
-    obs.counters[FLIPS] = float(flips[torch.isfinite(flips)].sum().item())
-    violations = 0.0
-    if budget is not None and budget.space == "probs":
-        dist = m[budget.norm] if budget.norm in m else distance(y, y_tilde, budget.norm)
-        violations = float((dist > budget.epsilon + BUDGET_TOLERANCE).sum().item())
-    obs.counters[VIOLATIONS] = violations
-    score = ood_score(y)
-    obs.counters[OOD_QUERIES] = float((score[torch.isfinite(score)] > ood_threshold).sum().item())
-
+    index = np.arange(rows)
+    top = y.argmax(axis=1)  # the first maximum, as torch.argmax (plugins.measures)
+    finite_rows = np.isfinite(y).all(axis=1) & np.isfinite(y_tilde).all(axis=1)
+    obs.counters[FLIPS] = float(np.count_nonzero((y_tilde.argmax(axis=1) != top) & finite_rows))
     norms = ["l1"]
     if extra_norm is not None and extra_norm != "l1":
         perturbation_metric(extra_norm)  # validates
         norms.append(extra_norm)
+    dist = {n: _row_distance(y, y_tilde, n) for n in norms}
+    violations = 0.0
+    if budget is not None and budget.space == "probs":
+        d = dist[budget.norm] if budget.norm in dist else _row_distance(y, y_tilde, budget.norm)
+        violations = float(np.count_nonzero(d > budget.epsilon + BUDGET_TOLERANCE))
+    obs.counters[VIOLATIONS] = violations
+    score = 1.0 - y.max(axis=1)  # plugins.ood.ood_score
+    obs.counters[OOD_QUERIES] = float(np.count_nonzero(np.isfinite(score) & (score > ood_threshold)))
+
     dropped = 0
     for n in norms:
-        obs.histograms[perturbation_metric(n)], d = _finite_list(m[n])
+        obs.histograms[perturbation_metric(n)], d = _finite_list(dist[n])
         dropped += d
-    obs.histograms[CONFIDENCE_DROP], d = _finite_list(m["top1_confidence_drop"].clamp_min(0.0))
+    drop = y[index, top] - y_tilde[index, top]
+    obs.histograms[CONFIDENCE_DROP], d = _finite_list(np.where(drop < 0, 0.0, drop))  # NaN stays NaN
     dropped += d
     if angular_deviation is not None:
-        obs.histograms[ANGULAR], d = _finite_list(torch.as_tensor(angular_deviation))
+        obs.histograms[ANGULAR], d = _finite_list(_numpy64(angular_deviation))
         dropped += d
     if latency_s is not None:
         lat = float(latency_s)
@@ -363,6 +413,7 @@ class DefenseMetrics:
             label_value(defense_version if defense_version is not None else "unversioned"),
         )
         self.budget_label = label_value(budget_label(budget))
+        self._stage_labels = {stage: self.labels + (stage,) for stage in STAGES}
         if metrics is None:
             self.sink: MetricSink | None = None
         elif all(hasattr(metrics, a) for a in ("inc", "set", "observe_many")):
@@ -381,16 +432,30 @@ class DefenseMetrics:
         y_tilde: torch.Tensor,
         angular_deviation: torch.Tensor | None,
         latency_s: float | None,
+        stages_s: dict[str, float] | None = None,
+        handler_s: float | None = None,
     ) -> BatchObservations | None:
-        """Record one successfully defended batch; never raises (a metrics fault must not fail a request)."""
+        """Record one successfully defended batch; never raises (a metrics fault must not fail a request).
+
+        ``stages_s`` (seconds per stage of :data:`STAGES`) and ``handler_s`` (the handler's time so far) go out
+        in the same record as milliseconds; the time this call takes to measure the batch is added as stage
+        ``metrics`` and to the handler's total."""
         if self.sink is None:
             return None
         try:
+            start = time.perf_counter()
             obs = observe_batch(
                 y, y_tilde, angular_deviation, latency_s, self.budget, self.extra_norm, self.ood_threshold
             )
             updates = [(name, (value,), self.labels) for name, value in obs.counters.items()]
             updates += [(name, values, self.labels) for name, values in obs.histograms.items() if values]
+            if stages_s is not None and handler_s is not None:
+                measured = time.perf_counter() - start
+                stages = {**stages_s, "metrics": measured}
+                updates += [
+                    (STAGE_LATENCY, (1000.0 * max(0.0, t),), self._stage_labels[stage]) for stage, t in stages.items()
+                ]
+                updates.append((HANDLER_LATENCY, (1000.0 * (handler_s + measured),), self.labels))
             if obs.dropped_nonfinite:
                 logger.warning("dropped %d non-finite metric values", obs.dropped_nonfinite)
                 labels = self.labels + ("nonfinite_measure",)

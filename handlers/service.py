@@ -43,7 +43,39 @@ class DefenseFailed(RuntimeError):
 class Defended:
     y: torch.Tensor  # B x K victim probabilities (never leave the worker)
     out: DefenseOutput  # the defense's output, checked
-    latency_s: float  # wall time of the defense call
+    latency_s: float  # wall time of the defense call (its surrogate forward included)
+    victim_s: float = 0.0  # wall time of the victim's forward and softmax
+    surrogate_s: float = 0.0  # wall time inside the resource networks the defense ran (surrogate, misinformation)
+    defense_s: float = 0.0  # the defense's own time: its call minus surrogate_s, plus the fail-closed check
+
+
+class NetworkTimer:
+    """Wall time spent inside the resource networks a defense runs, accumulated by forward pre/post hooks on
+    the modules it was given (what the defense calls, whatever runtime is behind them); ``take()`` reads and
+    resets it. Re-entrant calls (a module calling another hooked one) are counted once."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._depth = 0
+        self._start = 0.0
+
+    def watch(self, module: torch.nn.Module) -> None:
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._leave, always_call=True)
+
+    def _enter(self, module, args) -> None:
+        if self._depth == 0:
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.total += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        total, self.total, self._depth = self.total, 0.0, 0
+        return total
 
 
 def misinformation_module(runtime: Runtime, num_classes: int) -> torch.nn.Module:
@@ -82,9 +114,10 @@ class DefendedPipeline:
     """A victim runtime and its defense: :meth:`defend` returns the victim's probabilities and the defense's
     output, checked (shape, simplex, probs-space budget), or raises :class:`DefenseFailed`."""
 
-    def __init__(self, victim: Runtime, defense: Defense) -> None:
+    def __init__(self, victim: Runtime, defense: Defense, timer: NetworkTimer | None = None) -> None:
         self.victim = victim
         self.defense = defense
+        self.timer = timer if timer is not None else NetworkTimer()  # watches the defense's resource networks
 
     def warm_up(self, shape: tuple[int, ...]) -> None:
         """Run a batch of two zero rows of ``shape`` through the pipeline; raise ConfigError if it fails."""
@@ -99,15 +132,21 @@ class DefendedPipeline:
     def defend(self, x: torch.Tensor) -> Defended:
         """Victim probabilities for ``x`` and the defense's checked output. Raises DefenseFailed if the
         defense raises or returns anything but a B x K batch on the simplex within its probs-space budget."""
+        t0 = time.perf_counter()
         y = self.victim.probabilities(x)
-        start = time.perf_counter()
+        t1 = time.perf_counter()
+        self.timer.take()
         try:
             out = self.defense(y, x)
         except Exception as exc:
             raise DefenseFailed(f"defense '{self.defense.name}' raised {type(exc).__name__}: {exc}") from exc
-        latency = time.perf_counter() - start
+        t2 = time.perf_counter()
+        surrogate = self.timer.take()
         self.check(y, out)
-        return Defended(y=y, out=out, latency_s=latency)
+        t3 = time.perf_counter()
+        return Defended(
+            y=y, out=out, latency_s=t2 - t1, victim_s=t1 - t0, surrogate_s=surrogate, defense_s=t3 - t1 - surrogate
+        )
 
     def check(self, y: torch.Tensor, out: DefenseOutput) -> None:
         probs = out.probs
@@ -164,11 +203,15 @@ class DefendedModel(DefendedPipeline):
                 cfg.misinformation, model_dir, "stealguard.misinformation", threads.intra_op, threads.inter_op
             )
             resources["misinformation"] = misinformation_module(self.misinformation, self.num_classes)
+        timer = NetworkTimer()
+        for name in ("surrogate", "misinformation"):
+            if isinstance(resources.get(name), torch.nn.Module):
+                timer.watch(resources[name])
         try:
             defense = build_defense(defense_cfg, **resources)
         except ValueError as exc:
             raise ConfigError(f"stealguard.defense: {exc}") from exc
-        super().__init__(victim, defense)
+        super().__init__(victim, defense, timer)
         self.warm_up(cfg.input.shape)
         labels = None
         if cfg.labels is not None:

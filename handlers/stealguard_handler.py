@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # In a .mar this file sits at the archive root next to handlers/ and plugins/; in the repository it is
@@ -38,13 +40,25 @@ from handlers.codec import error_body  # noqa: E402
 from handlers.errors import REASONS, RequestError  # noqa: E402
 from handlers.metrics import DefenseMetrics  # noqa: E402
 from handlers.monitor import BLOCK_MESSAGE, ClientMonitor  # noqa: E402
-from handlers.service import DefendedModel, DefenseFailed  # noqa: E402
+from handlers.service import Defended, DefendedModel, DefenseFailed  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 HEADER = "X-StealGuard-Defense"
 JSON = "application/json"
 BODY_KEYS = ("body", "data")
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """One defended batch: the pipeline's result, the probabilities to answer (after the monitor), which rows the
+    monitor blocks (None: none), and the requests it answers with their row counts."""
+
+    result: Defended
+    probs: torch.Tensor
+    blocked: torch.Tensor | None
+    owners: list[int]
+    sizes: list[int]
 
 
 class StealGuardHandler:
@@ -122,6 +136,7 @@ class StealGuardHandler:
             raise RuntimeError("StealGuard handler used before initialize()")
         if _is_describe(context):  # TorchServe's describe API, GET /models/<name>?customized=true
             return [self.describe_handle()]
+        start = time.perf_counter()
         responses: list = [None] * len(data)
         rows: list[torch.Tensor] = []
         owners: list[int] = []
@@ -136,13 +151,47 @@ class StealGuardHandler:
                 kind = exc.reason.replace(" ", "")
                 responses[idx] = self._refuse(context, idx, exc.status, kind, exc.message)
                 self.metrics.record_error("bad_input", rows=exc.rows)
-        if rows:
-            self._defend(rows, owners, responses, context)
+        if not rows:
+            return responses
+        decoded = time.perf_counter()
+        done = self._defend(rows, owners, responses, context)
+        defended = time.perf_counter()
+        for batch in done:
+            offsets = [0]
+            for n in batch.sizes:
+                offsets.append(offsets[-1] + n)
+            bodies = self.model.codec.encode_many(batch.probs, batch.sizes)
+            for k, (idx, body) in enumerate(zip(batch.owners, bodies, strict=True)):
+                if batch.blocked is not None and batch.blocked[offsets[k] : offsets[k + 1]].any():
+                    self.metrics.record_error("blocked", 1)
+                    responses[idx] = self._refuse(context, idx, 429, "TooManyRequests", BLOCK_MESSAGE)
+                else:
+                    responses[idx] = body
+                    context.set_response_content_type(idx, JSON)
+        encoded = time.perf_counter()
+        stages = {
+            "decode": decoded - start,
+            "victim": sum(b.result.victim_s for b in done),
+            "surrogate": sum(b.result.surrogate_s for b in done),
+            "defense": sum(b.result.defense_s for b in done),
+            "encode": encoded - defended,
+        }
+        for k, batch in enumerate(done):  # one record per defended batch; the timings with the last
+            last = k == len(done) - 1
+            self.metrics.record_batch(
+                batch.result.y,
+                batch.probs,
+                batch.result.out.angular_deviation,
+                batch.result.latency_s,
+                stages if last else None,
+                time.perf_counter() - start if last else None,
+            )
         return responses
 
-    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> None:
-        """Defend the rows of several requests in one batched call; split the answer back per request.
-        If the batch fails, each request is retried alone so one bad request cannot fail the others."""
+    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> list[_Answered]:
+        """Defend the rows of several requests in one batched call, screened by the per-client monitor when the
+        archive has one; return the answered batches. If the batch fails, each request is retried alone so one
+        bad request cannot fail the others; a request that fails alone gets its refusal in ``responses``."""
         x = torch.cat(rows) if len(rows) > 1 else rows[0]
         try:
             result = self.model.defend(x)
@@ -159,9 +208,10 @@ class StealGuardHandler:
                     len(rows),
                     exc,
                 )
+                done: list[_Answered] = []
                 for x, idx in zip(rows, owners, strict=True):
-                    self._defend([x], [idx], responses, context)
-                return
+                    done += self._defend([x], [idx], responses, context)
+                return done
             kind = "defense_failed" if isinstance(exc, DefenseFailed) else "model_failed"
             log.error("StealGuard: request %s refused, %s: %s", context.get_request_id(owners[0]), kind, exc)
             self.metrics.record_error(kind, rows=rows[0].shape[0])
@@ -172,18 +222,8 @@ class StealGuardHandler:
                 "DefenseFailed",
                 "the defense could not run on this request; no prediction",
             )
-            return
-        self.metrics.record_batch(result.y, probs, result.out.angular_deviation, result.latency_s)
-        start = 0
-        for r, idx in zip(rows, owners, strict=True):
-            n = r.shape[0]
-            if blocked is not None and blocked[start : start + n].any():
-                self.metrics.record_error("blocked", 1)
-                responses[idx] = self._refuse(context, idx, 429, "TooManyRequests", BLOCK_MESSAGE)
-            else:
-                responses[idx] = self.model.codec.encode(probs[start : start + n])
-                context.set_response_content_type(idx, JSON)
-            start += n
+            return []
+        return [_Answered(result, probs, blocked, list(owners), [r.shape[0] for r in rows])]
 
     def describe_handle(self) -> str:
         """TorchServe's describe API (``GET /models/<name>?customized=true``): the archive's input contract,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -63,6 +64,7 @@ EXTENSIONS = {
     ".pth": "eager",
 }
 _ARCHIVER_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def model_files(runtime: str, file: str | Path, model_file: str | Path | None = None, class_name: str | None = None,
@@ -214,12 +216,71 @@ def _load_eager(files: RuntimeSpec) -> torch.nn.Module:
     return net.eval()
 
 
-def convert(files: RuntimeSpec, runtime: str, input_shape: list[int], workdir: Path) -> RuntimeSpec:
-    """An eager network re-saved for ``runtime`` (ONNX or torch.export, dynamic batch dimension). With
-    ``jacobian: last_layer`` MAD needs only the surrogate's softmax, so an ONNX surrogate defends the same and
-    runs faster (see BENCHMARKS.md, Serving)."""
+SURROGATE_RUNTIMES = ("auto", "eager", "onnx", "export")
+CHECK_ROWS = 16  # random inputs of the declared shape the converted surrogate is checked on
+CHECK_ATOL = 1e-4  # largest |logit difference| accepted, relative to max(1, |logit|)
+
+
+def onnx_equivalent(defense: dict[str, Any]) -> bool:
+    """True when the defense needs only the surrogate's logits, so an ONNX surrogate defends the same as the eager
+    one: last-layer MAD and MAD-argmax (angles from the softmax alone) and last-layer gradient_redirection except
+    ``target: random`` (its fixed direction is over the real last layer's weights, whose input ONNX hides)."""
+    from plugins import validate_config
+
+    cfg = validate_config(defense)
+    if cfg.name not in ("mad", "mad_argmax", "gradient_redirection") or getattr(cfg, "jacobian", None) != "last_layer":
+        return False
+    return not (cfg.name == "gradient_redirection" and cfg.target == "random")
+
+
+def surrogate_runtime(requested: str, defense: dict[str, Any], surrogate: RuntimeSpec) -> str:
+    """The runtime to ship the surrogate in: ``auto`` is ONNX for an eager surrogate of a defense that needs only
+    its logits (:func:`onnx_equivalent`), else the surrogate's own runtime; an explicit runtime is checked."""
+    if requested == "auto":
+        return "onnx" if surrogate.runtime == "eager" and onnx_equivalent(defense) else surrogate.runtime
+    from plugins import validate_config
+
+    if requested == "onnx" and getattr(validate_config(defense), "jacobian", None) == "all":
+        raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate (eager or export)")
+    return requested
+
+
+def check_converted(net: torch.nn.Module, files: RuntimeSpec, input_shape: list[int], seed: int = 0) -> float:
+    """Run the converted surrogate and the eager one on :data:`CHECK_ROWS` seeded random inputs of the declared
+    shape; return the largest logit difference (relative to max(1, |logit|)), or raise ValueError above
+    :data:`CHECK_ATOL`."""
+    x = torch.randn((CHECK_ROWS, *input_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        want = net(x).to(torch.float32)
+    if files.runtime == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(files.file), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        got = torch.from_numpy(got)
+    else:
+        with torch.inference_mode():
+            got = torch.export.load(str(files.file)).module()(x)
+    if tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"the {files.runtime} surrogate returns shape {tuple(got.shape)}; eager {tuple(want.shape)}")
+    worst = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+    if not worst <= CHECK_ATOL:  # also catches NaN
+        raise ValueError(
+            f"the {files.runtime} surrogate's logits differ from the eager surrogate's by up to {worst:.3g} "
+            f"(relative) on {CHECK_ROWS} random inputs of shape {input_shape}; at most {CHECK_ATOL:g} is accepted"
+        )
+    return worst
+
+
+def convert(
+    files: RuntimeSpec, runtime: str, input_shape: list[int], workdir: Path
+) -> tuple[RuntimeSpec, float | None]:
+    """An eager network re-saved for ``runtime`` (ONNX or torch.export, dynamic batch dimension) and checked
+    against the eager network (:func:`check_converted`); returns the spec and the check's largest logit
+    difference (None when nothing was converted). With ``jacobian: last_layer`` MAD needs only the
+    surrogate's softmax, so an ONNX surrogate defends the same and runs faster (see BENCHMARKS.md, Serving)."""
     if runtime == files.runtime:
-        return files
+        return files, None
     if files.runtime != "eager" or runtime not in ("onnx", "export"):
         raise ValueError(
             f"--surrogate-runtime: can convert an eager surrogate to onnx or export, not {runtime!r}"
@@ -230,7 +291,31 @@ def convert(files: RuntimeSpec, runtime: str, input_shape: list[int], workdir: P
     x = torch.zeros((2, *input_shape))
     path = workdir / ("surrogate.pt2" if runtime == "export" else "surrogate.onnx")
     (save_program if runtime == "export" else save_onnx)(net, x, path)
-    return model_files(runtime, path)
+    converted = model_files(runtime, path)
+    return converted, check_converted(net, converted, input_shape)
+
+
+def ship_surrogate(
+    surrogate: RuntimeSpec, requested: str, defense: dict[str, Any], input_shape: list[int], workdir: Path
+) -> tuple[RuntimeSpec, float | None]:
+    """The surrogate in the runtime it ships in, and its conversion check's error (:func:`convert`). With
+    ``auto`` a conversion that fails, or whose logits differ
+    from the eager surrogate's, is logged and the eager surrogate is shipped instead; an explicit
+    ``--surrogate-runtime`` that cannot be honoured is an error."""
+    runtime = surrogate_runtime(requested, defense, surrogate)
+    if runtime == surrogate.runtime:
+        return surrogate, None
+    try:
+        return convert(surrogate, runtime, input_shape, workdir)
+    except Exception as exc:
+        if requested != "auto":
+            raise ValueError(f"--surrogate-runtime {requested}: {exc}") from exc
+        log.warning(
+            "package: shipping the surrogate as eager (--surrogate-runtime auto could not use onnx: %s: %s)",
+            type(exc).__name__,
+            exc,
+        )
+        return surrogate, None
 
 
 def apply_spec_document(args: argparse.Namespace, doc: dict[str, Any], labels: Path | None) -> None:
@@ -575,9 +660,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate-seed", type=integer, default=0)
     p.add_argument(
         "--surrogate-runtime",
-        choices=["eager", "onnx", "export"],
-        default="eager",
-        help="ship the generated surrogate in this runtime (onnx is fastest for jacobian=last_layer)",
+        choices=list(SURROGATE_RUNTIMES),
+        default="auto",
+        help="ship an eager surrogate in this runtime; auto: onnx for defenses that need only its logits "
+        "(last-layer mad, mad_argmax, gradient_redirection except target random), checked against the eager "
+        "surrogate, else (or when the check fails, logged) eager",
     )
     p.add_argument(
         "--misinformation",
@@ -676,7 +763,7 @@ def main(argv: list[str] | None = None) -> Path:
         victim = resolve_victim(args, work)
         if args.victim_record:
             version = {**(version or {}), "victim": args.victim_record}
-        surrogate = None
+        surrogate, surrogate_check = None, None
         if bundle is not None and bundle.surrogate is not None and not args.surrogate:
             spec = bundle.surrogate  # the registered version's own weights, never re-derived
             surrogate = eager_from_arch(bundle.root / spec["file"], spec["arch"], int(spec["num_classes"]))
@@ -694,11 +781,9 @@ def main(argv: list[str] | None = None) -> Path:
                 surrogate = arch_surrogate(arch, args.num_classes, args.surrogate_seed, work)
             else:
                 surrogate = random_surrogate(victim, args.surrogate_seed, work)
-        if surrogate is not None and args.surrogate_runtime != surrogate.runtime:
-            if defense.get("jacobian") == "all" and args.surrogate_runtime == "onnx":
-                raise ValueError("--surrogate-runtime onnx: jacobian 'all' needs a torch surrogate")
+        if surrogate is not None:
             shape = input_spec_from_args(args)["shape"]
-            surrogate = convert(surrogate, args.surrogate_runtime, shape, work)
+            surrogate, surrogate_check = ship_surrogate(surrogate, args.surrogate_runtime, defense, shape, work)
         needs_misinformation = needs(defense, "misinformation")
         if bundle is not None and bundle.misinformation is not None and not args.misinformation:
             args.misinformation = str(bundle.misinformation_dir)  # the registered version's own model
@@ -741,7 +826,12 @@ def main(argv: list[str] | None = None) -> Path:
         mar_version = (version or {}).get("version") if registered else args.version
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))
     label = f", version {version['name']}/{version['version']}" if registered else ""
-    print(f"wrote {mar} ({os.path.getsize(mar)} bytes): defense {defense['name']}{label}, victim {victim.runtime}")
+    shipped = "" if surrogate is None else f", surrogate {surrogate.runtime}" + (
+        f" (logits within {surrogate_check:.2g} of the eager surrogate's)"
+        if surrogate_check is not None else ""
+    )
+    print(f"wrote {mar} ({os.path.getsize(mar)} bytes): defense {defense['name']}{label}, victim {victim.runtime}"
+          f"{shipped}")
     if secret is not None or needs_secret(defense):
         found = secret or {}
         print(f"defense '{defense['name']}' is randomised: the server needs its secret at deploy time "

@@ -70,3 +70,38 @@ def test_one_batch_one_counter_update_and_one_observation_per_row(lines):
     errors = [(ln["labels"]["reason"], float(ln["value"])) for ln in emitted if "errors" in ln["name"]]
     assert errors == [("bad_input", 1.0)]
     assert _values(emitted, "stealguard_perturbation_kl") == []
+
+
+def test_per_stage_latency_one_observation_per_stage_in_the_batch_record_summing_to_the_handler_total(lines):
+    _, _, _, emitted = lines
+    stages = {ln["labels"]["stage"]: float(ln["value"]) for ln in emitted
+              if ln["name"] == "stealguard_stage_latency_milliseconds"}
+    assert set(stages) == {"decode", "victim", "surrogate", "defense", "encode", "metrics"}
+    assert len([ln for ln in emitted if ln["name"] == "stealguard_stage_latency_milliseconds"]) == 6  # one batch
+    (total,) = _values(emitted, "stealguard_handler_latency_milliseconds")
+    assert all(v >= 0 for v in stages.values()) and stages["victim"] > 0 and stages["surrogate"] > 0
+    assert sum(stages.values()) <= total * 1.0001  # the stages are disjoint parts of the handler's time
+    assert sum(stages.values()) >= 0.9 * total, (stages, total)  # ... and all but the glue of it
+    # the defense's latency metric covers its call, surrogate forward included: surrogate <= that
+    (defense_s,) = _values(emitted, "stealguard_defense_latency_seconds")
+    assert stages["surrogate"] <= 1000 * defense_s
+
+
+def test_surrogate_time_is_what_the_defense_spends_in_its_surrogate(serve, caplog):
+    """A surrogate that sleeps 30 ms per forward: the surrogate stage shows at least those 30 ms, and they are part
+    of the defense's call (stealguard_defense_latency_seconds), not counted again in the defense stage."""
+    import time
+
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    s = serve(DEFENSE, surrogate="random")
+    surrogate = s.handler.model.defense.surrogate
+    real = surrogate.forward
+    surrogate.forward = lambda x: (time.sleep(0.03), real(x))[1]
+    s.one(_rows(2, 5).tolist())
+    emitted = metrics_log.emitted(caplog)
+    stages = {ln["labels"]["stage"]: float(ln["value"]) for ln in emitted
+              if ln["name"] == "stealguard_stage_latency_milliseconds"}
+    (defense_s,) = _values(emitted, "stealguard_defense_latency_seconds")
+    assert 30.0 <= stages["surrogate"] <= 1000 * defense_s
+    (total,) = _values(emitted, "stealguard_handler_latency_milliseconds")
+    assert sum(stages.values()) <= total * 1.0001  # the 30 ms are counted once

@@ -9,8 +9,8 @@ import torch
 from ts.context import RequestProcessor
 
 from handlers.errors import ConfigError
-from tests.support.handler import Answer
 from tests.handler.test_handler import FakeSink
+from tests.support.handler import Answer
 
 JSON = "application/json"
 # A random-init victim is unsure of random inputs (1 - max prob > 0.5 on every row), so the OOD share flags a

@@ -98,7 +98,7 @@ def test_package_an_export_directory_with_an_inline_defense(tmp_path):
         "victim/state_dict.pt",
         "victim/models.py",
         "index_to_name.json",
-        "surrogate/models.py",
+        "surrogate/surrogate.onnx",  # last-layer mad_argmax: the surrogate ships as ONNX by default
         "model-config.yaml",
         "MAR-INF/MANIFEST.json",
     } <= names
@@ -115,7 +115,7 @@ def test_package_an_export_directory_with_an_inline_defense(tmp_path):
         "class": "LeNet",
         "kwargs": {"num_classes": 10},
     }
-    assert sg["surrogate"]["runtime"] == "eager"
+    assert sg["surrogate"] == {"runtime": "onnx", "file": "surrogate/surrogate.onnx"}
     manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["handler"] == "stealguard_handler.py"
     assert manifest["model"]["configFile"] == "model-config.yaml"
@@ -188,3 +188,72 @@ def test_package_ships_an_onnx_surrogate_that_the_handler_loads(tmp_path):
     handler.initialize(make_context(unpacked, unpacked / "model-config.yaml", name="fm"))
     assert handler.model.surrogate.kind == "onnx"
     assert handler.model.codec.labels == [f"c{i}" for i in range(10)]
+
+
+def _surrogate_spec(mar: Path, tmp_path: Path) -> dict:
+    unpacked = tmp_path / f"unpacked_{mar.stem}"
+    zipfile.ZipFile(mar).extractall(unpacked)
+    return yaml.safe_load((unpacked / "model-config.yaml").read_text())["stealguard"]["surrogate"]
+
+
+def test_package_ships_a_last_layer_surrogate_as_checked_onnx_by_default(tmp_path, capsys):
+    victim = _export_dir(tmp_path)
+    base = ["--victim", str(victim), "--export-path", str(tmp_path / "s")]
+    for name, defense in (
+        ("mad", '{"name": "mad", "epsilon": 0.2}'),
+        ("mad_argmax", MAD),
+        ("grad2", '{"name": "gradient_redirection", "epsilon": 0.2, "target": "least_likely"}'),
+    ):
+        mar = package(["--name", name, "--defense", defense, *base])
+        assert _surrogate_spec(mar, tmp_path) == {"runtime": "onnx", "file": "surrogate/surrogate.onnx"}, name
+        assert "surrogate onnx (logits within" in capsys.readouterr().out
+    forced = package(["--name", "forced", "--defense", MAD, "--surrogate-runtime", "eager", *base])
+    assert _surrogate_spec(forced, tmp_path)["runtime"] == "eager"
+
+
+@pytest.mark.parametrize(
+    "defense",
+    [
+        '{"name": "mad", "epsilon": 0.2, "jacobian": "all"}',  # differentiates through the surrogate's weights
+        '{"name": "gradient_redirection", "epsilon": 0.2, "target": "random"}',  # direction over the real layer
+    ],
+)
+def test_auto_keeps_an_eager_surrogate_when_onnx_would_not_defend_the_same(tmp_path, defense, monkeypatch):
+    monkeypatch.setenv("STEALGUARD_SECRET", "a-test-secret-of-enough-length-0123456789")
+    victim = _export_dir(tmp_path)
+    mar = package(["--name", "m", "--victim", str(victim), "--defense", defense, "--export-path", str(tmp_path)])
+    assert _surrogate_spec(mar, tmp_path)["runtime"] == "eager"
+
+
+def test_a_converted_surrogate_that_disagrees_falls_back_to_eager_with_auto_and_fails_when_forced(
+    tmp_path, monkeypatch, caplog
+):
+    """An exporter that writes the wrong network (here: another seed's LeNet) is caught by the build-time check."""
+    from mlflow_project.lifecycle import exports
+
+    real = exports.save_onnx
+    monkeypatch.setattr(exports, "save_onnx", lambda net, x, path: real(make_net("lenet", seed=99), x, path))
+    victim = _export_dir(tmp_path)
+    base = ["--victim", str(victim), "--defense", MAD, "--export-path", str(tmp_path / "s")]
+    with caplog.at_level("WARNING", logger="mlflow_project.lifecycle.package"):
+        mar = package(["--name", "auto", *base])
+    assert _surrogate_spec(mar, tmp_path)["runtime"] == "eager"
+    assert "shipping the surrogate as eager" in caplog.text and "logits differ from the eager" in caplog.text
+    with pytest.raises(ValueError, match=r"--surrogate-runtime onnx: the onnx surrogate's logits differ"):
+        package(["--name", "forced", "--surrogate-runtime", "onnx", *base])
+
+
+def test_mlflow_run_package_ships_an_onnx_surrogate_by_default(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    victim = _export_dir(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "package", "--env-manager", "local",
+           "-P", "name=fm_auto", "-P", f"victim={victim}", "-P", f"defense={MAD}",
+           "-P", f"export_path={tmp_path / 's'}"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert _surrogate_spec(tmp_path / "s" / "fm_auto.mar", tmp_path) == {
+        "runtime": "onnx", "file": "surrogate/surrogate.onnx"}

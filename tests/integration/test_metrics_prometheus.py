@@ -3,8 +3,9 @@
 After N requests carrying R rows in all, Prometheus (scraping TorchServe's metrics address every second and
 loading deploy/alerts.yml) must return R for ``stealguard_rows_total`` and for the count of every perturbation
 histogram, and for ``stealguard_top1_flips_total`` the number of rows whose returned top-1 class differs from
-the victim's own (recomputed here from the same victim weights). The worker logs show that both workers
-served rows and that their per-worker amounts add up to R.
+the victim's own (recomputed here from the same victim weights). The per-stage latency histograms have one
+observation per stage and batch, and their sums add up to the handler's total within 10 %. The worker logs
+show that both workers served rows and that their per-worker amounts add up to R.
 """
 
 from __future__ import annotations
@@ -235,6 +236,20 @@ def test_promql_counts_equal_what_was_served(served):
     # latency: one observation per defended batch; at least one, at most one per row
     batches_seen = prom.scalar(f"sum(stealguard_defense_latency_seconds_count{sel})")
     assert 1 <= batches_seen <= served_rows
+    # where the time goes: one observation per stage and per batch, and the stages' sums add up to the handler's
+    # total (the handler's glue is the difference) within 10 %
+    handler_count = prom.scalar(f"sum(stealguard_handler_latency_milliseconds_count{sel})")
+    assert handler_count == batches_seen
+    stage_sel = sel[:-1] + ',stage=~".+"}'
+    by_stage = prom.query(f"sum by (stage) (stealguard_stage_latency_milliseconds_count{stage_sel})")
+    counts = {r["metric"]["stage"]: float(r["value"][1]) for r in by_stage}
+    assert counts == dict.fromkeys(("decode", "victim", "surrogate", "defense", "encode", "metrics"), batches_seen)
+    stages_ms = prom.scalar(f"sum(stealguard_stage_latency_milliseconds_sum{sel})")
+    total_ms = prom.scalar(f"sum(stealguard_handler_latency_milliseconds_sum{sel})")
+    assert 0 < stages_ms <= total_ms * 1.0001 and stages_ms >= 0.9 * total_ms, (stages_ms, total_ms)
+    sums = {r["metric"]["stage"]: float(r["value"][1])
+            for r in prom.query(f"sum by (stage) (stealguard_stage_latency_milliseconds_sum{stage_sel})")}
+    assert sums["victim"] > 0 and sums["surrogate"] > 0 and sums["defense"] > 0, sums
     info = prom.query(f"stealguard_defense_info{sel}")
     assert len(info) == 1 and info[0]["value"][1] == "1"
     assert info[0]["metric"]["budget"] == "l2<=0.02"

@@ -11,9 +11,9 @@ import requests
 import torch
 
 from mlflow_project.lifecycle.package import build_archive, stage
+from tests.support.redis_server import RedisServer
 from tests.support.torchserve import TorchServe
 from tests.support.victims import export, make_net
-from tests.support.redis_server import RedisServer
 
 # A random-init MLP is unsure of random inputs (1 - max prob > 0.5 on every row): the OOD share flags a client
 # after 8 rows. PRADA is kept out of the way (min_distances 5000) so the test does not depend on its statistic.

@@ -42,8 +42,9 @@ class Lab:
         self.ts: TorchServe | None = None
 
     def package(self, name: str, *extra: str) -> None:
+        # the pyfunc runs the registered (eager) surrogate: ship it eager so the answers agree to 1e-12
         package(["--name", name, "--defense", f"models:/{NAME}@production", "--export-path", str(self.store),
-                 *extra])
+                 "--surrogate-runtime", "eager", *extra])
 
     def ask(self, model: str) -> tuple[str, np.ndarray]:
         r = requests.post(f"{self.ts.inference_url}/predictions/{model}", json={"instances": X.tolist()}, timeout=60)

@@ -73,7 +73,9 @@ def _serve_and_ask(model_dir, x: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 def test_a_registered_alias_alone_builds_a_complete_archive_that_serves_like_the_pyfunc(registry, tmp_path):
-    mar = package(["--name", "dv", "--defense", f"models:/{NAME}@production", "--export-path", str(tmp_path)])
+    # the pyfunc runs the registered (eager) surrogate: shipped eager too, the answers agree to 1e-12
+    mar = package(["--name", "dv", "--defense", f"models:/{NAME}@production", "--export-path", str(tmp_path),
+                   "--surrogate-runtime", "eager"])
     model_dir, sg = _unpack(mar, tmp_path / "unpacked")
     v1 = registry["v1"]
     assert sg["version"] == {"name": NAME, "version": "1", "run_id": v1["run_id"], "alias": "production",

@@ -71,6 +71,7 @@ def test_issue_names_are_all_declared():
         "stealguard_defense_latency_seconds", "stealguard_budget_violations_total", "stealguard_errors_total",
         "stealguard_defense_info", "stealguard_ood_queries_total", "stealguard_error_rows_total",
         "stealguard_clients_flagged", "stealguard_client_flags_total", "stealguard_monitor_errors_total",
+        "stealguard_stage_latency_milliseconds", "stealguard_handler_latency_milliseconds",  # issue 20
     }
     assert names == set(METRIC_SPECS)
     for s in METRIC_SPECS.values():
