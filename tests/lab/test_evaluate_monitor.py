@@ -85,3 +85,23 @@ def test_sweep_monitored_twins_and_selection():
              "attacker_accuracy_strongest": 0.1 if "monitor" in c else 0.8} for c in grid
             if c["name"] in ("identity", "label_only")]
     assert "monitor" not in choose(rows).point["label"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_sweep_with_a_monitored_point(tmp_path, digits_victim_dir):
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("stealguard", artifact_location=(tmp_path / "art").resolve().as_uri())
+    none = dict.fromkeys(("mad_epsilons", "mad_argmax_epsilons", "reverse_sigmoid_betas", "random_noise_epsilons",
+                          "rounding_decimals"), "none")
+    run_id, _ = mlflow_run("sweep", {"preset": "tiny", "victim": digits_victim_dir, "budget": 100, "epochs": 1,
+                                     "monitor": json.dumps(HARDEN), "results_dir": tmp_path / "sweep", **none},
+                           cli_env(uri))
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    labels = {c.data.tags["stealguard.label"]: c for c in children}
+    assert set(labels) == {"identity", "label_only", "identity+monitor(harden->label_only)"}
+    twin = labels["identity+monitor(harden->label_only)"]
+    assert json.loads(twin.data.params["defense_config"])["monitor"] == HARDEN
+    assert twin.data.metrics["monitor_benign_flagged"] == 0 and "monitor_flagged" in twin.data.metrics
+    assert "monitor_flagged" not in labels["identity"].data.metrics
+    assert client.get_run(run_id).data.tags["stealguard.recommended_run_id"] != twin.info.run_id
