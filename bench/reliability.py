@@ -163,10 +163,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def run_load(url: str, expect: Expectation, clients: int, seconds: float, during=None, tail: float = 0.0,
-             timeout: float = 60.0) -> LoadResult:
+             timeout: float = 60.0, client_header: str | None = None) -> LoadResult:
     """``clients`` threads post ``expect``'s bodies for ``seconds``; ``during(t0, events)`` runs alongside
     (e.g. to kill a worker and wait for its restart, bounded by itself); the load then goes on for at least
-    ``tail`` more seconds."""
+    ``tail`` more seconds. ``client_header`` (e.g. X-Client-Id): thread i sends it as ``client-i``."""
     samples: list[Sample] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -175,12 +175,15 @@ def run_load(url: str, expect: Expectation, clients: int, seconds: float, during
     def client(cid: int) -> None:
         rng = random.Random(cid)
         session = requests.Session()
+        headers = {"Content-Type": "application/json"}
+        if client_header:
+            headers[client_header] = f"client-{cid}"
         local: list[Sample] = []
         while not stop.is_set():
             body, idx = expect.bodies[rng.randrange(len(expect.bodies))]
             t0 = time.monotonic()
             try:
-                r = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
+                r = session.post(url, data=body, headers=headers, timeout=timeout)
                 status, content = r.status_code, r.content
             except requests.RequestException as exc:
                 status, content = 0, str(exc).encode()

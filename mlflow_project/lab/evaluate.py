@@ -25,6 +25,16 @@ in [0, 1]):
   victim's on the same queries (``top1_flip_rate`` is the same on the benign test set);
 - ``queries``: rows the attack spent (exact).
 
+With a ``monitor`` config (the server's per-client monitor, ``plugins.monitor``; actions observe and harden) the
+attacker is one client (or ``attacker_clients`` ids sharing its budget, batch by batch) through
+:class:`~mlflow_project.lab.oracles.MonitoredOracle`, and the benign test set is answered as ``benign_clients``
+other clients through :func:`~mlflow_project.lab.oracles.serve_benign` and the same monitor, so
+``defender_accuracy`` is what benign clients get. Further metrics: ``monitor_flagged`` (1 when any attacker id
+was flagged), ``monitor_queries_until_flagged`` (queries answered when the first was; logged only then),
+``monitor_attacker_ids_flagged``, ``monitor_benign_flagged`` (benign clients flagged). A grid point may carry its
+monitor inside the defense mapping (``{"name": ..., "monitor": {...}}``, as an archive's config does); the
+config splits it off.
+
 Fixed seeds give identical runs in-process (CPU, fixed thread count).
 """
 
@@ -45,7 +55,14 @@ from mlflow_project.cli import integer
 from mlflow_project.lab import data
 from mlflow_project.lab.attacks import ATTACKS, AttackConfig, run_attack
 from mlflow_project.lab.models import build_model
-from mlflow_project.lab.oracles import HTTPOracle, LocalOracle, build_victim_defense
+from mlflow_project.lab.oracles import (
+    HTTPOracle,
+    LocalOracle,
+    MonitoredOracle,
+    build_victim_defense,
+    lab_monitor,
+    serve_benign,
+)
 from mlflow_project.lab.training import accuracy, predict_probs
 from plugins import measures
 from plugins.measures import expected_calibration_error, negative_log_likelihood
@@ -56,6 +73,9 @@ METRICS = (
     "attacker_accuracy", "attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_accuracy_strongest",
     "attacker_agreement", "attacker_agreement_soft", "attacker_agreement_top1", "query_top1_flip_rate", "queries",
 )
+MONITOR_METRICS = ("monitor_flagged", "monitor_queries_until_flagged", "monitor_attacker_ids_flagged",
+                   "monitor_benign_flagged")
+MONITOR_ACTIONS = ("observe", "harden")  # block stops the thief mid-attack; the lab's attacks cannot stop early
 ORACLES = ("local", "http")
 DEFENSE_ARTIFACT = "defense.json"  # an evaluate run's defense config (register.config_from_run reads it)
 # AttackConfig fields an EvalConfig may set through attack_options (the rest are EvalConfig's own)
@@ -82,8 +102,30 @@ class EvalConfig:
     surrogate_seed: int = 0
     misinformation: str = ""  # train_misinformation export dir, for defenses that need one (adaptive_misinformation)
     attack_options: Mapping[str, Any] = field(default_factory=dict)  # further AttackConfig fields (e.g. momentum)
+    monitor: Mapping[str, Any] | None = None  # the per-client monitor's config (plugins.monitor); None: no monitor
+    attacker_clients: int = 1  # with a monitor: client ids the thief splits its budget over
+    benign_clients: int = 20  # with a monitor: clients the benign test set is replayed by
 
     def __post_init__(self) -> None:
+        if "monitor" in self.defense:  # a sweep point: {"name": ..., "monitor": {...}}
+            if self.monitor is not None:
+                raise ValueError("monitor: given both in the defense config and on its own; give it once")
+            defense = dict(self.defense)
+            object.__setattr__(self, "monitor", defense.pop("monitor"))
+            object.__setattr__(self, "defense", defense)
+        if self.monitor is not None:
+            from plugins.monitor import parse_monitor
+
+            action = parse_monitor(self.monitor).action  # ValueError names monitor.<field>
+            if action not in MONITOR_ACTIONS:
+                raise ValueError(f"monitor.action: evaluate measures {' and '.join(MONITOR_ACTIONS)}; got {action!r} "
+                                 "(a blocked thief stops mid-attack, which the lab's attacks do not model)")
+            if self.oracle != "local":
+                raise ValueError("monitor: the lab runs the monitor with oracle=local; over HTTP the served "
+                                 "archive's own monitor: section applies (send the client id with HTTPOracle)")
+        if self.attacker_clients < 1 or self.benign_clients < 1:
+            raise ValueError(f"attacker_clients / benign_clients: must be >= 1; got {self.attacker_clients} / "
+                             f"{self.benign_clients}")
         data.check_dataset(self.dataset)
         if self.queryset:
             data.check_queryset(self.queryset)
@@ -105,6 +147,7 @@ class EvalConfig:
         d["defense"] = json.dumps(dict(self.defense), sort_keys=True)
         d["defense_name"] = self.defense.get("name", "")
         d["attack_options"] = json.dumps(dict(self.attack_options), sort_keys=True)
+        d["monitor"] = "" if self.monitor is None else json.dumps(dict(self.monitor), sort_keys=True)
         d["queryset"] = self.queryset or self.dataset
         return d
 
@@ -168,26 +211,35 @@ def parse_defense(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
     if not text.startswith("{"):
         from plugins import available_defenses
 
-        p = Path(text)
-        if not p.exists() and text in available_defenses():
+        if not Path(text).exists() and text in available_defenses():
             return {"name": text}
-        if not p.exists():
+        if not Path(text).exists():
             raise ValueError(f"defense: {text!r} is neither an inline JSON object, an existing config file nor a "
                              f"defense name ({', '.join(available_defenses())})")
+    return load_mapping(text, "defense", '{"name": "top_k", "k": 1}')
+
+
+def load_mapping(text: str, what: str, example: str) -> dict[str, Any]:
+    """A mapping from inline JSON or an existing .json/.yaml file; errors name ``what`` and show ``example``."""
+    text = text.strip()
+    if not text.startswith("{"):
+        p = Path(text)
+        if not p.exists():
+            raise ValueError(f"{what}: {text!r} is neither an inline JSON object nor an existing config file")
         text = p.read_text()
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
             doc = yaml.safe_load(text)
             if not isinstance(doc, Mapping):
-                raise ValueError(f"defense: {p} must hold a mapping with a 'name'")
+                raise ValueError(f"{what}: {p} must hold a mapping, e.g. {example}")
             return dict(doc)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"defense: not valid JSON ({exc}); e.g. '{{\"name\": \"top_k\", \"k\": 1}}'") from None
+        raise ValueError(f"{what}: not valid JSON ({exc}); e.g. '{example}'") from None
     if not isinstance(doc, Mapping):
-        raise ValueError("defense: must be a JSON object with a 'name'")
+        raise ValueError(f"{what}: must be a JSON object, e.g. {example}")
     return dict(doc)
 
 
@@ -221,7 +273,17 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         for obs in observers:
             obs("defense_batch", payload)
 
-    if cfg.oracle == "local":
+    monitor = None
+    if cfg.monitor is not None:
+        monitor = lab_monitor(victim.model, cfg.monitor, spec.num_classes, cfg.surrogate_seed)
+        t_def = time.perf_counter()
+        tilde, benign_flagged = serve_benign(victim.model, defense, monitor, test_x, clients=cfg.benign_clients)
+        blocked = torch.isnan(tilde).any(dim=1)
+        tilde = tilde.double().nan_to_num(1.0 / spec.num_classes)  # never happens under observe / harden
+        deviation = None
+        on_batch({"probs": probs, "perturbed": tilde, "angular_deviation": None,
+                  "latency_s": time.perf_counter() - t_def})
+    elif cfg.oracle == "local":
         t_def = time.perf_counter()
         out = defense(probs, test_x)
         tilde, deviation = out.probs, out.angular_deviation
@@ -231,9 +293,11 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         tilde = HTTPOracle(cfg.url, None, send=cfg.http_send, mean=spec.mean, std=spec.std)(test_x).double()
         deviation = None
     per_row = measures(probs, tilde.to(probs.dtype))
+    if monitor is None:
+        blocked = torch.zeros(len(test_y), dtype=torch.bool)
     metrics: dict[str, float] = {
         "victim_accuracy": (probs.argmax(1) == test_y).double().mean().item(),
-        "defender_accuracy": (tilde.argmax(1) == test_y).double().mean().item(),
+        "defender_accuracy": ((tilde.argmax(1) == test_y) & ~blocked).double().mean().item(),
         "perturbation_l1_mean": per_row["l1"].mean().item(),
         "perturbation_l1_max": per_row["l1"].max().item(),
         "kl_mean": per_row["kl"].mean().item(),
@@ -253,7 +317,9 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     t0 = time.perf_counter()
     queryset = cfg.queryset or cfg.dataset
     pool = data.query_set(queryset, spec, victim_dataset=cfg.dataset)
-    if cfg.oracle == "local":
+    if monitor is not None:
+        oracle = MonitoredOracle(victim.model, defense, monitor, budget=cfg.budget, clients=cfg.attacker_clients)
+    elif cfg.oracle == "local":
         oracle = LocalOracle(victim.model, defense, budget=cfg.budget, on_batch=on_batch if observers else None)
     else:
         oracle = HTTPOracle(cfg.url, budget=cfg.budget, send=cfg.http_send, mean=spec.mean, std=spec.std)
@@ -270,12 +336,25 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         undefended = predict_probs(victim.model, res.transfer_x).argmax(1)
         metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
     metrics["queries"] = float(res.queries)
+    if monitor is not None:
+        metrics.update(monitor_metrics(oracle, benign_flagged))
     seconds["attacker"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     for obs in observers:
         obs("attacker", dict(metrics))
     strongest = res.clone if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else res.top1_clone
     return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history)
+
+
+def monitor_metrics(oracle: MonitoredOracle, benign_flagged: set[str]) -> dict[str, float]:
+    """What the monitor saw: the attacker flagged (1/0), after how many queries (only when it was), how many of
+    its ids, and how many benign clients it flagged."""
+    out = {"monitor_flagged": float(oracle.flagged_at is not None),
+           "monitor_attacker_ids_flagged": float(len(oracle.flagged_ids)),
+           "monitor_benign_flagged": float(len(benign_flagged))}
+    if oracle.flagged_at is not None:
+        out["monitor_queries_until_flagged"] = float(oracle.flagged_at)
+    return out
 
 
 def attacker_metrics(res, test_x: torch.Tensor, test_y: torch.Tensor, victim_top1: torch.Tensor) -> dict[str, float]:
@@ -310,6 +389,8 @@ def summary_text(r: EvalResult) -> str:
         f"defense  {json.dumps(dict(c.defense), sort_keys=True)}   oracle={c.oracle}",
         f"attack   {c.attack}  queryset={c.queryset or c.dataset}  budget={c.budget}  epochs={c.epochs}  "
         f"seed={c.seed}",
+        *([f"monitor  {json.dumps(dict(c.monitor), sort_keys=True)}  attacker ids={c.attacker_clients}  "
+           f"benign clients={c.benign_clients}"] if c.monitor is not None else []),
         "-" * 78,
         f"victim accuracy (undefended)   {pct('victim_accuracy')}",
         f"defender accuracy (perturbed)  {pct('defender_accuracy')}   top-1 flips {pct('top1_flip_rate')}",
@@ -323,10 +404,18 @@ def summary_text(r: EvalResult) -> str:
         f"agreement soft / top-1         {pct('attacker_agreement_soft')} / {pct('attacker_agreement_top1')}   "
         f"attacker-query top-1 flips {pct('query_top1_flip_rate')}",
         f"queries spent                  {int(m['queries'])}",
+        *([monitor_line(c, m)] if "monitor_flagged" in m else []),
         f"wall time                      defender {r.seconds['defender']:.1f}s  attacker {r.seconds['attacker']:.1f}s"
         f"  total {r.seconds['total']:.1f}s",
     ]
     return "\n".join(lines)
+
+
+def monitor_line(c: EvalConfig, m: Mapping[str, float]) -> str:
+    when = f" after {int(m['monitor_queries_until_flagged'])} queries" if m["monitor_flagged"] else ""
+    return (f"monitor: attacker flagged      {'yes' if m['monitor_flagged'] else 'no'}{when}  (ids "
+            f"{int(m['monitor_attacker_ids_flagged'])}/{c.attacker_clients}); benign clients flagged "
+            f"{int(m['monitor_benign_flagged'])}/{c.benign_clients}")
 
 
 def summary_figure(r: EvalResult):
@@ -366,11 +455,20 @@ def log_evaluation(r: EvalResult) -> None:
     for h in r.history:
         mlflow.log_metric("attack_transfer_size", h["transfer_size"], step=h["round"])
     mlflow.log_dict(dict(r.config.defense), DEFENSE_ARTIFACT)
+    if r.config.monitor is not None:
+        mlflow.log_dict(dict(r.config.monitor), "monitor.json")
     mlflow.log_text(summary_text(r), "summary.txt")
     fig = summary_figure(r)
     mlflow.log_figure(fig, "evaluation.png")
     plt.close(fig)
     mlflow.set_tags({"stealguard.kind": "evaluation", "stealguard.defense": r.config.defense.get("name", "")})
+
+
+def parse_monitor_arg(value: str) -> dict[str, Any] | None:
+    """``--monitor``: empty -> None; else inline JSON or a .json/.yaml file holding the monitor mapping."""
+    if not value or not value.strip():
+        return None
+    return load_mapping(value, "monitor", '{"action": "harden", "harden": {"name": "label_only"}}')
 
 
 def metrics_observer(port: int, cfg: EvalConfig) -> Callable[[str, dict], None]:
@@ -395,6 +493,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--misinformation", default="",
                    help="train_misinformation export directory (for adaptive_misinformation)")
+    p.add_argument("--monitor", default="",
+                   help="the per-client monitor: inline JSON or a .json/.yaml file (e.g. '{\"action\": \"harden\", "
+                        "\"harden\": {\"name\": \"label_only\"}}'); empty: none")
+    p.add_argument("--attacker-clients", type=integer, default=1, help="with --monitor: ids the thief splits over")
+    p.add_argument("--benign-clients", type=integer, default=20, help="with --monitor: benign test-set clients")
     p.add_argument("--oracle", default="local", choices=ORACLES)
     p.add_argument("--url", default="", help="prediction URL for --oracle http")
     p.add_argument("--http-send", default="normalised", choices=["normalised", "pixels"])
@@ -414,6 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset=a.dataset, victim=a.victim, defense=parse_defense(a.defense), attack=a.attack, queryset=a.queryset,
         budget=a.budget, epochs=a.epochs, seed=a.seed, oracle=a.oracle, url=a.url, http_send=a.http_send,
         clone_arch=a.clone_arch, lr=a.lr, batch_size=a.batch_size, misinformation=a.misinformation,
+        monitor=parse_monitor_arg(a.monitor), attacker_clients=a.attacker_clients, benign_clients=a.benign_clients,
     )
     observers = [metrics_observer(a.metrics_port, cfg)] if a.metrics_port else []
 

@@ -148,32 +148,44 @@ def lab_monitor(victim: nn.Module, monitor: Mapping[str, Any], num_classes: int,
 
 
 class MonitoredOracle(Oracle):
-    """:class:`LocalOracle`'s answers screened by a per-client monitor, all queries from one ``client``.
+    """:class:`LocalOracle`'s answers screened by a per-client monitor, all queries from one ``client``, or, with
+    ``clients`` > 1, a thief splitting its budget over ``clients`` ids (``<client>-0`` ...): batch i of
+    ``batch_size`` rows goes to id ``i % clients``.
 
-    ``flagged_at``: the number of queries answered when the client was first flagged (None while it is not);
-    under action ``block`` every query after that raises :class:`ClientBlocked`."""
+    ``flagged_at``: the number of queries answered when the first of its ids was flagged (None while none is);
+    ``flagged_ids``: the ids flagged so far. Under action ``block`` a query from a flagged id raises
+    :class:`ClientBlocked`."""
 
     def __init__(self, victim: nn.Module, defense, monitor, client: str = "attacker", budget: int | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, clients: int = 1) -> None:
         super().__init__(budget)
+        if clients < 1:
+            raise ValueError(f"clients: the thief needs at least one client id; got {clients}")
         self.inner = LocalOracle(victim, defense, batch_size=batch_size)
         self.monitor = monitor
         self.client = client
+        self.ids = [client] if clients == 1 else [f"{client}-{i}" for i in range(clients)]
         self.batch_size = batch_size
         self.flagged_at: int | None = None
+        self.flagged_ids: set[str] = set()
+        self._batches = 0
 
     @torch.no_grad()
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
         for i in range(0, len(x), self.batch_size):
             xb = x[i : i + self.batch_size]
+            client = self.ids[self._batches % len(self.ids)]
+            self._batches += 1
             y = torch.softmax(self.inner.victim(xb), dim=1)
             answered = self.inner.defense(y, xb).probs if self.inner.defense is not None else y
-            screened = self.monitor.screen([self.client] * len(xb), xb, y, answered)
-            if screened.flagged.any() and self.flagged_at is None:
-                self.flagged_at = self.queries + sum(len(o) for o in outs) + len(xb)
+            screened = self.monitor.screen([client] * len(xb), xb, y, answered)
+            if screened.flagged.any():
+                self.flagged_ids.add(client)
+                if self.flagged_at is None:
+                    self.flagged_at = self.queries + sum(len(o) for o in outs) + len(xb)
             if screened.blocked.any():
-                raise ClientBlocked(f"client {self.client!r} blocked after {self.flagged_at} queries")
+                raise ClientBlocked(f"client {client!r} blocked after {self.flagged_at} queries")
             outs.append(screened.probs.float())
         return torch.cat(outs)
 

@@ -20,6 +20,12 @@ Two opt-in grids, empty in every preset so the presets' existing grids (and thei
 and cached next to it, see sweep.resolve_misinformation) and ``gradient_redirection_epsilons`` (each epsilon
 with the targets in ``GRADIENT_REDIRECTION_TARGETS``: reverse and shift).
 
+Monitored points (opt-in, ``monitor``: a JSON monitor config, plugins.monitor): the points labelled in
+``monitor_points`` (default: the undefended one) get a twin ``{..., "monitor": {...}}`` that evaluate runs with the
+per-client monitor (the attacker one client, the test set replayed by 20 benign clients), e.g. ``--monitor
+'{"action": "harden", "harden": {...}}'``. The selection leaves them out (a monitor is a serving setting, not a
+defense an archive is built from).
+
 Reverse sigmoid's gamma is fixed per dataset as in the paper (MNIST 0.2, FashionMNIST 0.4, CIFAR10 0.1); digits
 and mnist5k are MNIST-like and use MNIST's.
 """
@@ -73,6 +79,8 @@ class Preset:
     ood_gated_outside: tuple[str, ...] = ("mad", "label_only")
     ood_gated_epsilon: float = 1.0  # the l1 budget of the inner MAD-family defenses of ood_gated points
     seeds: tuple[int, ...] = ()  # every point once per seed; () = (seed,)
+    monitor: str = ""  # a monitor config (JSON); "" = no monitored points
+    monitor_points: tuple[str, ...] = ("identity",)  # labels of the points that get a monitored twin
     multi_seed_points: tuple[str, ...] = ()  # labels / defense names that get every seed; () = all points
     clone_lr: float = 0.05
     clone_batch_size: int = 128
@@ -104,6 +112,10 @@ class Preset:
         bad = [t for t in self.ood_gated_taus if not 0 < t <= 1]
         if bad:
             raise ValueError(f"ood_gated_taus: each tau must be in (0, 1]; got {bad}")
+        if self.monitor:
+            from plugins.monitor import parse_monitor
+
+            parse_monitor(monitor_config(self), "monitor")  # ValueError names monitor.<field>
         if len(set(self.all_seeds)) != len(self.all_seeds):
             raise ValueError(f"seeds: must be distinct; got {list(self.all_seeds)}")
 
@@ -149,7 +161,7 @@ PRESETS["paper"] = Preset(
 # Fields a command line may override (the grids take comma-separated lists).
 OVERRIDABLE = tuple(f.name for f in fields(Preset) if f.name not in ("name", "extra", "attack_options"))
 TUPLE_FIELDS = {f.name for f in fields(Preset) if str(f.type).startswith("tuple")}
-STRING_TUPLES = {"ood_gated_inside", "ood_gated_outside", "multi_seed_points"}
+STRING_TUPLES = {"ood_gated_inside", "ood_gated_outside", "multi_seed_points", "monitor_points"}
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:
@@ -201,7 +213,25 @@ def defense_grid(preset: Preset) -> list[dict[str, Any]]:
              for e in preset.gradient_redirection_epsilons for target in GRADIENT_REDIRECTION_TARGETS]
     grid += [ood_gated_config(float(t), inside, outside, preset.ood_gated_epsilon) for t in preset.ood_gated_taus
              for inside in preset.ood_gated_inside for outside in preset.ood_gated_outside]
+    if preset.monitor:
+        twins = [{**c, "monitor": monitor_config(preset)} for c in grid if describe(c) in preset.monitor_points]
+        if not twins:
+            raise ValueError(f"monitor_points: {list(preset.monitor_points)} match no point of the grid; points: "
+                             f"{', '.join(describe(c) for c in grid)}")
+        grid += twins
     return grid
+
+
+def monitor_config(preset: Preset) -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(preset.monitor)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"monitor: not valid JSON ({exc}); e.g. '{{\"action\": \"harden\"}}'") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"monitor: must be a JSON object (e.g. {{\"action\": \"harden\"}}); got {preset.monitor!r}")
+    return doc
 
 
 def inner_config(name: str, epsilon: float) -> dict[str, Any]:
@@ -227,6 +257,11 @@ CURVE_PARAMETER = {"mad": "epsilon", "mad_argmax": "epsilon", "reverse_sigmoid":
 
 def describe(config: dict[str, Any]) -> str:
     """A short label for a defense config, e.g. ``mad_argmax(epsilon=0.5)``."""
+    if config.get("monitor"):
+        m = config["monitor"]
+        action = m.get("action", "observe")
+        harden = f"->{describe(m.get('harden', {'name': 'label_only'}))}" if action == "harden" else ""
+        return f"{describe({k: v for k, v in config.items() if k != 'monitor'})}+monitor({action}{harden})"
     name = config["name"]
     key = CURVE_PARAMETER.get(name)
     if not (key and key in config):

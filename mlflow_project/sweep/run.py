@@ -556,6 +556,9 @@ def _parser() -> argparse.ArgumentParser:
                  "ood_gated_taus"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
     p.add_argument("--no-label-only", action="store_true", help="leave the label-only point out of the grid")
+    p.add_argument("--monitor", default="", help="a monitor config (JSON): monitored twins of --monitor-points")
+    p.add_argument("--monitor-points", default="", help="labels of the points that get a monitored twin "
+                   "(default: identity)")
     p.add_argument("--max-drop", type=float, default=-1.0,
                    help="largest acceptable defender-accuracy drop in points (default: the preset's, 1.0)")
     p.add_argument("--max-l1", type=float, default=-1.0,
@@ -582,6 +585,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
         "adaptive_misinformation_taus": a.adaptive_misinformation_taus,
         "gradient_redirection_epsilons": a.gradient_redirection_epsilons, "ood_gated_taus": a.ood_gated_taus,
         "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,
+        "monitor": a.monitor, "monitor_points": split_labels(a.monitor_points) or None,
     }
     if a.dataset and not a.queryset:
         overrides["queryset"] = a.dataset  # a new dataset's in-distribution query set unless told otherwise

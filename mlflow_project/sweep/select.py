@@ -85,6 +85,7 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
         raise ValueError(f"max_l1: must be >= 0 (mean L1 perturbation on the test set, at most 2); got {max_l1}")
     usable = [p for p in points if all(_finite(p, k) for k in ("victim_accuracy", "defender_accuracy"))
               and (_finite(p, "attacker_accuracy_strongest") or _finite(p, "attacker_accuracy"))]
+    usable = [p for p in usable if '"monitor"' not in str(p.get("defense_config", ""))]  # serving, not a defense
     if not usable:
         raise ValueError("no point has victim_accuracy, defender_accuracy and attacker_accuracy to select from")
     label_only = [p for p in usable if p.get("defense") == LABEL_ONLY]
