@@ -249,7 +249,9 @@ def test_mlflow_run_package_ships_an_onnx_surrogate_by_default(tmp_path):
     import sys
 
     victim = _export_dir(tmp_path)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow run` runs `python -m ...`: the venv's python first on PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "package", "--env-manager", "local",
            "-P", "name=fm_auto", "-P", f"victim={victim}", "-P", f"defense={MAD}",
            "-P", f"export_path={tmp_path / 's'}"]

@@ -6,7 +6,6 @@ model-config.yaml handlers.config parses."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,7 @@ import yaml
 from handlers.config import CONFIG_FILE, parse
 from handlers.victim_export import VictimExport
 from mlflow_project.lab.models import ARCHITECTURES
+from tests.support.cli import venv_env
 
 REPO = Path(__file__).resolve().parents[2]
 DEFENSE = {"name": "adaptive_misinformation", "tau": 0.5}
@@ -29,7 +29,7 @@ def mlflow_run(entry: str, uri: str, **params) -> str:
     argv = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"]
     for key, value in params.items():
         argv += ["-P", f"{key}={value}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    env = venv_env(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"mlflow run -e {entry} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout

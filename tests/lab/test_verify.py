@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,13 +17,14 @@ from mlflow_project.lab.train_victim import export_victim, train_victim
 from mlflow_project.lab.training import TrainConfig, train_classifier
 from plugins.monitor import StoreLimits
 from plugins.monitor.watermark import Watermark
+from tests.support.cli import BIN, venv_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _mlflow_verify(suspect: Path, store: str, tracking_uri: str) -> dict:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
-    cmd = ["mlflow", "run", str(REPO), "-e", "verify", "--env-manager", "local", "-P", f"suspect={suspect}",
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1")
+    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "verify", "--env-manager", "local", "-P", f"suspect={suspect}",
            "-P", f"watermarks={store}", "-P", "model=digits"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
