@@ -484,7 +484,7 @@ def monitor_lines(cfg: DemoConfig, flagged: dict[str, Any], thief: tuple[Theft, 
     acc_prod = (b_prod.argmax(1) == test_y).double().mean().item()
     acc_twin = (b_twin.argmax(1) == test_y).double().mean().item()
     s_prod, s_twin = prod.metrics["attacker_accuracy_strongest"], twin.metrics["attacker_accuracy_strongest"]
-    seen = (f"flagged ({t.reason}, {t.queries} queries seen when flagged)" if t is not None else "NOT flagged")
+    seen = f"flagged (reason {t.reason}; {t.queries} queries seen)" if t is not None else "NOT flagged"
     harden = describe(cfg.monitor.get("harden", {"name": "label_only"}))
     which = f" ({', '.join(benign_flagged)})" if benign_flagged else ""
     lines = [
