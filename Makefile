@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make setup   create .venv, install pinned packages and the Debian packages the tests need"
-	@echo "make demo    setup, then victim -> sweep -> register/promote -> archives -> TorchServe + Prometheus -> attack (DEMO_ARGS)"
+	@echo "make demo    setup, then victim -> OOD sweep -> register/promote -> archives (+ monitor) -> TorchServe + Prometheus -> thief + benign clients (DEMO_ARGS)"
 	@echo "make test    setup, then ruff and the whole test suite (what CI runs)"
 	@echo "make test-fast  unit + handler tests only: no TorchServe, MLflow or Prometheus server (under 2 min)"
 	@echo "make bench   run the benchmarks in bench/ and print their ratios"

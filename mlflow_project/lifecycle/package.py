@@ -184,6 +184,18 @@ def eager_from_arch(weights: Path, arch: str, num_classes: int) -> RuntimeSpec:
     return model_files("eager", weights, MODELS_PY, ARCHITECTURES[arch].__name__, {"num_classes": num_classes})
 
 
+def harden_needs_surrogate(monitor: dict[str, Any] | None) -> bool:
+    """True when the monitor's ``harden`` defense (action harden) needs a surrogate: the archive then ships one
+    even if its main defense does not (the worker builds the harden defense from the archive's surrogate)."""
+    from plugins import needs
+    from plugins.monitor import parse_monitor
+
+    if monitor is None:
+        return False
+    cfg = parse_monitor(monitor, "--monitor")
+    return cfg.action == "harden" and needs(cfg.harden, "surrogate")
+
+
 def random_surrogate(victim: RuntimeSpec, seed: int, workdir: Path) -> RuntimeSpec:
     """A randomly initialised network of the victim's (eager) architecture: the paper's MAD surrogate."""
     if victim.runtime != "eager":
@@ -763,6 +775,7 @@ def main(argv: list[str] | None = None) -> Path:
         victim = resolve_victim(args, work)
         if args.victim_record:
             version = {**(version or {}), "victim": args.victim_record}
+        monitor = read_monitor_file(args.monitor) if args.monitor else None
         surrogate, surrogate_check = None, None
         if bundle is not None and bundle.surrogate is not None and not args.surrogate:
             spec = bundle.surrogate  # the registered version's own weights, never re-derived
@@ -775,7 +788,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if runtime == "eager"
                 else model_files(runtime, s)
             )
-        elif needs(defense, "surrogate"):
+        elif needs(defense, "surrogate") or harden_needs_surrogate(monitor):
             arch = args.surrogate_arch or (args.arch if victim.runtime != "eager" else None)
             if arch:
                 surrogate = arch_surrogate(arch, args.num_classes, args.surrogate_seed, work)
@@ -821,7 +834,7 @@ def main(argv: list[str] | None = None) -> Path:
             workers=args.workers,
             threads={"intra_op": args.threads, "inter_op": 1},
             extra_dists=[n for value in args.extra_dist for n in value.split(",") if n.strip()],
-            monitor=read_monitor_file(args.monitor) if args.monitor else None,
+            monitor=monitor,
         )
         mar_version = (version or {}).get("version") if registered else args.version
         mar = build_archive(args.name, staged, Path(args.export_path), str(mar_version or "1.0"))
