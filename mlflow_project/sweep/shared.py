@@ -51,12 +51,13 @@ class MemoModel(nn.Module):
     forward hook is registered on ``inner`` (e.g. MAD's check of the surrogate's last linear layer, or
     gradient_redirection's capture of its inputs: the hook must see the real forward pass)."""
 
-    def __init__(self, inner: nn.Module, table: dict[str, torch.Tensor] | None = None, record: bool = True) -> None:
+    def __init__(self, inner: nn.Module, table: dict[str, torch.Tensor] | None = None, record: bool = True,
+                 stats: dict[str, int] | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.table: dict[str, torch.Tensor] = {} if table is None else table
         self.record = record
-        self.hits = 0
+        self.stats = {"hits": 0, "misses": 0} if stats is None else stats  # shared with its SharedWork
         explicit = getattr(inner, "last_layer", None)
         if explicit is not None:  # keep plugins.mad.jacobian.find_last_linear's answer for the wrapped network
             self.last_layer = f"inner.{explicit}" if isinstance(explicit, str) else explicit
@@ -70,8 +71,9 @@ class MemoModel(nn.Module):
         key = batch_key(x)
         hit = self.table.get(key)
         if hit is not None:
-            self.hits += 1
+            self.stats["hits"] += 1
             return hit.clone()
+        self.stats["misses"] += 1
         out = self.inner(x)
         if self.record and not out.requires_grad:
             self.table[key] = out.detach().clone()
@@ -85,9 +87,12 @@ class SharedWork:
     key: str
     victim_table: dict[str, torch.Tensor] = field(default_factory=dict)
     surrogate_table: dict[str, torch.Tensor] = field(default_factory=dict)
+    # memo lookups answered / computed in this process (not saved)
+    victim_stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    surrogate_stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
 
     def victim_model(self, victim: nn.Module) -> MemoModel:
-        return MemoModel(victim, self.victim_table)
+        return MemoModel(victim, self.victim_table, stats=self.victim_stats)
 
     def surrogate_for(self, victim: nn.Module, defense: Mapping[str, Any], surrogate_seed: int) -> nn.Module | None:
         """The memo'd surrogate for a defense whose every surrogate use is the forward pass, else None (the
@@ -96,7 +101,7 @@ class SharedWork:
             return None
         from mlflow_project.lab.oracles import make_surrogate_for
 
-        return MemoModel(make_surrogate_for(victim, surrogate_seed), self.surrogate_table)
+        return MemoModel(make_surrogate_for(victim, surrogate_seed), self.surrogate_table, stats=self.surrogate_stats)
 
     def to_file(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +154,7 @@ def build_shared(victim, preset, seed: int, key: str, threads: int = 0) -> Share
     shared = SharedWork(key)
     spec = victim.spec
     memo = shared.victim_model(victim.model)
-    surrogate = MemoModel(make_surrogate_for(victim.model, preset.surrogate_seed), shared.surrogate_table)
+    surrogate = shared.surrogate_for(victim.model, {"name": "mad"}, preset.surrogate_seed)
     test_x, _ = data.load_raw(preset.dataset, "test")
     test_x = data.adapt(test_x, spec)
     predict_probs(memo, test_x)
