@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -299,9 +300,14 @@ def run_point(job: PointJob, victim, shared: SharedWork | None, target: Tracking
                             tags={**job.tags, PARENT_TAG: target.parent_run_id})
     with mlflow.start_run(run_id=run.info.run_id, nested=True) as child:
         marker = os.environ.get(KILL_ONCE_ENV)
-        if in_worker and marker and not os.path.exists(marker):
-            Path(marker).write_text(f"killed worker {os.getpid()} in point {job.key}\n")
-            os.kill(os.getpid(), 9)
+        if in_worker and marker:
+            try:
+                with open(marker, "x") as f:  # exclusive create: one worker of the sweep dies, once
+                    f.write(f"killed worker {os.getpid()} in point {job.key}\n")
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
         result = (evaluate_fn or evaluate)(job.cfg, victim=victim, progress=False, shared=shared)
         log_evaluation(result)
         mlflow.log_param("defense_config", json.dumps(job.defense, sort_keys=True))

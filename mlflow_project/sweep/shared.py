@@ -146,7 +146,7 @@ def build_shared(victim, preset, seed: int, key: str, threads: int = 0) -> Share
     ``evaluate.Victim``; ``threads`` > 0 sets torch's thread count first (a Ray task's CPU share)."""
     from mlflow_project.lab import data
     from mlflow_project.lab.attacks import AttackConfig, knockoff_queries, query_in_batches
-    from mlflow_project.lab.oracles import LocalOracle, make_surrogate_for
+    from mlflow_project.lab.oracles import LocalOracle
     from mlflow_project.lab.training import predict_probs
 
     if threads > 0:
