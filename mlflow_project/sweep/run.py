@@ -4,6 +4,13 @@
     python -m mlflow_project.sweep.run --preset paper --queryset mnist5k    # the larger protocol (see RESULTS.md)
     python -m mlflow_project.sweep.run --preset tiny                        # digits, seconds (what the tests run)
     mlflow run . -e sweep -P preset=quick -P attack=knockoff_argmax --env-manager local
+    mlflow run . -e sweep -P preset=paper -P executor=ray -P ray_address=auto -P cpus_per_point=2 --env-manager local
+
+Executors (``--executor``): ``local`` runs the points one after another in this process; ``ray`` runs each as a
+Ray task (:mod:`mlflow_project.sweep.ray_executor`, docs/operations.md "Sweeps on a Ray cluster"). Both log each
+point's nested run through :func:`run_point`, so parent run, CSV, plots and selection are the same. For
+non-adaptive attacks the victim's (and surrogate's) outputs are computed once per seed and shared by every point
+(:mod:`mlflow_project.sweep.shared`; ``--no-share-queries`` turns it off).
 
 Every grid point (a defense config, :func:`presets.defense_grid`) is one nested MLflow run under a parent
 run, evaluated with :func:`mlflow_project.lab.evaluate.evaluate` against the same victim (trained once, or reused
