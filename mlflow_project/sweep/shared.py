@@ -94,14 +94,18 @@ class SharedWork:
     def victim_model(self, victim: nn.Module) -> MemoModel:
         return MemoModel(victim, self.victim_table, stats=self.victim_stats)
 
-    def surrogate_for(self, victim: nn.Module, defense: Mapping[str, Any], surrogate_seed: int) -> nn.Module | None:
+    def surrogate_for(self, victim: nn.Module, defense: Mapping[str, Any], surrogate_seed: int,
+                      record: bool = False) -> nn.Module | None:
         """The memo'd surrogate for a defense whose every surrogate use is the forward pass, else None (the
         point builds its own, as without shared work)."""
         if not surrogate_shareable(defense):
             return None
         from mlflow_project.lab.oracles import make_surrogate_for
 
-        return MemoModel(make_surrogate_for(victim, surrogate_seed), self.surrogate_table, stats=self.surrogate_stats)
+        # recorded only while the memo is built: a point's other surrogate batches (a composite's row subsets)
+        # are its own and would only grow the table
+        return MemoModel(make_surrogate_for(victim, surrogate_seed), self.surrogate_table, record=record,
+                         stats=self.surrogate_stats)
 
     def to_file(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +158,7 @@ def build_shared(victim, preset, seed: int, key: str, threads: int = 0) -> Share
     shared = SharedWork(key)
     spec = victim.spec
     memo = shared.victim_model(victim.model)
-    surrogate = shared.surrogate_for(victim.model, {"name": "mad"}, preset.surrogate_seed)
+    surrogate = shared.surrogate_for(victim.model, {"name": "mad"}, preset.surrogate_seed, record=True)
     test_x, _ = data.load_raw(preset.dataset, "test")
     test_x = data.adapt(test_x, spec)
     predict_probs(memo, test_x)
