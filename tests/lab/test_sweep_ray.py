@@ -119,3 +119,42 @@ def test_a_file_store_is_refused_for_a_multi_node_cluster():
             check_tracking_for_cluster(uri, nodes)
     check_tracking_for_cluster("http://mlflow:5000", nodes)  # a server is fine
     check_tracking_for_cluster("sqlite:////tmp/mlflow.db", nodes[:1] + nodes[2:])  # one node alive: one file
+
+
+def test_a_killed_driver_resumes_from_its_finished_points(head, server, digits_victim_dir, tmp_path):
+    """The sweep process itself (under ``mlflow run``) is killed once a point has finished; the same command
+    again reuses the finished points and runs only the rest."""
+    import time
+
+    from mlflow_project.ops.processes import stop_group
+
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "sweep", "--env-manager", "local",
+           "-P", "preset=tiny", "-P", "executor=ray", "-P", f"ray_address={head.address}",
+           "-P", f"victim={digits_victim_dir}", "-P", f"results_dir={tmp_path / 'out'}"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_NAME": "driver", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    client = MlflowClient(server.url)
+    log = (tmp_path / "first.out").open("wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finished() -> list:
+        exp = client.get_experiment_by_name("driver")
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], filter_string=(
+            "tags.`stealguard.kind` = 'sweep_point' AND attributes.status = 'FINISHED'"))
+
+    while not finished():
+        assert proc.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
+        time.sleep(1.0)
+    stop_group(proc.pid, 5.0, proc)  # the driver and its mlflow run wrapper, mid-sweep
+    log.close()
+    time.sleep(5.0)  # the dead driver's tasks are killed with it; let a point caught mid-logging settle
+    done_before = {r.data.tags[POINT_KEY_TAG] for r in finished()}
+    assert 1 <= len(done_before) < 7
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"({7 - len(done_before)} new, {len(done_before)} reused)" in again.stdout
+    rows = read_rows(tmp_path / "out" / "points.csv")
+    assert len(rows) == 7 and done_before <= set(rows)
