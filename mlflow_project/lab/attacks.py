@@ -185,11 +185,15 @@ def query_in_batches(oracle, x: torch.Tensor, batch_size: int, progress: bool, d
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def _knockoff(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
+def knockoff_queries(pool: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    """Knockoff's queries: ``min(budget, len(pool))`` rows of the pool drawn without replacement by the seed."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = min(cfg.budget, len(pool))
-    idx = torch.randperm(len(pool), generator=gen)[:n]
-    x = pool[idx]
+    return pool[torch.randperm(len(pool), generator=gen)[: min(cfg.budget, len(pool))]]
+
+
+def _knockoff(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
+    x = knockoff_queries(pool, cfg)
+    n = len(x)
     y = query_in_batches(oracle, x, cfg.query_batch_size, progress, f"{cfg.name}: querying")
     torch.manual_seed(cfg.seed)
     clone = make_clone()

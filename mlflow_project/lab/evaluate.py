@@ -247,13 +247,14 @@ def load_mapping(text: str, what: str, example: str) -> dict[str, Any]:
 
 
 def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = True,
-             observers: Sequence[Callable[[str, dict], None]] = ()) -> EvalResult:
+             observers: Sequence[Callable[[str, dict], None]] = (), shared=None) -> EvalResult:
     """Run one evaluation (no MLflow).
 
     ``observers(stage, payload)`` is the hook a metrics exporter attaches to. Stages: ``defense_batch`` for
     every batch the in-process defense answers (payload: ``probs``, ``perturbed``, ``angular_deviation``,
     ``latency_s``; the test-set pass and the attacker's queries alike), then ``defender`` and ``attacker``
-    with the metrics known so far (a dict of floats)."""
+    with the metrics known so far (a dict of floats). ``shared``: a sweep's precomputed victim and surrogate
+    outputs (:class:`mlflow_project.sweep.shared.SharedWork`; the answers are bit-identical with or without)."""
     t_all = time.perf_counter()
     victim = victim or load_victim(cfg.victim)
     if victim.spec.dataset != cfg.dataset:
@@ -262,12 +263,14 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     test_x, test_y = data.load_raw(cfg.dataset, "test")
     test_x = data.adapt(test_x, spec)
     defense = build_victim_defense(victim.model, cfg.defense, spec.num_classes, cfg.surrogate_seed,
-                                   misinformation=cfg.misinformation or None)
+                                   misinformation=cfg.misinformation or None, surrogate=shared and
+                                   shared.surrogate_for(victim.model, cfg.defense, cfg.surrogate_seed))
+    model = shared.victim_model(victim.model) if shared else victim.model  # the victim's forward passes
     seconds: dict[str, float] = {}
 
     # the defender's side: what the defense costs on the victim's test set
     t0 = time.perf_counter()
-    probs = predict_probs(victim.model, test_x)
+    probs = predict_probs(model, test_x)
 
     def on_batch(payload: dict) -> None:
         for obs in observers:
@@ -318,9 +321,9 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     queryset = cfg.queryset or cfg.dataset
     pool = data.query_set(queryset, spec, victim_dataset=cfg.dataset)
     if monitor is not None:
-        oracle = MonitoredOracle(victim.model, defense, monitor, budget=cfg.budget, clients=cfg.attacker_clients)
+        oracle = MonitoredOracle(model, defense, monitor, budget=cfg.budget, clients=cfg.attacker_clients)
     elif cfg.oracle == "local":
-        oracle = LocalOracle(victim.model, defense, budget=cfg.budget, on_batch=on_batch if observers else None)
+        oracle = LocalOracle(model, defense, budget=cfg.budget, on_batch=on_batch if observers else None)
     else:
         oracle = HTTPOracle(cfg.url, budget=cfg.budget, send=cfg.http_send, mean=spec.mean, std=spec.std)
     acfg = AttackConfig(name=cfg.attack, budget=cfg.budget, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
@@ -333,7 +336,7 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     res = run_attack(oracle, pool, make_clone, acfg, progress=progress)
     metrics.update(attacker_metrics(res, test_x, test_y, probs.argmax(1)))
     if len(res.transfer_x):
-        undefended = predict_probs(victim.model, res.transfer_x).argmax(1)
+        undefended = predict_probs(model, res.transfer_x).argmax(1)
         metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
     metrics["queries"] = float(res.queries)
     if monitor is not None:

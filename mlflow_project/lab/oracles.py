@@ -85,8 +85,10 @@ def load_misinformation(misinformation: nn.Module | str | Path) -> nn.Module:
 
 
 def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, num_classes: int,
-                         surrogate_seed: int = 0, misinformation: nn.Module | str | Path | None = None):
-    """Build the defense ``config`` for ``victim`` (a surrogate is built when the defense needs one; a
+                         surrogate_seed: int = 0, misinformation: nn.Module | str | Path | None = None,
+                         surrogate: nn.Module | None = None):
+    """Build the defense ``config`` for ``victim`` (a surrogate is built when the defense needs one, unless
+    ``surrogate`` gives it, e.g. the sweep's shared-work memo of that same surrogate; a
     misinformation model, a module or a train_misinformation export directory, is passed when it needs one
     and ignored otherwise)."""
     config = dict(config or {"name": "identity"})
@@ -94,7 +96,7 @@ def build_victim_defense(victim: nn.Module, config: Mapping[str, Any] | None, nu
         raise ValueError("defense: the config needs a 'name' (e.g. {\"name\": \"identity\"})")
     resources: dict[str, Any] = {"num_classes": num_classes}
     if needs(config, "surrogate"):
-        resources["surrogate"] = make_surrogate_for(victim, surrogate_seed)
+        resources["surrogate"] = surrogate if surrogate is not None else make_surrogate_for(victim, surrogate_seed)
     if needs(config, "misinformation"):
         if misinformation is None or misinformation == "":
             raise ValueError(

@@ -4,6 +4,13 @@
     python -m mlflow_project.sweep.run --preset paper --queryset mnist5k    # the larger protocol (see RESULTS.md)
     python -m mlflow_project.sweep.run --preset tiny                        # digits, seconds (what the tests run)
     mlflow run . -e sweep -P preset=quick -P attack=knockoff_argmax --env-manager local
+    mlflow run . -e sweep -P preset=paper -P executor=ray -P ray_address=auto -P cpus_per_point=2 --env-manager local
+
+Executors (``--executor``): ``local`` runs the points one after another in this process; ``ray`` runs each as a
+Ray task (:mod:`mlflow_project.sweep.ray_executor`, docs/operations.md "Sweeps on a Ray cluster"). Both log each
+point's nested run through :func:`run_point`, so parent run, CSV, plots and selection are the same. For
+non-adaptive attacks the victim's (and surrogate's) outputs are computed once per seed and shared by every point
+(:mod:`mlflow_project.sweep.shared`; ``--no-share-queries`` turns it off).
 
 Every grid point (a defense config, :func:`presets.defense_grid`) is one nested MLflow run under a parent
 run, evaluated with :func:`mlflow_project.lab.evaluate.evaluate` against the same victim (trained once, or reused
@@ -37,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +68,7 @@ from mlflow_project.sweep.select import (
     sweep_child_runs,
     tag_recommended,
 )
+from mlflow_project.sweep.shared import NON_ADAPTIVE, SharedWork, build_shared, shared_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO_ROOT / "results" / "sweeps"
@@ -79,6 +88,10 @@ MEAN_CSV_COLUMNS = (*CSV_COLUMNS, "seeds", "n_seeds", *(f"{c}_{e}" for c in SPRE
 PROTOCOL_VERSION = 2  # part of every key: points recorded before the attackers were a set are not reused
 PARENT_KIND = "sweep"
 POINT_KIND = "sweep_point"
+EXECUTORS = ("local", "ray")
+PARENT_TAG = "mlflow.parentRunId"  # what makes a run nested under another in MLflow
+# test-only: a Ray worker that finds this variable (a marker file path) and no marker kills itself mid-point
+KILL_ONCE_ENV = "STEALGUARD_TEST_KILL_POINT_ONCE"
 
 
 # ---------------------------------------------------------------------------------------------- identities
@@ -247,6 +260,92 @@ def finished_points(client, experiment_id: str, sweep_key: str) -> dict[str, Any
     return done
 
 
+@dataclass
+class PointJob:
+    """One (defense, seed) point to evaluate: what a worker needs besides the victim and the shared work."""
+
+    index: int  # its place in the sweep's run order (rows are reported in that order whoever finishes first)
+    defense: dict[str, Any]
+    seed: int
+    key: str
+    label: str
+    cfg: Any  # evaluate.EvalConfig
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a point logs, from wherever it runs: the tracking URI, the experiment and the sweep's parent run."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def run_point(job: PointJob, victim, shared: SharedWork | None, target: TrackingTarget, threads: int = 0,
+              evaluate_fn: Callable | None = None, in_worker: bool = False) -> dict[str, Any]:
+    """Evaluate one point and log it as a nested run of the sweep's parent (created here, tagged
+    ``mlflow.parentRunId``, then entered with ``mlflow.start_run(run_id=...)``); return its CSV row. The same
+    function runs in the sweep's process (local executor) and in a Ray worker (``threads``: the task's CPUs).
+    Runs of the same point key left RUNNING by a dead worker or driver are marked FAILED first."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_project.lab.evaluate import evaluate, log_evaluation
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if mlflow.get_tracking_uri() != target.uri:
+        mlflow.set_tracking_uri(target.uri)
+    client = MlflowClient(target.uri)
+    stale = client.search_runs([target.experiment_id], run_view_type=1, filter_string=(
+        f"tags.`{POINT_KEY_TAG}` = '{job.key}' AND tags.`{SWEEP_KEY_TAG}` = '{job.tags[SWEEP_KEY_TAG]}' "
+        "AND attributes.status = 'RUNNING'"))
+    for run in stale:
+        client.set_terminated(run.info.run_id, "FAILED")
+    run = client.create_run(target.experiment_id, run_name=f"{job.label} seed {job.seed}",
+                            tags={**job.tags, PARENT_TAG: target.parent_run_id})
+    with mlflow.start_run(run_id=run.info.run_id, nested=True) as child:
+        marker = os.environ.get(KILL_ONCE_ENV)
+        if in_worker and marker:
+            try:
+                with open(marker, "x") as f:  # exclusive create: one worker of the sweep dies, once
+                    f.write(f"killed worker {os.getpid()} in point {job.key}\n")
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        result = (evaluate_fn or evaluate)(job.cfg, victim=victim, progress=False, shared=shared)
+        log_evaluation(result)
+        mlflow.log_param("defense_config", json.dumps(job.defense, sort_keys=True))
+        mlflow.set_tags({KIND_TAG: POINT_KIND, "stealguard.label": job.label})
+    return _flat_row(job.defense, result.metrics, status="new", point_key=job.key, run_id=child.info.run_id,
+                     seed=job.seed, seconds=result.seconds.get("total", math.nan))
+
+
+class LocalShared:
+    """The local executor's shared work: one :class:`SharedWork` per seed, from its cache file or built once."""
+
+    def __init__(self, directory: Path, victim, preset: Preset, victim_hash: str) -> None:
+        self.directory, self.victim, self.preset, self.victim_hash = directory, victim, preset, victim_hash
+        self.by_seed: dict[int, SharedWork] = {}
+
+    def get(self, seed: int) -> SharedWork:
+        if seed not in self.by_seed:
+            key = shared_key(self.victim_hash, self.preset, seed, torch.get_num_threads())
+            path = self.directory / f"{key}.pt"
+            if path.is_file():
+                self.by_seed[seed] = SharedWork.from_file(path)
+            else:
+                self.by_seed[seed] = build_shared(self.victim, self.preset, seed, key)
+                self.by_seed[seed].to_file(path)
+        return self.by_seed[seed]
+
+    def save(self) -> None:
+        for work in self.by_seed.values():  # the memo may have grown (attacks it was not warmed for)
+            work.to_file(self.directory / f"{work.key}.pt")
+
+
 def run_sweep(
     preset: Preset | str = "quick",
     victim: str = "",
@@ -260,6 +359,10 @@ def run_sweep(
     grid: Sequence[Mapping[str, Any]] | None = None,
     report_only: bool = False,
     max_l1: float | None = None,
+    executor: str = "local",
+    ray_address: str = "",
+    cpus_per_point: int = 1,
+    share_queries: bool = True,
 ) -> SweepResult:
     """Run (or resume) the sweep of ``preset``; return its points, selection and output files.
 
@@ -267,18 +370,26 @@ def run_sweep(
     (a seam for tests that inject failures). ``grid`` overrides the preset's defense grid. ``report_only``:
     evaluate nothing and leave the parent run's state alone; write the outputs and select from the points
     finished so far (e.g. while a long sweep is still running, or after it was stopped). ``max_drop`` /
-    ``max_l1`` default to the preset's.
+    ``max_l1`` default to the preset's. ``executor``: ``local`` (one point after another in this process) or
+    ``ray`` (each point a Ray task with ``cpus_per_point`` CPUs and as many torch threads, on the cluster at
+    ``ray_address``: ``auto``, ``ray://host:10001``, ``host:port`` of a head, or "" for a cluster of this machine
+    started on the spot; see :mod:`mlflow_project.sweep.ray_executor`). ``share_queries``: for non-adaptive
+    attacks, compute the victim's and surrogate's outputs on the queries once per seed
+    (:mod:`mlflow_project.sweep.shared`; same answers, bit for bit).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mlflow_project.lab.evaluate import EvalConfig, evaluate, log_evaluation
+    from mlflow_project.lab.evaluate import EvalConfig
     from mlflow_project.lifecycle import tracking
 
     t_start = time.perf_counter()
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor: unknown {executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if cpus_per_point < 1:
+        raise ValueError(f"cpus_per_point: must be >= 1; got {cpus_per_point}")
     preset = get_preset(preset) if isinstance(preset, str) else preset
     caps = (preset.max_drop if max_drop is None else max_drop, preset.max_l1 if max_l1 is None else max_l1)
-    evaluate_fn = evaluate_fn or evaluate
     experiment_id = tracking.setup(tracking_uri, experiment)
     client = MlflowClient(mlflow.get_tracking_uri())
 
@@ -321,7 +432,6 @@ def run_sweep(
         return SweepResult(parent.info.run_id, sweep_key, rows, recommended, out_dir, artifacts, 0, len(rows),
                            time.perf_counter() - t_start)
     run_name = f"sweep-{preset.name}-{preset.attack}-{preset.queryset}-{preset.budget}"
-    rows: list[dict[str, Any]] = []
     new = reused = 0
     # under `mlflow run`: the run it created is the parent (finished points of this sweep are still reused)
     with tracking.start_or_resume(run_name, parent.info.run_id if parent else None) as parent_run:
@@ -337,15 +447,15 @@ def run_sweep(
             # on any machine (the points' `misinformation` param is a path on the machine that ran the sweep)
             mlflow.log_artifacts(misinformation, MISINFORMATION_ARTIFACT)
         done = finished_points(client, experiment_id, sweep_key)
-        bar = tqdm(todo, desc=f"sweep {preset.name}", unit="point", disable=not progress)
-        for defense, seed in bar:
+        jobs: list[PointJob] = []
+        slots: list[dict[str, Any] | None] = []
+        for defense, seed in todo:
             key = spec.point_key(defense, seed)
-            label = describe(defense)
-            bar.set_postfix_str(f"{label} seed {seed}")
             if key in done:
                 run = done[key]
-                rows.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key, seed=seed,
-                                      run_id=run.info.run_id, seconds=run.data.metrics.get("seconds_total", math.nan)))
+                slots.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key, seed=seed,
+                                       run_id=run.info.run_id,
+                                       seconds=run.data.metrics.get("seconds_total", math.nan)))
                 reused += 1
                 continue
             cfg = EvalConfig(dataset=preset.dataset, victim=victim_path, defense=defense, attack=preset.attack,
@@ -357,17 +467,32 @@ def run_sweep(
                     "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
             if needs_misinformation(defense):
                 tags[MISINFORMATION_TAG] = f"runs:/{parent_id}/{MISINFORMATION_ARTIFACT}"
-            with mlflow.start_run(run_name=f"{label} seed {seed}", nested=True, tags=tags) as child:
-                result = evaluate_fn(cfg, victim=vict, progress=False)
-                log_evaluation(result)
-                mlflow.log_param("defense_config", json.dumps(defense, sort_keys=True))
-                mlflow.set_tags({KIND_TAG: POINT_KIND, "stealguard.label": label})
-            rows.append(_flat_row(defense, result.metrics, status="new", point_key=key, run_id=child.info.run_id,
-                                  seed=seed, seconds=result.seconds.get("total", math.nan)))
-            new += 1
-            m = result.metrics
-            bar.set_postfix_str(f"{label} seed {seed} attacker soft/top-1 {100 * m['attacker_accuracy_soft']:.1f}/"
-                                f"{100 * m['attacker_accuracy_top1']:.1f}%")
+            jobs.append(PointJob(len(slots), dict(defense), seed, key, describe(defense), cfg, tags))
+            slots.append(None)
+        target = TrackingTarget(mlflow.get_tracking_uri(), experiment_id, parent_id)
+        share = share_queries and preset.attack in NON_ADAPTIVE and spec.oracle == "local"
+        bar = tqdm(total=len(jobs), desc=f"sweep {preset.name}", unit="point", disable=not progress)
+
+        def on_row(job: PointJob, row: dict[str, Any]) -> None:
+            slots[job.index] = row
+            bar.update(1)
+            bar.set_postfix_str(f"{job.label} seed {job.seed} attacker soft/top-1 "
+                                f"{100 * row['attacker_accuracy_soft']:.1f}/{100 * row['attacker_accuracy_top1']:.1f}%")
+
+        if executor == "ray":
+            from mlflow_project.sweep.ray_executor import run_jobs
+
+            run_jobs(jobs, vict, target, on_row, preset=preset, victim_hash=spec.victim_hash, share=share,
+                     cpus_per_point=cpus_per_point, address=ray_address, evaluate_fn=evaluate_fn)
+        else:
+            shared = LocalShared(out_dir / "shared", vict, preset, spec.victim_hash) if share else None
+            for job in jobs:
+                on_row(job, run_point(job, vict, shared.get(job.seed) if shared else None, target,
+                                      evaluate_fn=evaluate_fn))
+            if shared:
+                shared.save()
+        new = len(jobs)
+        rows = [r for r in slots if r is not None]
         bar.close()
 
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, caps)
@@ -568,6 +693,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="run no new point: write the CSV, plots and selection from the finished points so far")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: the points one after another in this process; ray: each point a Ray task")
+    p.add_argument("--ray-address", default="", help="executor=ray: auto, ray://host:10001, a head's host:port, "
+                   "or empty for a cluster of this machine started for the sweep")
+    p.add_argument("--cpus-per-point", type=integer, default=1,
+                   help="executor=ray: CPUs per point task (and its torch thread count)")
+    p.add_argument("--no-share-queries", action="store_true",
+                   help="compute the victim's and surrogate's outputs in every point (default: once per seed for "
+                        "non-adaptive attacks)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -593,7 +727,8 @@ def main(argv: list[str] | None = None) -> SweepResult:
     result = run_sweep(preset, victim=a.victim, tracking_uri=a.tracking_uri, results_dir=a.results_dir or None,
                        max_drop=a.max_drop if a.max_drop >= 0 else None,
                        max_l1=a.max_l1 if a.max_l1 >= 0 else None, progress=not a.no_progress,
-                       report_only=a.report_only)
+                       report_only=a.report_only, executor=a.executor, ray_address=a.ray_address,
+                       cpus_per_point=a.cpus_per_point, share_queries=not a.no_share_queries)
     print(f"sweep {result.sweep_key}: {len(result.points)} points ({result.new_points} new, "
           f"{result.reused_points} reused) in {result.seconds:.1f}s; parent run {result.parent_run_id}")
     print(f"outputs: {result.results_dir}")

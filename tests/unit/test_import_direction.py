@@ -1,5 +1,6 @@
 """Imports run one way (docs/architecture.md, "Import direction"): plugins imports neither handlers,
-mlflow_project, mlflow nor TorchServe (ts); handlers never imports mlflow or mlflow_project. Every module of
+mlflow_project, mlflow, TorchServe (ts) nor ray; handlers never imports mlflow, mlflow_project or ray (the
+sweep's executor, a lab-only dependency). Every module of
 both packages is parsed with ``ast``, imports inside functions and ``if TYPE_CHECKING`` blocks included, and
 relative imports are resolved against the module's own package."""
 
@@ -12,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
-    "plugins": ("handlers", "mlflow_project", "mlflow", "ts"),
-    "handlers": ("mlflow", "mlflow_project"),
+    "plugins": ("handlers", "mlflow_project", "mlflow", "ts", "ray"),
+    "handlers": ("mlflow", "mlflow_project", "ray"),
 }
 
 
@@ -59,6 +60,8 @@ def test_the_package_imports_only_in_the_allowed_direction(package):
         ("def f():\n    import mlflow_project.lab.data\n", "handlers", True),
         ("from ts.context import Context\n", "handlers", False),
         ("from ts.context import Context\n", "plugins", True),
+        ("import ray\n", "plugins", True),
+        ("def f():\n    from ray.util import ActorPool\n", "handlers", True),
         ("from handlers import config\n", "plugins", True),
         ("from ..handlers import config\n", "plugins", False),  # in plugins/sub/m.py: plugins.handlers
         ("from . import mlflow\n", "handlers", False),  # handlers.sub.mlflow, not the mlflow package

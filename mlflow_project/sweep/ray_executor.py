@@ -1,0 +1,108 @@
+"""The sweep's Ray executor: every point a Ray task, on a cluster of this machine or many.
+
+Why tasks and not Ray Tune trials: a sweep point is one function call with a fixed config (no intermediate
+reports, no early stopping, no search algorithm: the grid is given and every point runs to the end); the sweep
+already owns what Tune would add (point keys and resumption from the tracking store, selection, the CSV and the
+plots). A task is the smallest unit that gives what is needed here: a CPU share (``num_cpus``), retries when a
+worker dies (``max_retries``), and the object store for what the points share (the victim, the shared work).
+
+- ``ray_address``: ``auto`` (the cluster this machine is part of), ``ray://host:10001`` (Ray Client), a head's
+  ``host:port`` (e.g. ``127.0.0.1:6379`` after ``ray start --head``), or "" (start a cluster of this machine on
+  the spot and stop it at the end).
+- Each task gets ``num_cpus=cpus_per_point`` and sets torch's thread count to it, so a point computes with the
+  same threads wherever it runs (metrics equal the local executor's at equal thread counts).
+- Tracking: the task logs its nested run itself, to the tracking URI, experiment and parent run it is given
+  (:func:`mlflow_project.sweep.run.run_point`). A file store or SQLite file is refused when more than one node
+  is alive: each node would write its own file and the driver would never see the points of the others.
+- Resumption: a task whose worker dies is retried (``max_retries``); a point that raised is not (as with the
+  local executor, the sweep stops). If the driver dies, its tasks die with it; the next run of the same sweep
+  skips every key that has a FINISHED run.
+- Shared work (:mod:`mlflow_project.sweep.shared`): one task per seed builds the memo tables with the points'
+  CPU share; the points get them through the object store.
+
+Workers import the project from ``PYTHONPATH`` (this checkout's root is prepended, which is right for a cluster
+of this machine); on a multi-node cluster the image must hold the project and its requirements
+(docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow_project.sweep.run import REPO_ROOT, PointJob, TrackingTarget, run_point
+from mlflow_project.sweep.shared import build_shared, shared_key
+
+MAX_RETRIES = 3  # per point, when its worker process or node dies
+FORWARDED_ENV_PREFIXES = ("STEALGUARD_", "MLFLOW_TRACKING_")
+
+
+def is_local_store(uri: str) -> bool:
+    """True for a tracking URI that is a file on the machine that writes it (SQLite, a file store, a path)."""
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # one letter: a Windows drive
+
+
+def alive_nodes(nodes: Sequence[Mapping[str, Any]]) -> int:
+    return sum(1 for n in nodes if n.get("Alive"))
+
+
+def check_tracking_for_cluster(uri: str, nodes: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a local-file tracking store for a cluster of more than one node (see the module doc)."""
+    n = alive_nodes(nodes)
+    if n > 1 and is_local_store(uri):
+        raise ValueError(
+            f"tracking_uri: {uri!r} is a file on this machine, but the Ray cluster has {n} nodes alive: each node's "
+            "points would write their own copy of that file and the sweep would never see them. Run an "
+            "`mlflow server` (with --serve-artifacts or a shared artifact store) and pass its http(s):// URI, or "
+            "use a database server URI (postgresql://, mysql://)")
+
+
+def runtime_env() -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": env}
+
+
+def _point_task(job: PointJob, victim, shared, target: TrackingTarget, threads: int, evaluate_fn):
+    return run_point(job, victim, shared, target, threads=threads, evaluate_fn=evaluate_fn, in_worker=True)
+
+
+def run_jobs(jobs: Sequence[PointJob], victim, target: TrackingTarget, on_row: Callable[[PointJob, dict], None], *,
+             preset, victim_hash: str, share: bool, cpus_per_point: int = 1, address: str = "",
+             evaluate_fn: Callable | None = None) -> None:
+    """Run ``jobs`` as Ray tasks; call ``on_row(job, row)`` in this process as each one finishes."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or None, runtime_env=runtime_env(), log_to_driver=False,
+                 include_dashboard=False if not address else None)
+    try:
+        check_tracking_for_cluster(target.uri, ray.nodes())
+        if not jobs:
+            return
+        victim_ref = ray.put(victim)
+        shared_refs: dict[int, Any] = {}
+        if share:
+            build = ray.remote(num_cpus=cpus_per_point, max_retries=MAX_RETRIES)(build_shared)
+            for seed in sorted({j.seed for j in jobs}):
+                key = shared_key(victim_hash, preset, seed, cpus_per_point)
+                shared_refs[seed] = build.remote(victim_ref, preset, seed, key, cpus_per_point)
+        task = ray.remote(num_cpus=cpus_per_point, max_retries=MAX_RETRIES)(_point_task)
+        pending = {task.remote(j, victim_ref, shared_refs.get(j.seed), target, cpus_per_point, evaluate_fn): j
+                   for j in jobs}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(done[0])
+                on_row(job, ray.get(done[0]))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
