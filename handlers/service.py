@@ -49,6 +49,19 @@ class Defended:
     defense_s: float = 0.0  # the defense's own time: its call minus surrogate_s, plus the fail-closed check
 
 
+@dataclass(frozen=True)
+class Answered:
+    """One defended batch as the handler answers it: the pipeline's result, the probabilities to answer (after
+    the monitor), which rows the monitor blocks (None: none), and the requests it answers with their row counts.
+    It lives here because TorchServe refuses a handler file that defines more than one class."""
+
+    result: Defended
+    probs: torch.Tensor
+    blocked: torch.Tensor | None
+    owners: list[int]
+    sizes: list[int]
+
+
 class NetworkTimer:
     """Wall time spent inside the resource networks a defense runs, accumulated by forward pre/post hooks on
     the modules it was given (what the defense calls, whatever runtime is behind them); ``take()`` reads and

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # In a .mar this file sits at the archive root next to handlers/ and plugins/; in the repository it is
@@ -40,25 +39,13 @@ from handlers.codec import error_body  # noqa: E402
 from handlers.errors import REASONS, RequestError  # noqa: E402
 from handlers.metrics import DefenseMetrics  # noqa: E402
 from handlers.monitor import BLOCK_MESSAGE, ClientMonitor  # noqa: E402
-from handlers.service import Defended, DefendedModel, DefenseFailed  # noqa: E402
+from handlers.service import Answered, DefendedModel, DefenseFailed  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 HEADER = "X-StealGuard-Defense"
 JSON = "application/json"
 BODY_KEYS = ("body", "data")
-
-
-@dataclass(frozen=True)
-class _Answered:
-    """One defended batch: the pipeline's result, the probabilities to answer (after the monitor), which rows the
-    monitor blocks (None: none), and the requests it answers with their row counts."""
-
-    result: Defended
-    probs: torch.Tensor
-    blocked: torch.Tensor | None
-    owners: list[int]
-    sizes: list[int]
 
 
 class StealGuardHandler:
@@ -188,7 +175,7 @@ class StealGuardHandler:
             )
         return responses
 
-    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> list[_Answered]:
+    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> list[Answered]:
         """Defend the rows of several requests in one batched call, screened by the per-client monitor when the
         archive has one; return the answered batches. If the batch fails, each request is retried alone so one
         bad request cannot fail the others; a request that fails alone gets its refusal in ``responses``."""
@@ -208,7 +195,7 @@ class StealGuardHandler:
                     len(rows),
                     exc,
                 )
-                done: list[_Answered] = []
+                done: list[Answered] = []
                 for x, idx in zip(rows, owners, strict=True):
                     done += self._defend([x], [idx], responses, context)
                 return done
@@ -223,7 +210,7 @@ class StealGuardHandler:
                 "the defense could not run on this request; no prediction",
             )
             return []
-        return [_Answered(result, probs, blocked, list(owners), [r.shape[0] for r in rows])]
+        return [Answered(result, probs, blocked, list(owners), [r.shape[0] for r in rows])]
 
     def describe_handle(self) -> str:
         """TorchServe's describe API (``GET /models/<name>?customized=true``): the archive's input contract,

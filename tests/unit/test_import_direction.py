@@ -76,3 +76,11 @@ def test_the_checker_sees_each_kind_of_import(tmp_path, source, package, caught)
     module.write_text(source)
     found = violations(package, tmp_path)
     assert bool(found) == caught, found
+
+
+def test_the_handler_file_defines_exactly_one_class():
+    """TorchServe's worker refuses a handler module with more than one class ("Expected only one class in custom
+    service code"): helpers such as dataclasses belong in handlers/service.py."""
+    path = Path(__file__).resolve().parents[2] / "handlers" / "stealguard_handler.py"
+    classes = [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+    assert classes == ["StealGuardHandler"], classes
