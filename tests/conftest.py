@@ -27,3 +27,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_mlflow_run(monkeypatch):
+    """mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID into os.environ: an in-process test would otherwise
+    hand its experiment id to the next test's `mlflow run` subprocess, whose store has no such experiment."""
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
