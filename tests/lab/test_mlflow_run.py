@@ -154,7 +154,8 @@ def test_sweep_points_nest_under_the_mlflow_run(store, victim, sweep):
     assert f"parent run {run_id}" in stdout
     p = parent.data.params
     assert p["preset"] == "tiny" and p["budget"] == "100" and p["dataset"] == "''" and p["resolved.dataset"] == "digits"
-    assert p["seed"] == "-1" and p["resolved.seed"] == "0" and p["victim"] == str(victim["dir"])
+    # the seed is a point's (sweep --seeds): the parent keeps MLflow's "-1" ("the preset's") and resolves no seed
+    assert p["seed"] == "-1" and "resolved.seed" not in p and p["victim"] == str(victim["dir"])
     assert "resolved.victim" not in p and p["arch"] == "mlp"  # arch: no MLproject parameter, logged as is
     grid = defense_grid(get_preset("tiny"))
     children = client.search_runs([store["exp"]], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
