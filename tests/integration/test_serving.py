@@ -80,7 +80,7 @@ def test_defended_outputs_on_simplex_within_budget_top1_kept_and_perturbed(deplo
 
 def test_workers_run_the_code_shipped_in_their_archive(deployment):
     """Each worker imports handlers/ and plugins/ from its unpacked .mar, not from the repository."""
-    pattern = r"StealGuard: serving '(\w+)' .*; code from (\S+)\)"
+    pattern = r"StealGuard: serving '(\w+)' .*; code from ([^;)\s]+)[;)]"
     lines = deployment.server.wait_log(pattern, count=len(deployment.victims))
     served = dict(lines)
     assert set(deployment.victims) <= set(served), lines
