@@ -170,10 +170,14 @@ def top1_rows(y: torch.Tensor) -> torch.Tensor:
 def train_top1_twin(result: AttackResult, make_clone: Callable[[], nn.Module], cfg: AttackConfig,
                     progress: bool = False) -> nn.Module:
     """The top-1 attacker's clone: the same transfer set relabelled with its top-1 classes, trained from the same
-    initialisation with the same settings as ``result.clone``."""
+    initialisation with the same settings as ``result.clone``. When every answer already is one-hot (label_only,
+    misinformation answering top-1 only) that training would repeat the clone's exactly: the clone is returned."""
+    labels = top1_rows(result.transfer_y)
+    if torch.equal(labels, result.transfer_y):
+        return result.clone
     torch.manual_seed(cfg.seed)
     twin = make_clone()
-    train_classifier(twin, result.transfer_x, top1_rows(result.transfer_y), cfg.train_config(),
+    train_classifier(twin, result.transfer_x, labels, cfg.train_config(),
                      desc=f"{cfg.name}: top-1 twin", progress=progress)
     return twin
 

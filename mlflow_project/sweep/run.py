@@ -680,6 +680,10 @@ def _parser() -> argparse.ArgumentParser:
                  "rounding_decimals", "adaptive_misinformation_taus", "gradient_redirection_epsilons",
                  "ood_gated_taus"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
+    p.add_argument("--ood-gated-inside", default="", help="ood_gated points' in-distribution defenses, comma-separated "
+                   "(default: the preset's, identity,mad_argmax)")
+    p.add_argument("--ood-gated-outside", default="", help="ood_gated points' out-of-distribution defenses, "
+                   "comma-separated (default: the preset's, mad,label_only)")
     p.add_argument("--no-label-only", action="store_true", help="leave the label-only point out of the grid")
     p.add_argument("--monitor", default="", help="a monitor config (JSON): monitored twins of --monitor-points")
     p.add_argument("--monitor-points", default="", help="labels of the points that get a monitored twin "
@@ -706,10 +710,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> SweepResult:
-    a = _parser().parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+def preset_from_args(a: argparse.Namespace) -> Preset:
+    """The preset the command line asks for: ``--preset`` with every given override applied."""
     overrides = {
         "dataset": a.dataset or None, "attack": a.attack or None, "queryset": a.queryset or None,
         "budget": a.budget or None, "epochs": a.epochs or None, "seed": a.seed if a.seed >= 0 else None,
@@ -718,12 +720,21 @@ def main(argv: list[str] | None = None) -> SweepResult:
         "rounding_decimals": a.rounding_decimals, "label_only": False if a.no_label_only else None,
         "adaptive_misinformation_taus": a.adaptive_misinformation_taus,
         "gradient_redirection_epsilons": a.gradient_redirection_epsilons, "ood_gated_taus": a.ood_gated_taus,
+        "ood_gated_inside": split_labels(a.ood_gated_inside) or None,
+        "ood_gated_outside": split_labels(a.ood_gated_outside) or None,
         "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,
         "monitor": a.monitor, "monitor_points": split_labels(a.monitor_points) or None,
     }
     if a.dataset and not a.queryset:
         overrides["queryset"] = a.dataset  # a new dataset's in-distribution query set unless told otherwise
-    preset = get_preset(a.preset, **overrides)
+    return get_preset(a.preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> SweepResult:
+    a = _parser().parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    preset = preset_from_args(a)
     result = run_sweep(preset, victim=a.victim, tracking_uri=a.tracking_uri, results_dir=a.results_dir or None,
                        max_drop=a.max_drop if a.max_drop >= 0 else None,
                        max_l1=a.max_l1 if a.max_l1 >= 0 else None, progress=not a.no_progress,

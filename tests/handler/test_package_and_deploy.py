@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mlflow_project.lifecycle.package import main as package
+from tests.support.cli import venv_env
 from tests.support.torchserve import REPO
 from tests.support.victims import export, make_net
 
@@ -244,14 +245,11 @@ def test_a_converted_surrogate_that_disagrees_falls_back_to_eager_with_auto_and_
 
 
 def test_mlflow_run_package_ships_an_onnx_surrogate_by_default(tmp_path):
-    import os
     import subprocess
     import sys
 
     victim = _export_dir(tmp_path)
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow run` runs `python -m ...`: the venv's python first on PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = venv_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "package", "--env-manager", "local",
            "-P", "name=fm_auto", "-P", f"victim={victim}", "-P", f"defense={MAD}",
            "-P", f"export_path={tmp_path / 's'}"]

@@ -29,6 +29,7 @@ from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle import distributions
 from mlflow_project.lifecycle import package as package_cli
 from plugins import registry
+from tests.support.cli import venv_env
 from tests.support.torchserve import REPO, TorchServe
 from tests.support.victims import make_net
 
@@ -148,7 +149,7 @@ def archives(site, tmp_path_factory):
     export_victim(net, "mlp", input_spec("digits", "mlp"), victim, runtimes=False)
     (root / "defense.json").write_text(json.dumps(DEFENSE))
     store = root / "store"
-    env = {**os.environ, "PYTHONPATH": str(site), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env = venv_env(PYTHONPATH=str(site), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
     cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "package", "--env-manager", "local",
            "-P", "name=temp_shipped", "-P", f"victim={victim}", "-P", f"defense={root / 'defense.json'}",
            "-P", f"export_path={store}", "-P", f"extra_dist={DIST}"]

@@ -9,7 +9,7 @@ from mlflow_project.lab import data
 from mlflow_project.lab.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack, train_top1_twin
 from mlflow_project.lab.models import build_model
 from mlflow_project.lab.oracles import ArgmaxOracle, BudgetExceeded, LocalOracle, build_victim_defense
-from mlflow_project.lab.training import accuracy
+from mlflow_project.lab.training import accuracy, train_classifier
 
 
 def tiny(name: str, budget: int, spec: data.InputSpec, **kw) -> AttackConfig:
@@ -64,6 +64,21 @@ def test_one_query_pass_gives_two_clones(name, digits_victim, pool):
     soft_first = next(iter(res.clone.state_dict().values()))
     assert not torch.equal(soft_first, next(iter(res.top1_clone.state_dict().values())))
 
+
+
+def test_one_hot_answers_make_the_twin_the_clone(digits_victim, pool):
+    """label_only answers are one-hot already: the twin would be the same training on the same rows from the same
+    initialisation, so the clone is reused, and it is exactly what that training gives."""
+    defense = build_victim_defense(digits_victim.model, {"name": "label_only"}, digits_victim.spec.num_classes)
+    oracle = LocalOracle(digits_victim.model, defense, budget=150)
+    cfg = tiny("knockoff", 150, digits_victim.spec)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim), cfg, progress=False)
+    assert res.top1_clone is res.clone
+    torch.manual_seed(cfg.seed)
+    trained = make_clone_for(digits_victim)()
+    train_classifier(trained, res.transfer_x, res.transfer_y, cfg.train_config(), progress=False)
+    for a, b in zip(trained.state_dict().values(), res.clone.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 def test_jbtop3_all_queries_every_target(digits_victim, pool):
     oracle = LocalOracle(digits_victim.model, budget=None)

@@ -289,6 +289,11 @@ def test_presets_follow_the_paper_gammas_and_validate():
     gated = [g for g in defense_grid(paper) if g["name"] == "ood_gated"]
     assert {(g["inside"]["name"], g["outside"]["name"]) for g in gated} == {
         ("identity", "mad"), ("identity", "label_only"), ("mad_argmax", "mad"), ("mad_argmax", "label_only")}
+    one = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-taus", "0.9",
+                                                       "--ood-gated-inside", "mad_argmax",
+                                                       "--ood-gated-outside", "label_only"]))
+    assert [(g["tau"], g["inside"], g["outside"]["name"]) for g in defense_grid(one) if g["name"] == "ood_gated"] == [
+        (0.9, {"name": "mad_argmax", "epsilon": 1.0, "norm": "l1"}, "label_only")]
     assert get_preset("quick", seeds="0,1,2").all_seeds == (0, 1, 2) and get_preset("quick").all_seeds == (0,)
     assert get_preset("quick", mad_epsilons="0.2,0.4").mad_epsilons == (0.2, 0.4)
     with pytest.raises(ValueError, match="preset"):

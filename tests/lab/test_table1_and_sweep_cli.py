@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.support.cli import venv_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,8 +18,7 @@ def mlflow_run(entry: str, params: dict, tracking_uri: str) -> subprocess.Comple
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"mlflow run -e {entry} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
