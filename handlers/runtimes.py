@@ -3,9 +3,9 @@
 Every runtime maps a float32 batch ``x`` (B x input shape) to a float32 B x K tensor of logits (or of
 probabilities when the spec says ``output: probabilities``). A network with a single output column is a binary
 classifier: its probability p of class 1 (``probabilities``, e.g. after a sigmoid) or its logit z (``logits``) is
-served as the two classes [1 - p, p] (the logits [0, z], whose softmax is [1 - sigmoid(z), sigmoid(z)]). Kinds: ``eager`` (a .py model file + a state
-dict), ``export`` (a ``torch.export`` .pt2 program), ``torchscript`` and ``onnx`` (onnxruntime, explicit
-thread counts).
+served as the two classes [1 - p, p] (the logits [0, z], whose softmax is [1 - sigmoid(z), sigmoid(z)]).
+Kinds: ``eager`` (a .py model file + a state dict), ``export`` (a ``torch.export`` .pt2 program),
+``torchscript`` and ``onnx`` (onnxruntime, explicit thread counts).
 """
 
 from __future__ import annotations

@@ -356,7 +356,6 @@ def keep_output(path: Path, want: str | None, where: str) -> str:
 
 
 def _from_onnx(local: Path, conf: dict[str, Any], c: Contract, workdir: Path) -> tuple[RuntimeSpec, np.ndarray]:
-    import shutil
 
     src = local / str(conf.get("data", "model.onnx"))
     if not src.is_file():
@@ -515,7 +514,7 @@ def surrogate_note(imported: ImportedVictim) -> str:
         return (f"MAD surrogate (default): {DEFAULT_SURROGATE} on the flattened input with {imported.num_classes} "
                 "outputs, randomly initialised; its last nn.Linear serves jacobian last_layer, and 'all' works too")
     if not keeps_classes(imported.module):
-        return (f"MAD surrogate: the victim (registered as a torch.export program, its layers no longer nn.Linear) "
+        return ("MAD surrogate: the victim (registered as a torch.export program, its layers no longer nn.Linear) "
                 "re-initialised by reset_parameters' rules, seeded; it has no final nn.Linear, so jacobian last_layer "
                 "runs on the surrogate's softmax through an identity head (handlers.runtimes.LogitsHead, the same "
                 "angles); jacobian 'all' (gradients of every parameter) and 'identity' remain")
