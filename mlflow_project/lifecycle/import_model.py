@@ -20,7 +20,7 @@ For ONNX and scikit-learn victims the default MAD surrogate is :data:`DEFAULT_SU
 ``--surrogate FILE`` (with ``--surrogate-arch`` for a state dict) to use another.
 
 The input contract: each piece comes from the first of (1) the command line (``--input-shape``, ``--mean``,
-``--std``, ``--class-names``, ``--output``, ``--json-input``), (2) the registered model's metadata: tags
+``--std``, ``--class-names``, ``--output``), (2) the registered model's metadata: tags
 ``stealguard.<key>`` on the model version or the registered model, or a ``stealguard:`` mapping in the MLmodel's
 ``metadata`` (keys ``shape``, ``mean``, ``std``, ``classes``, ``output``, ``output_name``), (3) the signature
 and the input example (shape and dtype; the output kind is detected on the example: non-negative rows summing to
@@ -51,7 +51,7 @@ log = logging.getLogger("stealguard.package")
 
 FLAVORS = ("pytorch", "onnx", "sklearn")
 UNSUPPORTED = {"xgboost": "XGBoost", "lightgbm": "LightGBM", "catboost": "CatBoost"}
-CONTRACT_KEYS = ("shape", "mean", "std", "classes", "output", "output_name", "json")
+CONTRACT_KEYS = ("shape", "mean", "std", "classes", "output", "output_name")
 DEFAULT_SURROGATE = "mlp"  # mlflow_project.lab.models.MLP on the flattened input, K outputs
 TOLERANCE = 1e-4  # largest |converted - original| accepted on the input example
 
@@ -67,7 +67,6 @@ class Contract:
     classes: list[str] | None = None
     output: str | None = None
     output_name: str | None = None
-    json_input: str | None = None
     example: np.ndarray | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
