@@ -67,8 +67,9 @@ def served(tmp_path_factory):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "succeeded" in proc.stderr and (store / f"{model}_{defense}.mar").is_file()
-    server = TorchServe(store, root / "ts", models="all")
-    server.start(timeout=1800)  # 15 workers on a loaded 2-core machine
+    names = [f"{model}_{defense}.mar" for model in SHAPES for defense in DEFENSES]
+    server = TorchServe(store, root / "ts", models=names)
+    server.start(timeout=3600)  # waits for a READY worker of every model (15 workers on a loaded 2-core machine)
     try:
         yield server, root / "data"
     finally:
@@ -81,7 +82,7 @@ def data(root: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def answer(server: TorchServe, name: str, x: np.ndarray) -> np.ndarray:
-    r = requests.post(f"{server.inference_url}/predictions/{name}", json={"instances": x.tolist()}, timeout=120)
+    r = requests.post(f"{server.inference_url}/predictions/{name}", json={"instances": x.tolist()}, timeout=600)
     assert r.status_code == 200, r.text
     return np.array([row["probabilities"] for row in r.json()["predictions"]], dtype=np.float64)
 
