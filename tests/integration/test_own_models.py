@@ -92,7 +92,7 @@ def test_undefended_twin_equals_the_original_model(served, model):
     server, root = served
     x, p = data(root, model)
     got = answer(server, f"{model}_identity", x)
-    assert got.shape == p.shape == (ROWS, len(CLASSES[model]))
+    assert got.shape == p.shape == (min(ROWS, len(p)), len(CLASSES[model]))
     assert np.abs(got - p).max() <= 1e-5, np.abs(got - p).max()
 
 
