@@ -1,9 +1,11 @@
 """Runtimes: load a network shipped in the archive and run a float32 batch through it.
 
 Every runtime maps a float32 batch ``x`` (B x input shape) to a float32 B x K tensor of logits (or of
-probabilities when the spec says ``output: probabilities``). Kinds: ``eager`` (a .py model file + a state
-dict), ``export`` (a ``torch.export`` .pt2 program), ``torchscript`` and ``onnx`` (onnxruntime, explicit
-thread counts).
+probabilities when the spec says ``output: probabilities``). A network with a single output column is a binary
+classifier: its probability p of class 1 (``probabilities``, e.g. after a sigmoid) or its logit z (``logits``) is
+served as the two classes [1 - p, p] (the logits [0, z], whose softmax is [1 - sigmoid(z), sigmoid(z)]).
+Kinds: ``eager`` (a .py model file + a state dict), ``export`` (a ``torch.export`` .pt2 program),
+``torchscript`` and ``onnx`` (onnxruntime, explicit thread counts).
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ class Runtime:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's B x K output, a single (binary) column made two classes (module docstring)."""
+        return two_classes(self.forward(x), self.output)
+
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """B x K float64 probabilities (softmax of the logits in float64, so rows sum to 1 tightly)."""
         with torch.inference_mode():
-            out = self.forward(x)
+            out = self.scores(x)
         out = out.detach().to(torch.float64)
         if self.output == "logits":
             return torch.softmax(out, dim=1)
@@ -47,7 +53,7 @@ class Runtime:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """B x K logits (log-probabilities when the network returns probabilities: same softmax)."""
-        out = self.forward(x)
+        out = self.scores(x)
         if self.output == "probabilities":
             out = torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
         return out
@@ -56,16 +62,48 @@ class Runtime:
         """What a MAD-family defense gets as its surrogate (an nn.Module mapping inputs to logits).
 
         An eager module, and any torch module for ``jacobian="all"`` (it differentiates through its
-        parameters), is passed as it is. Other runtimes are wrapped in :class:`LogitsHead`: with
-        ``last_layer`` the angles depend only on the surrogate's softmax.
+        parameters), is passed as it is (at K = 2 through :class:`TwoClassLogits`, for a one-column binary
+        network). Other runtimes, and an eager binary network whose last nn.Linear has one output, are wrapped in
+        :class:`LogitsHead`: with ``last_layer`` the angles depend only on the surrogate's softmax.
         """
         if self.module is not None and (self.kind == "eager" or jacobian == "all"):
-            return self.module
+            if num_classes == 2 and jacobian == "all":  # a binary network may return one column
+                return TwoClassLogits(self.module, self.output)
+            last = [m for m in self.module.modules() if isinstance(m, nn.Linear)]
+            if not (num_classes == 2 and last and last[-1].out_features == 1):
+                return self.module
         if jacobian == "all":
             raise ConfigError(
                 f"jacobian 'all' needs a torch surrogate (eager, export, torchscript), not {self.kind}"
             )
         return LogitsHead(self, num_classes)
+
+
+def two_classes(out: torch.Tensor, output: str) -> torch.Tensor:
+    """``out`` as it is with two or more columns; one column becomes two classes: [1 - p, p] for probabilities,
+    [0, z] for logits."""
+    if out.dim() != 2 or out.shape[1] != 1:
+        return out
+    if output == "probabilities":
+        return torch.cat([1.0 - out, out], dim=1)
+    return torch.cat([torch.zeros_like(out), out], dim=1)
+
+
+class TwoClassLogits(nn.Module):
+    """A torch surrogate of a binary victim whose network may return one column: its output through
+    :func:`two_classes` (a logits network only; a network returning probabilities gives their logarithm), so MAD
+    sees K = 2 logits. The wrapped module's parameters stay its own (``module.`` prefix)."""
+
+    def __init__(self, module: nn.Module, output: str = "logits") -> None:
+        super().__init__()
+        self.module = module
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = two_classes(self.module(x), self.output)
+        if self.output == "probabilities":
+            out = torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+        return out
 
 
 class LogitsHead(nn.Module):

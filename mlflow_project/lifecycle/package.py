@@ -50,6 +50,13 @@ from handlers.config import CONFIG_FILE, LABELS_FILE, RUNTIMES, RuntimeSpec, net
 from handlers.config import build as build_section
 from handlers.victim_export import VictimExport
 from mlflow_project.cli import integer
+from mlflow_project.lifecycle.import_model import (
+    ImportedVictim,
+    apply_contract,
+    import_victim,
+    load_flavor,
+    mlmodel_flavors,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("handlers", "plugins")
@@ -430,7 +437,12 @@ def resolve_victim(args: argparse.Namespace, workdir: Path) -> RuntimeSpec:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir / "download"))
         )
-        source = str(_pick_model_file(local, args, workdir))
+        picked = _pick_model_file(local, args, workdir)
+        if isinstance(picked, ImportedVictim):  # a model registered with plain MLflow calls, converted now
+            args.imported = picked
+            apply_contract(args, picked, workdir)
+            return picked.victim
+        source = str(picked)
     path = Path(source)
     if path.is_dir():
         exports = path if VictimExport.is_export(path) else path / "exports"  # an export, or a victim run's artifacts
@@ -447,30 +459,26 @@ def resolve_victim(args: argparse.Namespace, workdir: Path) -> RuntimeSpec:
                 "an eager state dict needs --arch (lenet, mlp) or --model-file and --model-class"
             )
         return eager_from_arch(path, args.arch, args.num_classes)
-    return model_files(runtime, path, output=args.output)
+    return model_files(runtime, path, output=args.output or "logits")
 
 
-def _pick_model_file(local: Path, args: argparse.Namespace, workdir: Path) -> Path:
+def _pick_model_file(local: Path, args: argparse.Namespace, workdir: Path) -> Path | ImportedVictim:
     if local.is_file():
         return local
     if VictimExport.is_export(local) or VictimExport.is_export(local / "exports"):
         return local  # a train_victim export directory (or a victim run's artifact root)
-    if (local / "MLmodel").is_file():  # an MLflow pytorch model: load it, keep its weights
-        import mlflow.pytorch
-
+    if (local / "MLmodel").is_file():  # an MLflow model: one of the project's architectures, or imported
+        if "pytorch" not in mlmodel_flavors(local):
+            return import_victim(local, args, workdir)
         from mlflow_project.lab.models import ARCHITECTURES
 
         meta = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("metadata") or {}
+        net = load_flavor("pytorch", local, args.victim)
+        arch = next((k for k, cls in ARCHITECTURES.items() if type(net) is cls), None)
+        if arch is None:  # any other nn.Module: converted (torch.export, else TorchScript/ONNX)
+            return import_victim(local, args, workdir, net)
         if isinstance(meta.get("stealguard"), dict):
             apply_spec_document(args, meta["stealguard"], None)
-
-        net = mlflow.pytorch.load_model(str(local), map_location="cpu")
-        arch = next((k for k, cls in ARCHITECTURES.items() if type(net) is cls), None)
-        if arch is None:
-            raise ValueError(
-                f"MLflow model {args.victim} is a {type(net).__name__}, not one of {list(ARCHITECTURES)}; "
-                "export it (torch.export .pt2 or ONNX) and pass the file"
-            )
         args.arch, args.num_classes = arch, int(getattr(net, "num_classes", args.num_classes))
         out = workdir / "victim_state_dict.pt"
         torch.save(net.state_dict(), out)
@@ -621,6 +629,14 @@ def missing_victim(victim: str) -> str | None:
             "file or MLflow model URI")
 
 
+def _output(value: str) -> str | None:
+    if value in ("", "auto"):
+        return None
+    if value not in ("logits", "probabilities"):
+        raise argparse.ArgumentTypeError(f"unknown output {value!r}; allowed: logits, probabilities")
+    return value
+
+
 def _runtime(value: str) -> str | None:
     if value in ("", "auto"):
         return None
@@ -644,7 +660,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-class", help="eager: class name in --model-file")
     p.add_argument("--model-kwargs", help="eager: JSON constructor arguments")
     p.add_argument(
-        "--output", choices=["logits", "probabilities"], default="logits", help="what the victim returns"
+        "--output", type=_output, default=None,
+        help="what the victim returns: logits or probabilities (default: logits; a registered model's is "
+        "declared by tag stealguard.output or detected on its input example)",
+    )
+    p.add_argument(
+        "--class-names", default=None,
+        help="a registered model's class names, comma-separated or a JSON list (default: tag stealguard.classes, "
+        "a scikit-learn classifier's classes_)",
     )
     p.add_argument(
         "--defense",
@@ -770,6 +793,7 @@ def main(argv: list[str] | None = None) -> Path:
             if args.version is not None or args.version_name is not None:
                 version = {**(version or {}), "name": args.version_name, "version": args.version}
         args.victim_record = None
+        args.imported = None
         if missing := missing_victim(args.victim):
             raise ValueError(missing)
         victim = resolve_victim(args, work)
@@ -790,7 +814,11 @@ def main(argv: list[str] | None = None) -> Path:
             )
         elif needs(defense, "surrogate") or harden_needs_surrogate(monitor):
             arch = args.surrogate_arch or (args.arch if victim.runtime != "eager" else None)
-            if arch:
+            if args.imported is not None and not args.surrogate_arch:  # a registered model imported now
+                surrogate = args.imported.surrogate(args.surrogate_seed, work, args.surrogate_runtime)
+                if surrogate.runtime != "eager":  # a PyTorch victim's re-initialised copy, in the victim's runtime
+                    args.surrogate_runtime = surrogate.runtime
+            elif arch:
                 surrogate = arch_surrogate(arch, args.num_classes, args.surrogate_seed, work)
             else:
                 surrogate = random_surrogate(victim, args.surrogate_seed, work)
