@@ -9,7 +9,9 @@
 A client is flagged for ``prada`` when W < delta on its distance window, or for ``ood_share`` when more than
 ``ood.share`` of its (at least ``ood.min_queries``) queries look OOD (``plugins.ood``: 1 - max_k y_k above
 ``ood.threshold``). A flag lasts until the client's state expires (``ttl_seconds`` without a query) or is evicted.
-Rows are grouped by client: one store transaction per client per batch.
+Rows are grouped by client, and the whole batch is one ``store.update_many`` call (one SQLite transaction, two
+Redis round trips without contention). PRADA's W is recomputed every ``prada.test_every`` new distances
+(:func:`plugins.monitor.prada.retest`).
 """
 
 from __future__ import annotations
@@ -54,15 +56,19 @@ class ExtractionMonitor:
         owners = np.asarray(clients, dtype=object)
         flagged_rows = np.zeros(len(clients), dtype=bool)
         verdict = Verdict(action=self.config.action, flagged_rows=flagged_rows)
-        for client in dict.fromkeys(clients):
-            idx = np.flatnonzero(owners == client)
+        order = list(dict.fromkeys(clients))
+        members = {client: np.flatnonzero(owners == client) for client in order}
+
+        def step_for(idx):
             cls = classes[idx]
+            return lambda summary, growing: self._step(summary, growing, rows[idx], cls, int(ood[idx].sum()), now)
 
-            def step(summary, growing, idx=idx, cls=cls):
-                return self._step(summary, growing, rows[idx], cls, int(ood[idx].sum()), now)
-
-            flag, newly, w = self.store.update(client, np.unique(cls).tolist(), step, now)
-            flagged_rows[idx] = flag is not None
+        results = self.store.update_many(
+            [(client, np.unique(classes[members[client]]).tolist(), step_for(members[client])) for client in order],
+            now,
+        )
+        for client, (flag, newly, w) in zip(order, results, strict=True):
+            flagged_rows[members[client]] = flag is not None
             verdict.statistics[client] = w
             if newly:
                 verdict.newly_flagged.append((client, flag))
@@ -74,8 +80,7 @@ class ExtractionMonitor:
         s["n"] += len(rows)
         s["ood"] += ood_count
         s["last_seen"] = now
-        w = prada.statistic(s["D"], self.config.prada)
-        s["w"] = w
+        w = prada.retest(s, self.config.prada)
         newly = False
         if s["flag"] is None:
             reason = None

@@ -10,11 +10,19 @@ For each new query x with predicted class c (the victim's top-1):
   standard deviations of their mean are dropped and the Shapiro-Wilk statistic W of the rest is computed
   (``scipy.stats.shapiro``); the client is flagged when W < delta (0.95, the paper's MNIST value).
 
+When the test runs (``test_every``, k, default 10): the paper tests after every query; here W is recomputed
+the first time the window holds ``min_distances`` distances and then once at least k new distances have joined
+it since the last test (:func:`due`). Between tests the client's last W stands; a flag is raised on the first
+test with W < delta, so at most k - 1 distances later than the every-query test would raise it (k = 1 is the
+paper's schedule). One new distance moves a 1,000-distance window's W very little, and Shapiro-Wilk is most of
+the monitor's cost per query.
+
 Benign queries are natural samples whose nearest-neighbour distances look normal; synthetic extraction queries
 (JBDA's Jacobian steps, small perturbations of earlier queries) give a skewed, multi-modal distance set.
 
 Bounded state (what this module works on, persisted by a :mod:`plugins.monitor.store` backend): D keeps its
-newest ``window`` values (the test runs over that window), G_c keeps the newest ``max_per_class`` rows (the
+newest ``window`` values (the test runs over that window; a float64 array, packed in the stored summary by
+:mod:`plugins.monitor.store`), G_c keeps the newest ``max_per_class`` rows (the
 store evicts the oldest), and D_{G_c} is kept as running (count, sum, sum of squares), which gives its mean and
 standard deviation exactly over every addition. Distances are L2 over the row as the victim saw it (float32).
 
@@ -36,7 +44,11 @@ from plugins.monitor.config import PradaConfig
 
 
 def new_summary() -> dict:
-    return {"n": 0, "ood": 0, "D": [], "T": {}, "G": {}, "flag": None, "w": None, "last_seen": 0.0}
+    """``D``: the distance window; ``p``: distances added since the last test; ``w``: the last test's W."""
+    return {
+        "n": 0, "ood": 0, "D": np.zeros(0, dtype=np.float64), "p": 0, "T": {}, "G": {}, "flag": None, "w": None,
+        "last_seen": 0.0,
+    }
 
 
 def update(
@@ -44,7 +56,7 @@ def update(
 ) -> dict[int, np.ndarray]:
     """Run PRADA's update over one client's batch (``rows``: n x D float32, ``classes``: n predicted classes),
     in place on ``summary``; return the rows that join each growing set (to be appended by the store)."""
-    dists: list[float] = summary["D"]
+    dists: list[float] = []  # this batch's new distances, in order
     appended: dict[int, np.ndarray] = {}
     for c in np.unique(classes):
         c = int(c)
@@ -82,8 +94,26 @@ def update(
         summary["G"][key] = (count, total, squares)
         if joined:
             appended[c] = np.ascontiguousarray(rows[idx[joined]], dtype=np.float32)
-    del dists[: max(0, len(dists) - cfg.window)]
+    window = np.concatenate([np.asarray(summary["D"], dtype=np.float64), np.asarray(dists, dtype=np.float64)])
+    summary["D"] = window[max(0, len(window) - cfg.window) :]
+    summary["p"] = int(summary.get("p", 0)) + len(dists)
     return appended
+
+
+def due(summary: dict, cfg: PradaConfig) -> bool:
+    """Whether W is to be (re)computed now: the window holds ``min_distances`` distances and either no W has
+    been computed over it yet or at least ``test_every`` distances joined since the last test."""
+    if len(summary["D"]) < cfg.min_distances:
+        return False
+    return summary.get("w") is None or int(summary.get("p", 0)) >= cfg.test_every
+
+
+def retest(summary: dict, cfg: PradaConfig) -> float | None:
+    """Run the test when :func:`due` (in place: ``w`` and the pending count); return the client's current W."""
+    if due(summary, cfg):
+        summary["w"] = statistic(summary["D"], cfg)
+        summary["p"] = 0
+    return summary.get("w")
 
 
 def statistic(dists: list[float] | np.ndarray, cfg: PradaConfig) -> float | None:

@@ -92,7 +92,7 @@ def test_store_failure_serves_defended_answers_and_counts(monitored, monkeypatch
     def broken(*a, **k):
         raise OSError("disk I/O error")
 
-    monkeypatch.setattr(s.handler.monitor.store, "update", broken)
+    monkeypatch.setattr(s.handler.monitor.store, "update_many", broken)
     answers = send(s, [("thief", rows(s, 2, 5)), ("benign", rows(s, 2, 6))])
     assert [a.status for a in answers] == [200, 200]  # flagged thief is not blocked while the store is lost
     got = torch.tensor([p["probabilities"] for p in answers[0].json["predictions"]], dtype=torch.float64)

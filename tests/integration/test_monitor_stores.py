@@ -168,3 +168,71 @@ def test_redis_killed_midway_answers_keep_coming_and_errors_are_counted(tmp_path
     assert served == 30
     assert mon.errors == 20  # every batch after the kill counted (asked or skipped), none before
     server.stop()
+
+
+def _counting(step):
+    """An update fn: n + 1 and one appended row [step] for class 0; the result is the n it wrote."""
+
+    def fn(summary, growing):
+        from plugins.monitor import prada
+
+        s = summary or prada.new_summary()
+        s["n"] += 1
+        s["last_seen"] = 1.0
+        return s, {0: np.full((1, 2), step, np.float32)}, s["n"]
+
+    return fn
+
+
+def test_redis_write_racing_another_worker_is_retried_not_lost(redis_server):
+    """Worker B writes the client between worker A's read and A's write: A's compare-and-set fails, A reads
+    and computes again, and both updates land once each (no lost update, no duplicated growing rows)."""
+    a = open_store(redis_server.url, "race", StoreLimits(max_per_class=10), timeout_ms=2000)
+    b = open_store(redis_server.url, "race", StoreLimits(max_per_class=10), timeout_ms=2000)
+    calls = []
+
+    def racing(summary, growing):
+        calls.append(summary["n"] if summary else 0)
+        if len(calls) == 1:
+            b.update("x", [0], _counting(2.0), now=1.0)  # lands in between
+        return _counting(1.0)(summary, growing)
+
+    assert a.update("x", [0], racing, now=1.0) == 2
+    assert calls == [0, 1]  # first on the state before B's write, then on the state after it
+    seen = {}
+    a.update("x", [0], lambda s, g: (None, {}, seen.update(n=s["n"], rows=g[0].ravel().tolist())), now=1.0)
+    assert seen == {"n": 2, "rows": [2.0, 2.0, 1.0, 1.0]}
+    a.close()
+    b.close()
+
+
+def test_redis_batch_costs_two_round_trips(redis_server, monkeypatch):
+    import redis.connection
+
+    store = open_store(redis_server.url, "trips", StoreLimits(), timeout_ms=2000)
+    monitor = ExtractionMonitor(parse_monitor({}), store)
+    clients = [f"client-{i}" for i in range(8)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):  # new clients (eviction check) and the script's first load
+        monitor.observe(clients, torch.rand(8, 16, generator=g), _probs([i % 4 for i in range(8)]))
+    sent = []
+    real = redis.connection.Connection.send_packed_command
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command",
+                        lambda self, *a, **k: (sent.append(1), real(self, *a, **k))[1])
+    v = monitor.observe(clients, torch.rand(8, 16, generator=g), _probs([i % 4 for i in range(8)]))
+    assert len(sent) == 2  # one pipelined read, one scripted write, for 8 clients
+    assert set(v.statistics) == set(clients)
+    store.close()
+
+
+def test_sqlite_reads_a_first_release_summary(tmp_path):
+    import json
+
+    s = open_store(f"sqlite:///{tmp_path}/old.sqlite", "ns", LIMITS)
+    old = {"n": 5, "ood": 0, "D": [1.0, 2.0, 4.0], "T": {"0": 1.0}, "G": {"0": [2, 3.0, 5.0]}, "flag": None,
+           "w": None, "last_seen": 10.0}
+    s._conn.execute("INSERT INTO clients VALUES ('ns', 'old', 10.0, NULL, ?)", (json.dumps(old),))
+    seen = {}
+    s.update("old", [0], lambda summary, g: (None, {}, seen.update(summary)), now=11.0)
+    assert seen["n"] == 5 and seen["D"].tolist() == [1.0, 2.0, 4.0] and seen["T"] == {"0": 1.0}
+    s.close()

@@ -153,3 +153,66 @@ def test_memory_store_bounds():
     assert list(store._summaries) == ["b", "c"]  # max_clients 2: a (least recently seen) evicted
     monitor.observe(["b"], x[1:2], _confident(torch.zeros(1)), now=20.0)  # b idle 19 s > ttl: forgotten
     assert store._summaries["b"]["n"] == 1
+
+
+def _jb_like(x, labels, seeds=50, steps=4, seed=1):
+    """JBDA-like synthetic queries: 50 natural seeds, then rounds of sign steps around them."""
+    g = torch.Generator().manual_seed(seed)
+    queries = [x[:seeds]]
+    for _ in range(steps):
+        queries.append((queries[-1] + 0.1 * torch.sign(torch.randn(queries[-1].shape, generator=g))).clamp(0, 1))
+    return torch.cat(queries), labels[:seeds].repeat(steps + 1)
+
+
+def test_testing_every_k_distances_detects_what_every_query_testing_does(fmnist_test):
+    """The same streams one query per batch, W after every distance (the paper's schedule) vs every k: the
+    benign stream is flagged by neither, the JB-like stream by both, the k version at most k - 1 distances
+    (= queries here: each later query adds one) later."""
+    x, labels = fmnist_test
+    prada_only = {"ood": {"enabled": False}}
+    streams = {"benign": (x[:1000], labels[:1000]), "thief": _jb_like(x[1000:1050], labels[1000:1050])}
+    at = {}
+    ks = (PradaConfig().test_every, 25)
+    for every in (1, *ks):
+        cfg = parse_monitor({**prada_only, "prada": {"test_every": every}})
+        for name, (qx, ql) in streams.items():
+            monitor = ExtractionMonitor(cfg, MemoryStore())
+            at[every, name] = _feed(monitor, name, qx, _confident(ql), batch=1)
+    assert at[1, "benign"] is None and at[1, "thief"] is not None and at[1, "thief"][1] == "prada"
+    for k in ks:
+        assert at[k, "benign"] is None, k
+        assert at[k, "thief"] is not None and at[k, "thief"][1] == "prada", k
+        assert at[1, "thief"][0] <= at[k, "thief"][0] < at[1, "thief"][0] + k, (k, at)
+
+
+def test_w_is_retested_on_first_fill_and_every_k():
+    cfg = PradaConfig(min_distances=5, window=20, test_every=3)
+    s, growing, tested = prada.new_summary(), {}, []
+    for i in range(14):  # one row per batch: from the second on, each adds one distance
+        appended = prada.update(s, growing, np.array([[float(i * i)]], dtype=np.float32), np.zeros(1, int), cfg)
+        if 0 in appended:
+            growing[0] = np.concatenate([growing.get(0, np.zeros((0, 1), np.float32)), appended[0]])
+        pending = s["p"]
+        prada.retest(s, cfg)
+        if pending and s["p"] == 0:
+            tested.append(len(s["D"]))
+    assert tested == [5, 8, 11]  # the first fill, then every 3 new distances
+    assert s["p"] == 2 and s["w"] == prada.statistic(s["D"][:11], cfg)
+
+
+def test_summary_codec_round_trips_reads_format_1_and_refuses_others():
+    from plugins.monitor.store import StoreError, decode_summary, encode_summary
+
+    cfg = PradaConfig(min_distances=3, window=10)
+    s = prada.new_summary()
+    prada.update(s, {}, np.random.default_rng(0).random((8, 4), dtype=np.float32), np.zeros(8, int), cfg)
+    raw = encode_summary(s)
+    back = decode_summary(raw)
+    assert back["D"].dtype == np.float64 and np.array_equal(back["D"], s["D"])  # exact, not float32-rounded
+    assert '"D":[' not in raw and len(raw) < 200 + 8 * len(s["D"]) * 4 / 3
+    old = {**s, "D": [float(d) for d in s["D"]]}  # the first release's JSON list, no "v"
+    import json
+
+    assert np.array_equal(decode_summary(json.dumps(old))["D"], s["D"])
+    with pytest.raises(StoreError, match=r"summary format 7 is not readable .* reads format 1.* and 2"):
+        decode_summary(json.dumps({**old, "v": 7}))
