@@ -10,7 +10,10 @@ STAMP := $(VENV)/.stealguard-requirements
 # fonts-*: the handwriting query set (mlflow_project/lab/handwriting.py, the offline EMNIST stand-in)
 FONT_DEBS := fonts-bwht fonts-dkg-handwriting fonts-breip fonts-femkeklaver fonts-klee fonts-rufscript
 DEBS := prometheus dataset-fashion-mnist redis-server $(FONT_DEBS)
-PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile keeps a module's fixtures, e.g.
+# its TorchServe, in one worker): most of the suite waits on servers and subprocesses, so two share the 2 cores
+# well. PYTEST_ARGS= (empty) runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: help setup debs test test-fast lint bench demo
 
