@@ -356,13 +356,13 @@ def keep_output(path: Path, want: str | None, where: str) -> str:
 
 def _from_onnx(local: Path, conf: dict[str, Any], c: Contract, workdir: Path) -> tuple[RuntimeSpec, np.ndarray]:
 
-    src = local / str(conf.get("data", "model.onnx"))
+    src = local / str(conf.get("data") or "")  # the flavor's file, as its MLmodel names it
     if not src.is_file():
         found = sorted(local.rglob("*.onnx"))
         if len(found) != 1:
             raise ValueError(f"the onnx flavor names {conf.get('data')!r} but the model holds {found}")
         src = found[0]
-    dest = workdir / "victim" / "model.onnx"
+    dest = workdir / "victim" / "imported.onnx"  # a build file, not an export
     dest.parent.mkdir(parents=True, exist_ok=True)
     import onnx
 
@@ -393,7 +393,7 @@ def _from_sklearn(local: Path, c: Contract, workdir: Path) -> tuple[RuntimeSpec,
                          "classifiers' probabilities (allowed: classifiers and pipelines ending in one)")
     if len(c.shape) != 1:
         raise ValueError(f"a scikit-learn model takes rows of features: input shape must be [D]; got {c.shape}")
-    dest = workdir / "victim" / "model.onnx"
+    dest = workdir / "victim" / "imported.onnx"  # a build file, not an export
     try:
         sklearn_to_onnx(model, c.shape[0], dest)
     except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow
 import pytest
 import torch
 
@@ -49,4 +50,8 @@ def digits_victim(digits_victim_dir):
 def tracking_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # this process's MLflow client state too: an earlier test's set_experiment() leaves its experiment active
+    # in-process, which this store does not have ("No Experiment with id=N exists")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")
     return uri
