@@ -16,15 +16,14 @@ from handlers.errors import ConfigError
 from handlers.service import DefenseFailed
 from handlers.stealguard_handler import StealGuardHandler
 from handlers.victim_export import VictimExport
-from mlflow_project.lab import data
 from mlflow_project.lab.models import build_model
-from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle.bundle import write_bundle
 from mlflow_project.lifecycle.package import eager_from_arch, stage
 from mlflow_project.lifecycle.pyfunc import DefensePyfunc
 from plugins import registry
 from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput
 from tests.support.handler import Served, make_context
+from tests.support.victims import export_digits_mlp
 
 SENTINEL = 123.0
 BREAKER = "test_budget_breaker"
@@ -62,9 +61,7 @@ def breaker(monkeypatch):
 @pytest.fixture(scope="module")
 def victim_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("victim") / "digits_mlp"
-    torch.manual_seed(0)
-    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), out, check=False,
-                  runtimes=False)
+    export_digits_mlp(out)
     return out
 
 

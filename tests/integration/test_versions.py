@@ -18,15 +18,13 @@ import torch
 
 from handlers import registry
 from handlers.registry import ResolveError
-from mlflow_project.lab import data
-from mlflow_project.lab.models import build_model
-from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle import tracking
 from mlflow_project.lifecycle.package import main as package
 from mlflow_project.lifecycle.promote import promote
 from mlflow_project.lifecycle.register import register
 from tests.support.mlflow_server import MlflowServer
 from tests.support.torchserve import TorchServe
+from tests.support.victims import export_digits_mlp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,9 +83,7 @@ def lab(tmp_path_factory):
         lab.ts = TorchServe(lab.store, root / "ts", models=[], properties={"enable_model_api": "true"})
         lab.ts.start(timeout=240)
         victim = root / "digits_mlp"
-        torch.manual_seed(0)
-        export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), victim,
-                      check=False, runtimes=False)
+        export_digits_mlp(victim)
         server.wait_ready()
         tracking.setup(server.url)
         lab.versions["1"] = register(MAD, str(victim), alias="production")

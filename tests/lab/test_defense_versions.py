@@ -24,6 +24,7 @@ from mlflow_project.lifecycle.bundle import DefendedVictim, build_victim, read_b
 from mlflow_project.lifecycle.promote import promote
 from mlflow_project.lifecycle.register import config_from_run, recommended_child, register
 from plugins import build_defense
+from tests.support.victims import export_digits_mlp
 
 REPO = Path(__file__).resolve().parents[2]
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
@@ -169,9 +170,7 @@ AM = {"name": "adaptive_misinformation", "tau": 1.0}  # tau = 1: every row is ga
 def _misinformation_dir(root, seed: int):
     """A train_misinformation-shaped export directory (the victim's layout) with seeded random weights."""
     out = root / f"misinformation-{seed}"
-    torch.manual_seed(seed)
-    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), out, check=False,
-                  runtimes=False)
+    export_digits_mlp(out, seed=seed)
     return out
 
 

@@ -8,23 +8,18 @@ import json
 import zipfile
 
 import pytest
-import torch
 import yaml
 
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.lab import data
-from mlflow_project.lab.models import build_model
-from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle.package import main as package
 from tests.support.handler import make_context
+from tests.support.victims import export_digits_mlp
 
 
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory):
     out = tmp_path_factory.mktemp("victim") / "digits_mlp"
-    torch.manual_seed(0)
-    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), out, check=False,
-                  runtimes=False)
+    export_digits_mlp(out)
     return out
 
 

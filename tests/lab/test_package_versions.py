@@ -17,15 +17,13 @@ from mlflow import MlflowClient
 from ts.context import RequestProcessor
 
 from handlers.stealguard_handler import StealGuardHandler
-from mlflow_project.lab import data
-from mlflow_project.lab.models import build_model
-from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle import tracking
 from mlflow_project.lifecycle.bundle import read_bundle
 from mlflow_project.lifecycle.package import main as package
 from mlflow_project.lifecycle.promote import promote
 from mlflow_project.lifecycle.register import register
 from tests.support.handler import make_context
+from tests.support.victims import export_digits_mlp
 
 MAD = {"name": "mad_argmax", "epsilon": 0.5, "norm": "l1", "jacobian": "last_layer"}
 NAME = "digits_mlp-defense"
@@ -36,9 +34,7 @@ def registry(tmp_path_factory):
     """A SQLite store with a tiny digits MLP victim and two registered defense versions (production -> 1)."""
     root = tmp_path_factory.mktemp("registry")
     victim = root / "digits_mlp"
-    torch.manual_seed(0)
-    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), victim,
-                  check=False, runtimes=False)
+    export_digits_mlp(victim)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -155,10 +151,8 @@ def _weights_equal(a, b) -> bool:
 def test_a_registered_adaptive_misinformation_ships_its_own_misinformation_model(registry, tmp_path):
     mis = {}
     for seed in (7, 8):
-        torch.manual_seed(seed)
         mis[seed] = tmp_path / f"misinformation-{seed}"
-        export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), mis[seed],
-                      check=False, runtimes=False)
+        export_digits_mlp(mis[seed], seed=seed)
     name = "digits_mlp-am"
     register({"name": "adaptive_misinformation", "tau": 1.0}, str(registry["victim"]), name=name,
              misinformation=str(mis[7]))

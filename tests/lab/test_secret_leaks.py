@@ -14,17 +14,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 
-from mlflow_project.lab import data
-from mlflow_project.lab.models import build_model
-from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle import tracking
 from mlflow_project.lifecycle.package import main as package
 from mlflow_project.lifecycle.register import FINGERPRINT_TAG, register
 from plugins.seeding import fingerprint
+from tests.support.victims import export_digits_mlp
 
 NOISE = {"name": "random_noise", "epsilon": 2.0, "norm": "l2"}
 
@@ -56,9 +53,7 @@ def test_no_secret_in_archives_mlflow_or_logs(tmp_path, monkeypatch, caplog, cap
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracking.setup(uri)
     victim = tmp_path / "digits_mlp"
-    torch.manual_seed(0)
-    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), victim,
-                  check=False, runtimes=False)
+    export_digits_mlp(victim)
     try:
         with pytest.raises(ValueError, match="'secret' is not allowed"):
             register({**NOISE, "secret": secret}, str(victim))

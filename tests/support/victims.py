@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from handlers.config import RuntimeSpec
+from mlflow_project.lab import data
 from mlflow_project.lab.models import build_model
+from mlflow_project.lab.train_victim import export_victim
 from mlflow_project.lifecycle.exports import save_onnx, save_program
 from mlflow_project.lifecycle.package import eager_from_arch, model_files
 
@@ -44,3 +46,12 @@ def export(net: nn.Module, runtime: str, directory: Path, arch: str, num_classes
     else:
         raise ValueError(f"runtime: unknown {runtime!r}; allowed: {', '.join(RUNTIMES)}")
     return model_files(runtime, path)
+
+
+def export_digits_mlp(out: Path, seed: int = 0) -> Path:
+    """A random-init digits MLP (torch seeded with ``seed``) as a train_victim export directory at ``out``, with
+    the eager state dict only (no other runtime, no check): the victim of the lifecycle and packaging tests."""
+    torch.manual_seed(seed)
+    export_victim(build_model("mlp", num_classes=10), "mlp", data.input_spec("digits", "mlp"), out, check=False,
+                  runtimes=False)
+    return out
