@@ -13,11 +13,9 @@ parameter as it received it before the code runs, so each run holds those and th
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -27,20 +25,18 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mlflow_project.sweep.presets import defense_grid, get_preset
+from tests.support.cli import BIN, venv_env
 from tests.support.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 EXPERIMENT = "stealguard"
 TIMINGS: dict[str, float] = {}  # command -> seconds (printed at the end of the module with -s)
 
 
 def cli_env(tracking_uri: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
-    return env
+    return venv_env(MLFLOW_TRACKING_URI=tracking_uri, OMP_NUM_THREADS="1")
 
 
 def mlflow_run(entry: str, params: dict[str, object], env: dict[str, str]) -> tuple[str, str]:

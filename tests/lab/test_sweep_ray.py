@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_project.sweep import run as sw
 from mlflow_project.sweep.ray_executor import check_tracking_for_cluster
 from mlflow_project.sweep.select import POINT_KEY_TAG, RECOMMENDED_TAG, sweep_child_runs
+from tests.support.cli import venv_env
 from tests.support.mlflow_server import MlflowServer
 from tests.support.ray_cluster import RayHead
 
@@ -58,9 +58,7 @@ def test_the_ray_cli_sweep_gives_the_local_executors_points_and_selection(head, 
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "sweep", "--env-manager", "local",
            "-P", "preset=tiny", "-P", "executor=ray", "-P", f"ray_address={head.address}", "-P", "cpus_per_point=1",
            "-P", f"victim={digits_victim_dir}", "-P", f"results_dir={out}"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-           "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_NAME": "ray", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = venv_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_EXPERIMENT_NAME="ray", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"mlflow run -e sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ray_rows, local_rows = read_rows(out / "points.csv"), read_rows(local_sweep.results_dir / "points.csv")
@@ -131,9 +129,7 @@ def test_a_killed_driver_resumes_from_its_finished_points(head, server, digits_v
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "sweep", "--env-manager", "local",
            "-P", "preset=tiny", "-P", "executor=ray", "-P", f"ray_address={head.address}",
            "-P", f"victim={digits_victim_dir}", "-P", f"results_dir={tmp_path / 'out'}"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-           "MLFLOW_TRACKING_URI": server.url, "MLFLOW_EXPERIMENT_NAME": "driver", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = venv_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_EXPERIMENT_NAME="driver", OMP_NUM_THREADS="1")
     client = MlflowClient(server.url)
     log = (tmp_path / "first.out").open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
