@@ -57,7 +57,7 @@ MODELS = {
     DEFAULT: (MAD, "onnx"),
 }
 EAGER = {"mad_argmax": (MAD, "eager")}
-STAGES = ("decode", "victim", "surrogate", "defense", "encode", "metrics")
+STAGES = ("decode", "victim", "surrogate", "defense", "monitor", "encode", "metrics")
 
 
 def install_surrogate_only(root: Path) -> None:

@@ -165,7 +165,7 @@ LATENCY = PREFIX + "defense_latency_seconds"
 VIOLATIONS = PREFIX + "budget_violations_total"
 STAGE_LATENCY = PREFIX + "stage_latency_milliseconds"
 HANDLER_LATENCY = PREFIX + "handler_latency_milliseconds"
-STAGES = ("decode", "victim", "surrogate", "defense", "encode", "metrics")
+STAGES = ("decode", "victim", "surrogate", "defense", "monitor", "encode", "metrics")
 ERRORS = PREFIX + "errors_total"
 ERROR_ROWS = PREFIX + "error_rows_total"
 OOD_QUERIES = PREFIX + "ood_queries_total"
@@ -434,16 +434,18 @@ class DefenseMetrics:
         latency_s: float | None,
         stages_s: dict[str, float] | None = None,
         handler_s: float | None = None,
+        since: float | None = None,
     ) -> BatchObservations | None:
         """Record one successfully defended batch; never raises (a metrics fault must not fail a request).
 
-        ``stages_s`` (seconds per stage of :data:`STAGES`) and ``handler_s`` (the handler's time so far) go out
-        in the same record as milliseconds; the time this call takes to measure the batch is added as stage
+        ``stages_s`` (seconds per stage of :data:`STAGES`) and ``handler_s`` (the handler's time up to
+        ``since``, a ``time.perf_counter()`` reading; now when omitted) go out in the same record as
+        milliseconds; the time from ``since`` until this call has measured the batch is added as stage
         ``metrics`` and to the handler's total."""
         if self.sink is None:
             return None
         try:
-            start = time.perf_counter()
+            start = time.perf_counter() if since is None else since
             obs = observe_batch(
                 y, y_tilde, angular_deviation, latency_s, self.budget, self.extra_norm, self.ood_threshold
             )

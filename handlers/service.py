@@ -52,14 +52,16 @@ class Defended:
 @dataclass(frozen=True)
 class Answered:
     """One defended batch as the handler answers it: the pipeline's result, the probabilities to answer (after
-    the monitor), which rows the monitor blocks (None: none), and the requests it answers with their row counts.
-    It lives here because TorchServe refuses a handler file that defines more than one class."""
+    the monitor), which rows the monitor blocks (None: none), the requests it answers with their row counts, and
+    the seconds the per-client monitor took on it. It lives here because TorchServe refuses a handler file that
+    defines more than one class."""
 
     result: Defended
     probs: torch.Tensor
     blocked: torch.Tensor | None
     owners: list[int]
     sizes: list[int]
+    monitor_s: float = 0.0
 
 
 class NetworkTimer:

@@ -140,8 +140,9 @@ class StealGuardHandler:
                 self.metrics.record_error("bad_input", rows=exc.rows)
         if not rows:
             return responses
+        x = torch.cat(rows) if len(rows) > 1 else rows[0]  # the batch's assembly counts as decoding
         decoded = time.perf_counter()
-        done = self._defend(rows, owners, responses, context)
+        done = self._defend(x, rows, owners, responses, context)
         defended = time.perf_counter()
         for batch in done:
             offsets = [0]
@@ -156,13 +157,21 @@ class StealGuardHandler:
                     responses[idx] = body
                     context.set_response_content_type(idx, JSON)
         encoded = time.perf_counter()
+        # the stages partition the handler's time: `defense` is what the defended section took beyond the victim,
+        # the resource networks and the monitor (the defense's arithmetic, the output check, a failed batch's
+        # retries); `metrics` runs from here to the end of the last batch's measurement (record_batch adds it)
+        victim = sum(b.result.victim_s for b in done)
+        surrogate = sum(b.result.surrogate_s for b in done)
+        monitor = sum(b.monitor_s for b in done)
         stages = {
             "decode": decoded - start,
-            "victim": sum(b.result.victim_s for b in done),
-            "surrogate": sum(b.result.surrogate_s for b in done),
-            "defense": sum(b.result.defense_s for b in done),
+            "victim": victim,
+            "surrogate": surrogate,
+            "defense": (defended - decoded) - victim - surrogate - monitor,
             "encode": encoded - defended,
         }
+        if self.monitor is not None:
+            stages["monitor"] = monitor
         for k, batch in enumerate(done):  # one record per defended batch; the timings with the last
             last = k == len(done) - 1
             self.metrics.record_batch(
@@ -171,23 +180,29 @@ class StealGuardHandler:
                 batch.result.out.angular_deviation,
                 batch.result.latency_s,
                 stages if last else None,
-                time.perf_counter() - start if last else None,
+                encoded - start if last else None,
+                since=encoded if last else None,
             )
         return responses
 
-    def _defend(self, rows: list[torch.Tensor], owners: list[int], responses: list, context) -> list[Answered]:
-        """Defend the rows of several requests in one batched call, screened by the per-client monitor when the
-        archive has one; return the answered batches. If the batch fails, each request is retried alone so one
-        bad request cannot fail the others; a request that fails alone gets its refusal in ``responses``."""
-        x = torch.cat(rows) if len(rows) > 1 else rows[0]
+    def _defend(
+        self, x: torch.Tensor, rows: list[torch.Tensor], owners: list[int], responses: list, context
+    ) -> list[Answered]:
+        """Defend ``x``, the rows of several requests concatenated, in one batched call, screened by the
+        per-client monitor when the archive has one; return the answered batches. If the batch fails, each request
+        is retried alone so one bad request cannot fail the others; a request that fails alone gets its refusal in
+        ``responses``."""
+        monitor_s = 0.0
         try:
             result = self.model.defend(x)
             probs, blocked = result.out.probs, None
             if self.monitor is not None:  # per-client monitor: observe / harden / block (handlers/monitor.py)
+                screen_start = time.perf_counter()
                 clients = [self.monitor.client_id(context, i) for r, i in zip(rows, owners, strict=True)
                            for _ in range(r.shape[0])]
                 screened = self.monitor.screen(clients, x, result.y, probs)
                 probs, blocked = screened.probs, screened.blocked
+                monitor_s = time.perf_counter() - screen_start
         except Exception as exc:
             if len(rows) > 1:
                 log.warning(
@@ -196,8 +211,8 @@ class StealGuardHandler:
                     exc,
                 )
                 done: list[Answered] = []
-                for x, idx in zip(rows, owners, strict=True):
-                    done += self._defend([x], [idx], responses, context)
+                for row, idx in zip(rows, owners, strict=True):
+                    done += self._defend(row, [row], [idx], responses, context)
                 return done
             kind = "defense_failed" if isinstance(exc, DefenseFailed) else "model_failed"
             log.error("StealGuard: request %s refused, %s: %s", context.get_request_id(owners[0]), kind, exc)
@@ -210,7 +225,7 @@ class StealGuardHandler:
                 "the defense could not run on this request; no prediction",
             )
             return []
-        return [Answered(result, probs, blocked, list(owners), [r.shape[0] for r in rows])]
+        return [Answered(result, probs, blocked, list(owners), [r.shape[0] for r in rows], monitor_s)]
 
     def describe_handle(self) -> str:
         """TorchServe's describe API (``GET /models/<name>?customized=true``): the archive's input contract,

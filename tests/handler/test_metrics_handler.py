@@ -81,7 +81,7 @@ def test_per_stage_latency_one_observation_per_stage_in_the_batch_record_summing
     (total,) = _values(emitted, "stealguard_handler_latency_milliseconds")
     assert all(v >= 0 for v in stages.values()) and stages["victim"] > 0 and stages["surrogate"] > 0
     assert sum(stages.values()) <= total * 1.0001  # the stages are disjoint parts of the handler's time
-    assert sum(stages.values()) >= 0.9 * total, (stages, total)  # ... and all but the glue of it
+    assert sum(stages.values()) >= 0.999 * total, (stages, total)  # ... and they partition it
     # the defense's latency metric covers its call, surrogate forward included: surrogate <= that
     (defense_s,) = _values(emitted, "stealguard_defense_latency_seconds")
     assert stages["surrogate"] <= 1000 * defense_s
@@ -105,3 +105,21 @@ def test_surrogate_time_is_what_the_defense_spends_in_its_surrogate(serve, caplo
     assert 30.0 <= stages["surrogate"] <= 1000 * defense_s
     (total,) = _values(emitted, "stealguard_handler_latency_milliseconds")
     assert sum(stages.values()) <= total * 1.0001  # the 30 ms are counted once
+
+
+def test_a_stall_between_the_pipelines_timers_shows_in_a_stage_not_in_a_gap(serve, caplog):
+    """A 30 ms stall after the pipeline returns (where a preempted worker on a loaded host loses time): the
+    stages still add up to the handler's total, and the stall lands in the defended section's `defense` stage."""
+    import time
+
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    s = serve(DEFENSE, surrogate="random")
+    real = s.handler.model.defend
+    s.handler.model.defend = lambda x: (real(x), time.sleep(0.03))[0]
+    s.one(_rows(2, 5).tolist())
+    emitted = metrics_log.emitted(caplog)
+    stages = {ln["labels"]["stage"]: float(ln["value"]) for ln in emitted
+              if ln["name"] == "stealguard_stage_latency_milliseconds"}
+    (total,) = _values(emitted, "stealguard_handler_latency_milliseconds")
+    assert stages["defense"] >= 30.0, stages
+    assert 0.999 * total <= sum(stages.values()) <= total * 1.0001, (stages, total)

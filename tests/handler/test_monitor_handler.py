@@ -136,3 +136,25 @@ def test_watermark_answers_wrong_top1_records_and_never_leaks_the_key(serve, tmp
         assert (x[i].numpy().tobytes(), labels[i]) in recorded
     staged = (tmp_path / "m1" / "model" / "model-config.yaml").read_text()
     assert secret not in staged and secret not in caplog.text and "key fingerprint" in caplog.text
+
+
+def test_the_monitor_has_its_own_latency_stage(monitored, monkeypatch, caplog):
+    """An archive with a monitor emits a `monitor` stage holding the screening's time (a 30 ms store here), and
+    the stages still partition the handler's total; an archive without one emits no `monitor` stage."""
+    import logging
+    import time
+
+    from tests.support import metrics_log
+
+    caplog.set_level(logging.INFO, logger="ts.metrics.caching_metric")
+    s = monitored("observe")
+    real = s.handler.monitor.store.update_many
+    monkeypatch.setattr(s.handler.monitor.store, "update_many", lambda *a, **k: (time.sleep(0.03), real(*a, **k))[1])
+    send(s, [("thief", rows(s, 2, 0))])
+    emitted = metrics_log.emitted(caplog)
+    stages = {ln["labels"]["stage"]: float(ln["value"]) for ln in emitted
+              if ln["name"] == "stealguard_stage_latency_milliseconds"}
+    (total,) = [float(ln["value"]) for ln in emitted if ln["name"] == "stealguard_handler_latency_milliseconds"]
+    assert set(stages) == {"decode", "victim", "surrogate", "defense", "monitor", "encode", "metrics"}
+    assert stages["monitor"] >= 30.0 and stages["defense"] < 30.0, stages
+    assert 0.999 * total <= sum(stages.values()) <= total * 1.0001, (stages, total)
