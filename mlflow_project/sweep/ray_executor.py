@@ -78,7 +78,9 @@ def run_jobs(jobs: Sequence[PointJob], victim, target: TrackingTarget, on_row: C
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address or None, runtime_env=runtime_env(), log_to_driver=False,
+        # "" means a private cluster of this machine: Ray's "local", never ray.init()'s default, which would
+        # attach to whatever RAY_ADDRESS or a `ray start` on this machine points at
+        ray.init(address=address or "local", runtime_env=runtime_env(), log_to_driver=False,
                  include_dashboard=False if not address else None)
     try:
         check_tracking_for_cluster(target.uri, ray.nodes())

@@ -1,5 +1,8 @@
-"""Fixtures for the serving tests: archives built with mlflow_project.lifecycle.package and one TorchServe serving them
-all (started once per module, private TMPDIR and ports, its own process group, stopped by pid)."""
+"""Fixtures for the serving tests: archives built with mlflow_project.lifecycle.package, and ``shared_torchserve``,
+one TorchServe per pytest process (private TMPDIR and ports, its own process group, stopped by pid) that every
+module which needs no server settings of its own registers its archives on and unregisters them from when it is
+done. Modules that change the server itself (token auth, JVM flags, killed workers, the versions' restarts) start
+their own."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 from torch import nn
 
 from mlflow_project.lifecycle.package import build_archive, model_files, stage
-from tests.support.torchserve import TorchServe
+from tests.support.torchserve import TorchServe, registered
 from tests.support.victims import export, make_net
 
 SUPPORT = Path(__file__).resolve().parents[1] / "support"
@@ -117,15 +120,24 @@ def build_store(root: Path) -> tuple[Path, dict[str, nn.Module], Path]:
     return store, victims, broken
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("serving")
-    store, victims, broken = build_store(root)
-    # The model API is on for this instance only, to register the broken archive on demand (the production
-    # deploy/config.properties keeps it off); token auth is off on this loopback-only test instance.
-    server = TorchServe(store, root / "ts", models="all", properties={"enable_model_api": "true"})
+@pytest.fixture(scope="session")
+def shared_torchserve(tmp_path_factory) -> Iterator[TorchServe]:
+    """The TorchServe the serving modules share. The model API is on for this test instance only, so modules can
+    register their archives (and the broken one on demand; the production deploy/config.properties keeps it off);
+    token auth is off on this loopback-only instance."""
+    root = tmp_path_factory.mktemp("shared_ts")
+    (root / "store").mkdir()
+    server = TorchServe(root / "store", root / "ts", models=[], properties={"enable_model_api": "true"})
     server.start(timeout=180)
     try:
-        yield Deployment(server, victims, {m: MAD["epsilon"] for m in victims}, broken)
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, shared_torchserve) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("serving")
+    store, victims, broken = build_store(root)
+    with registered(shared_torchserve, store):
+        yield Deployment(shared_torchserve, victims, {m: MAD["epsilon"] for m in victims}, broken)

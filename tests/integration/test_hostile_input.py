@@ -119,15 +119,14 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[TorchServe]:
+def server(tmp_path_factory, shared_torchserve) -> Iterator[TorchServe]:
     root = tmp_path_factory.mktemp("hostile")
     store = build_store(root, workers=1)
-    ts = TorchServe(store.path, root / "ts", models=[MODEL])
-    ts.start(timeout=240)
+    shared_torchserve.register(store.path / f"{MODEL}.mar", workers=1)
     try:
-        yield ts
+        yield shared_torchserve
     finally:
-        ts.stop()
+        shared_torchserve.unregister(MODEL)
 
 
 def post(server: TorchServe, body, content_type: str | None) -> requests.Response:

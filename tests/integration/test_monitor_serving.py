@@ -12,7 +12,7 @@ import torch
 
 from mlflow_project.lifecycle.package import build_archive, stage
 from tests.support.redis_server import RedisServer
-from tests.support.torchserve import TorchServe
+from tests.support.torchserve import registered
 from tests.support.victims import export, make_net
 
 # A random-init MLP is unsure of random inputs (1 - max prob > 0.5 on every row): the OOD share flags a client
@@ -21,7 +21,7 @@ FLAG_AFTER_8 = {"ood": {"min_queries": 8, "share": 0.5}, "prada": {"min_distance
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, shared_torchserve):
     root = tmp_path_factory.mktemp("monitor_serving")
     redis_server = RedisServer(root / "redis").start()
     net = make_net("mlp", seed=0)
@@ -35,12 +35,10 @@ def served(tmp_path_factory):
     store = root / "store"
     for name, monitor in monitors.items():
         build_archive(name, stage(root / "stage" / name, monitor=monitor, **common), store)
-    server = TorchServe(store, root / "ts", models="all")
-    server.start(timeout=180)
     try:
-        yield server, net, redis_server
+        with registered(shared_torchserve, store):
+            yield shared_torchserve, net, redis_server
     finally:
-        server.stop()
         redis_server.stop()
 
 

@@ -119,6 +119,34 @@ def test_a_file_store_is_refused_for_a_multi_node_cluster():
     check_tracking_for_cluster("sqlite:////tmp/mlflow.db", nodes[:1] + nodes[2:])  # one node alive: one file
 
 
+def test_an_empty_address_starts_a_private_cluster_not_the_one_ray_address_names(monkeypatch):
+    """--ray-address '' is documented as a cluster of this machine started for the sweep: ray.init gets Ray's
+    "local", which ignores RAY_ADDRESS and a running `ray start` (ray.init()'s default would attach to them)."""
+    import ray
+
+    from mlflow_project.sweep import ray_executor
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    with pytest.raises(Stop):
+        ray_executor.run_jobs([], None, None, lambda *a: None, preset=None, victim_hash="", share=False, address="")
+    assert seen["address"] == "local" and seen["include_dashboard"] is False
+    with pytest.raises(Stop):
+        ray_executor.run_jobs([], None, None, lambda *a: None, preset=None, victim_hash="", share=False,
+                              address="127.0.0.1:6379")
+    assert seen["address"] == "127.0.0.1:6379"
+
+
 def test_a_killed_driver_resumes_from_its_finished_points(head, server, digits_victim_dir, tmp_path):
     """The sweep process itself (under ``mlflow run``) is killed once a point has finished; the same command
     again reuses the finished points and runs only the rest."""

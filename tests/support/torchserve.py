@@ -7,16 +7,20 @@ unless asked, and settings sized for a 2-core machine (1 OMP thread, 2 netty thr
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+import requests
 
 from mlflow_project.ops.torchserve import METRICS_YAML, REPO, free_port
 from mlflow_project.ops.torchserve import TorchServe as Launcher
 from tests.dev_secret import DEV_SECRET
 
-__all__ = ["METRICS_YAML", "REPO", "TEST_PROPERTIES", "TorchServe", "free_port"]
+__all__ = ["METRICS_YAML", "REPO", "TEST_PROPERTIES", "TorchServe", "free_port", "registered"]
 
 TEST_PROPERTIES = {
     "metrics_mode": "prometheus",
@@ -67,3 +71,41 @@ class TorchServe(Launcher):
     def model_log(self) -> str:
         p = self.log_dir / "model_log.log"
         return p.read_text(errors="replace") if p.is_file() else ""
+
+    def register(self, mar: Path | str, workers: int = 1, timeout: float = 240.0) -> str:
+        """Add the archive ``mar`` to this running instance (copied into its model store, registered through the
+        management API, which must be on) and wait for its ``workers``; returns the model's name. The
+        archive's own batch size and delay (its model-config.yaml) apply."""
+        mar = Path(mar)
+        if mar.parent.resolve() != self.model_store:
+            shutil.copy(mar, self.model_store / mar.name)
+        params = {"url": mar.name, "initial_workers": str(workers), "synchronous": "true"}
+        r = requests.post(f"{self.management_url}/models", params=params, headers=self.token_header("management"),
+                          timeout=timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"registering {mar.name}: {r.status_code} {r.text}\n{self.tail()}")
+        name = mar.name.removesuffix(".mar")
+        self.models = sorted({*(self.models or []), name} - {"all"})
+        self.wait_ready(timeout)
+        return name
+
+    def unregister(self, name: str, timeout: float = 60.0) -> None:
+        """Remove model ``name`` (its workers stop); a model that is not registered is not an error."""
+        r = requests.delete(f"{self.management_url}/models/{name}", headers=self.token_header("management"),
+                            timeout=timeout)
+        if r.status_code not in (200, 404):
+            raise RuntimeError(f"unregistering {name}: {r.status_code} {r.text}")
+        self.models = [m for m in self.models or [] if m.removesuffix(".mar") != name]
+
+
+@contextlib.contextmanager
+def registered(server: TorchServe, store: Path, workers: int = 1) -> Iterator[list[str]]:
+    """Every archive in ``store`` registered on ``server`` for the duration, then unregistered."""
+    names: list[str] = []
+    try:
+        for mar in sorted(store.glob("*.mar")):
+            names.append(server.register(mar, workers=workers))
+        yield names
+    finally:
+        for name in names:
+            server.unregister(name)
