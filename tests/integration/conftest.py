@@ -1,8 +1,9 @@
 """Fixtures for the serving tests: archives built with mlflow_project.lifecycle.package, and ``shared_torchserve``,
 one TorchServe per pytest process (private TMPDIR and ports, its own process group, stopped by pid) that every
 module which needs no server settings of its own registers its archives on and unregisters them from when it is
-done. Modules that change the server itself (token auth, JVM flags, killed workers, the versions' restarts) start
-their own."""
+done. Modules that change the server itself (token auth, JVM flags, killed workers, the versions' restarts) or
+assert on what the whole server reports (Prometheus sums and alerts over every model: an unregistered model's
+series stay on the metrics endpoint) start their own."""
 
 from __future__ import annotations
 
