@@ -120,29 +120,13 @@ MONITOR_ADDR ?= 127.0.0.1:9090
 
 .PHONY: monitor monitor-stop
 
-monitor: debs
-	@mkdir -p $(MONITOR_DIR)
-	@if [ -f $(MONITOR_PID) ] && kill -0 "$$(cat $(MONITOR_PID))" 2>/dev/null; then \
-		echo "Prometheus already running (pid $$(cat $(MONITOR_PID))) on http://$(MONITOR_ADDR)"; exit 0; fi; \
-	promtool check config deploy/prometheus.yml >/dev/null || exit 1; \
-	setsid prometheus --config.file=deploy/prometheus.yml --storage.tsdb.path=$(MONITOR_DIR)/data \
-		--web.listen-address=$(MONITOR_ADDR) --storage.tsdb.retention.time=2d \
-		>$(MONITOR_DIR)/prometheus.log 2>&1 & echo $$! > $(MONITOR_PID); \
-	for i in $$(seq 1 60); do \
-		if curl -fsS http://$(MONITOR_ADDR)/-/ready >/dev/null 2>&1; then \
-			echo "Prometheus ready on http://$(MONITOR_ADDR) (pid $$(cat $(MONITOR_PID)), log $(MONITOR_DIR)/prometheus.log)"; exit 0; fi; \
-		kill -0 "$$(cat $(MONITOR_PID))" 2>/dev/null || { echo "Prometheus exited:"; tail -20 $(MONITOR_DIR)/prometheus.log; rm -f $(MONITOR_PID); exit 1; }; \
-		sleep 0.5; done; \
-	echo "Prometheus not ready after 30s: see $(MONITOR_DIR)/prometheus.log"; exit 1
+monitor: debs $(STAMP)
+	@promtool check config deploy/prometheus.yml >/dev/null || exit 1
+	@$(PY) -m mlflow_project.ops.prometheus start --config deploy/prometheus.yml --workdir $(MONITOR_DIR) \
+		--pid-file $(MONITOR_PID) --listen $(MONITOR_ADDR) --stop-command "make stop"
 
 monitor-stop:
-	@if [ -f $(MONITOR_PID) ]; then \
-		pid="$$(cat $(MONITOR_PID))"; \
-		if kill -0 "$$pid" 2>/dev/null; then kill "$$pid"; \
-			for i in $$(seq 1 20); do kill -0 "$$pid" 2>/dev/null || break; sleep 0.5; done; \
-			kill -0 "$$pid" 2>/dev/null && kill -9 "$$pid"; echo "Prometheus (pid $$pid) stopped"; fi; \
-		rm -f $(MONITOR_PID); \
-	else echo "Prometheus is not running (no $(MONITOR_PID))"; fi
+	@$(PY) -m mlflow_project.ops.prometheus stop --pid-file $(MONITOR_PID)
 
 # --- reliability (issue 10): a defended archive with 2 workers under 16 clients for 60 s, a worker SIGKILLed
 # mid-load, and the lab's averaging attack (trains the Fashion-MNIST victim first if it is not there yet).

@@ -34,23 +34,20 @@ import copy
 import json
 import os
 import secrets
-import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 import torch
 
-from mlflow_project.ops.processes import group_alive, stop_group
-from mlflow_project.ops.torchserve import TorchServe, read_pid
+from mlflow_project.ops.processes import group_alive, read_pid
+from mlflow_project.ops.prometheus import Prometheus, scrape_config
+from mlflow_project.ops.torchserve import TorchServe
 
 REPO = Path(__file__).resolve().parents[2]
 PROD_CONFIG = REPO / "deploy" / "config.properties"
-ALERTS = REPO / "deploy" / "alerts.yml"
 DEFENSE_HEADER = "X-StealGuard-Defense"
 
 # The production archive's monitor. harden: a flagged client's later answers come from MAD at an l1 budget of
@@ -284,7 +281,7 @@ class Servers:
         self.ts_pid_file = self.serve_dir / "torchserve.pid"
         self.prom_pid_file = self.run / "prometheus.pid"
         self.ts: TorchServe | None = None
-        self.prom: subprocess.Popen | None = None
+        self.prom: Prometheus | None = None
         h = cfg.host
         self.inference_url = f"http://{h}:{cfg.inference_port}"
         self.management_url = f"http://{h}:{cfg.management_port}"
@@ -338,55 +335,23 @@ class Servers:
         return header
 
     def start_prometheus(self, timeout: float = 60.0) -> None:
-        import yaml
-
-        prom = shutil.which("prometheus")
-        if prom is None:
-            raise RuntimeError("prometheus not found: `make setup` installs the Debian package")
-        self.prom_dir.mkdir(parents=True, exist_ok=True)
-        conf = {
-            "global": {"scrape_interval": f"{self.cfg.scrape_interval_s}s",
-                       "evaluation_interval": f"{self.cfg.scrape_interval_s}s"},
-            "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "torchserve", "metrics_path": "/metrics", "static_configs": [
-                {"targets": [f"{self.cfg.host}:{self.cfg.metrics_port}"], "labels": {"environment": "dev"}}]}],
-        }
-        path = self.prom_dir / "prometheus.yml"
-        path.write_text(yaml.safe_dump(conf))
+        c = self.cfg
+        conf = scrape_config([f"{c.host}:{c.metrics_port}"], c.scrape_interval_s, labels={"environment": "dev"})
+        self.prom = Prometheus(self.prom_dir, conf, listen=f"{c.host}:{c.prometheus_port}", pid_file=self.prom_pid_file)
         say(f"starting Prometheus on {self.prometheus_url} (scraping {self.metrics_url}/metrics every "
-            f"{self.cfg.scrape_interval_s}s, alert rules deploy/alerts.yml)")
-        with open(self.prom_dir / "prometheus.log", "wb") as log:
-            self.prom = subprocess.Popen(
-                [prom, f"--config.file={path}", f"--storage.tsdb.path={self.prom_dir / 'data'}",
-                 f"--web.listen-address={self.cfg.host}:{self.cfg.prometheus_port}",
-                 "--storage.tsdb.retention.time=2d"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.prom_pid_file.write_text(f"{self.prom.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.prom.poll() is not None:
-                raise RuntimeError(f"Prometheus exited: see {self.prom_dir / 'prometheus.log'}")
-            try:
-                if requests.get(f"{self.prometheus_url}/-/ready", timeout=2).status_code == 200:
-                    say(f"Prometheus ready (pid {self.prom.pid})")
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("Prometheus not ready after 60s")
+            f"{c.scrape_interval_s}s, alert rules deploy/alerts.yml)")
+        self.prom.start(timeout)
+        say(f"Prometheus ready (pid {self.prom.proc.pid})")
 
     def query(self, promql: str) -> float | None:
-        r = requests.get(f"{self.prometheus_url}/api/v1/query", params={"query": promql}, timeout=10)
-        r.raise_for_status()
-        res = r.json()["data"]["result"]
-        return float(res[0]["value"][1]) if res else None
+        return self.prom.scalar(promql)
 
     def stop(self) -> None:
         """Stop what this object started, by process group (its own pid: start_new_session)."""
-        if self.prom is not None:
-            stop_group(self.prom.pid, 30.0, self.prom)
-            self.prom_pid_file.unlink(missing_ok=True)
-            say(f"Prometheus (pid {self.prom.pid}) stopped")
+        if self.prom is not None and self.prom.proc is not None:
+            pid = self.prom.proc.pid
+            self.prom.stop()
+            say(f"Prometheus (pid {pid}) stopped")
         if self.ts is not None and self.ts.proc is not None:
             pid = self.ts.proc.pid
             self.ts.stop()
@@ -606,7 +571,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         servers.stop()
         raise
     if cfg.keep_running:
-        say(f"servers LEFT RUNNING (TorchServe pid {servers.ts.proc.pid}, Prometheus pid {servers.prom.pid}): "
+        say(f"servers LEFT RUNNING (TorchServe pid {servers.ts.proc.pid}, Prometheus pid {servers.prom.proc.pid}): "
             "stop them with `make stop`")
     else:
         servers.stop()

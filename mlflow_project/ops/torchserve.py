@@ -26,14 +26,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import requests
 
 from handlers import deployment
-from mlflow_project.ops.processes import group_alive, stop_group
+from mlflow_project.ops.processes import DetachedServer, group_alive, read_pid, stop_pid_file
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHSERVE = Path(sys.executable).with_name("torchserve")
@@ -72,18 +71,7 @@ def render_config(base: Path | str | None, overrides: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_pid(pid_file: Path | str) -> int | None:
-    """The pid in ``pid_file``; None when there is no such file."""
-    try:
-        text = Path(pid_file).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    if not text.isdigit() or int(text) <= 1:
-        raise ValueError(f"{pid_file} does not hold a pid: {text[:40]!r}")
-    return int(text)
-
-
-class TorchServe:
+class TorchServe(DetachedServer):
     """One TorchServe process serving ``models`` (names of .mar files in ``model_store``, "all", or None to keep
     the base config's ``load_models``).
 
@@ -91,6 +79,8 @@ class TorchServe:
     ``PORT_NAMES`` to ports (the others free). ``token_auth``: None follows the base config's
     ``disable_token_authorization`` (TorchServe's default, ON, without one). ``properties`` are set last.
     """
+
+    name = "torchserve"
 
     def __init__(
         self,
@@ -198,36 +188,7 @@ class TorchServe:
                "--model-store", str(self.model_store)]
         if not self.token_auth:
             cmd.append("--disable-token-auth")
-        with open(self.workdir / "torchserve.out", "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        if self.pid_file is not None:
-            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-            self.pid_file.write_text(f"{self.proc.pid}\n", encoding="utf-8")
-        return self.proc
-
-    def start(self, timeout: float = 120.0) -> TorchServe:
-        """Launch and wait until it serves; stop it if it does not."""
-        self.launch()
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def wait_ready(self, timeout: float) -> None:
-        """Wait for /ping and for every model named in ``models`` to have a READY worker."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"torchserve exited with code {self.proc.returncode}:\n{self.tail()}")
-            waiting = self.not_ready()
-            if not waiting:
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"torchserve not ready after {timeout:.0f}s: {waiting}\n{self.tail()}")
-            time.sleep(0.5)
+        return self.spawn(cmd, self.workdir / "torchserve.out", cwd=self.workdir, env=env)
 
     def not_ready(self) -> str:
         """What is not ready yet ("" when everything is)."""
@@ -270,25 +231,6 @@ class TorchServe:
                 lines.append(f"--- {name}")
                 lines.extend(p.read_text(errors="replace").splitlines()[-n:])
         return "\n".join(lines)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the process group, SIGKILL if it outlives ``timeout``; removes the pid file."""
-        if self.proc is None:
-            return
-        stop_group(self.proc.pid, timeout, self.proc)  # start_new_session: the launcher leads its own group
-        if self.pid_file is not None:
-            try:
-                if read_pid(self.pid_file) == self.proc.pid:
-                    self.pid_file.unlink()
-            except ValueError:
-                pass
-        self.proc = None
-
-    def __enter__(self) -> TorchServe:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -377,25 +319,7 @@ def cmd_start(a: argparse.Namespace) -> int:
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
-    pid_file = Path(a.pid_file)
-    try:
-        pid = read_pid(pid_file)
-    except ValueError as e:
-        print(f"TorchServe is not running ({e}; removed it)")
-        pid_file.unlink()
-        return 0
-    if pid is None:
-        print(f"TorchServe is not running (no {a.pid_file})")
-        return 0
-    if not group_alive(pid):  # also a pid reused by a process that does not lead a group
-        print(f"TorchServe (pid {pid}) was not running")
-    elif stop_group(pid, a.timeout):
-        print(f"TorchServe (pid {pid}) stopped")
-    else:
-        print(f"TorchServe (pid {pid}): process group {pid} survived SIGKILL; pid file kept")
-        return 1
-    pid_file.unlink(missing_ok=True)
-    return 0
+    return stop_pid_file(a.pid_file, "TorchServe", a.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

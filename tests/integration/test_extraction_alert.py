@@ -23,7 +23,7 @@ from mlflow_project.lab.oracles import HTTPOracle
 from mlflow_project.lab.train_victim import train_victim
 from mlflow_project.lifecycle.package import build_archive, stage
 from mlflow_project.ops import monitor_clients
-from tests.integration.test_metrics_prometheus import ALERTS, Prometheus
+from mlflow_project.ops.prometheus import ALERTS, Prometheus, scrape_config
 from tests.support.torchserve import TorchServe
 from tests.support.victims import export
 
@@ -46,7 +46,7 @@ def served(tmp_path_factory, one_thread):
     ts.start(timeout=240)
     prom = None
     try:
-        prom = Prometheus(work / "prom", f"127.0.0.1:{ts.ports['metrics']}").start()
+        prom = Prometheus(work / "prom", scrape_config([f"127.0.0.1:{ts.ports['metrics']}"], 1)).start()
         yield victim, ts, prom, store_url
     finally:
         if prom is not None:

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 import torch
-import yaml
 
 from mlflow_project.lifecycle.package import build_archive, stage
-from mlflow_project.ops.processes import stop_group
-from tests.support.torchserve import REPO, TorchServe, free_port
+from mlflow_project.ops.prometheus import Prometheus, scrape_config
+from tests.support.torchserve import REPO, TorchServe
 from tests.support.victims import export, make_net
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,90 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "sgmetrics"
 VERSION = "5"
 DEFENSE = {"name": "mad", "epsilon": 0.02, "norm": "l2"}
-ALERTS = REPO / "deploy" / "alerts.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "stealguard.json"
-PROMETHEUS = "prometheus"
 WORKER_ROWS = re.compile(r"(W-\d+)-[^ ]*-stdout.*\[METRICS\]stealguard_rows_total\.Count:([0-9.]+)")
-
-
-class Prometheus:
-    """A private Prometheus on a free loopback port, in its own process group, stopped by pid."""
-
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cfg = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERTS)],
-            "scrape_configs": [
-                {
-                    "job_name": "torchserve",
-                    "metrics_path": "/metrics",
-                    "static_configs": [{"targets": [target]}],
-                }
-            ],
-        }
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> Prometheus:
-        log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={self.workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log_text = (self.workdir / "prometheus.log").read_text()[-3000:]
-                raise RuntimeError(f"prometheus exited:\n{log_text}")
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError("prometheus not ready")
-
-    def query(self, promql: str) -> list[dict]:
-        r = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=10)
-        r.raise_for_status()
-        body = r.json()
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def scalar(self, promql: str) -> float | None:
-        res = self.query(promql)
-        assert len(res) <= 1, res
-        return float(res[0]["value"][1]) if res else None
-
-    def wait_for(self, promql: str, expected: float, timeout: float = 60.0) -> float | None:
-        """Poll until ``promql`` returns ``expected`` (scrapes are every second); return the last value."""
-        deadline = time.monotonic() + timeout
-        value = None
-        while time.monotonic() < deadline:
-            value = self.scalar(promql)
-            if value == expected:
-                return value
-            time.sleep(0.5)
-        return value
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        stop_group(self.proc.pid, 20.0, self.proc)
-        self.proc = None
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +58,7 @@ def served(tmp_path_factory):
     ts.start(timeout=240)
     prom = None
     try:
-        prom = Prometheus(work / "prom", f"127.0.0.1:{ts.ports['metrics']}").start()
+        prom = Prometheus(work / "prom", scrape_config([f"127.0.0.1:{ts.ports['metrics']}"], 1)).start()
         yield net, ts, prom
     finally:
         if prom is not None:
