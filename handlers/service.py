@@ -46,7 +46,6 @@ class Defended:
     latency_s: float  # wall time of the defense call (its surrogate forward included)
     victim_s: float = 0.0  # wall time of the victim's forward and softmax
     surrogate_s: float = 0.0  # wall time inside the resource networks the defense ran (surrogate, misinformation)
-    defense_s: float = 0.0  # the defense's own time: its call minus surrogate_s, plus the fail-closed check
 
 
 @dataclass(frozen=True)
@@ -158,10 +157,7 @@ class DefendedPipeline:
         t2 = time.perf_counter()
         surrogate = self.timer.take()
         self.check(y, out)
-        t3 = time.perf_counter()
-        return Defended(
-            y=y, out=out, latency_s=t2 - t1, victim_s=t1 - t0, surrogate_s=surrogate, defense_s=t3 - t1 - surrogate
-        )
+        return Defended(y=y, out=out, latency_s=t2 - t1, victim_s=t1 - t0, surrogate_s=surrogate)
 
     def check(self, y: torch.Tensor, out: DefenseOutput) -> None:
         probs = out.probs
