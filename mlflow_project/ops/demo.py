@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mlflow_project.ops.processes import group_alive, read_pid
+from mlflow_project.ops.processes import running_pid
 from mlflow_project.ops.prometheus import Prometheus, scrape_config
 from mlflow_project.ops.torchserve import TorchServe
 
@@ -290,11 +290,8 @@ class Servers:
 
     def _check_free(self) -> None:
         for pid_file, what in ((self.ts_pid_file, "TorchServe"), (self.prom_pid_file, "Prometheus")):
-            try:
-                pid = read_pid(pid_file)
-            except ValueError:
-                pid = None  # not a pid: nothing to stop
-            if pid is not None and group_alive(pid):
+            pid = running_pid(pid_file)  # not a pid, or a dead group: nothing to stop
+            if pid is not None:
                 raise RuntimeError(f"{what} from an earlier demo is still running (pid {pid}, {pid_file}): "
                                    "run `make stop` first")
         c = self.cfg

@@ -57,6 +57,16 @@ def read_pid(pid_file: Path | str) -> int | None:
     return int(text)
 
 
+def running_pid(pid_file: Path | str) -> int | None:
+    """The pid in ``pid_file`` when its process group is alive; None when there is no file, it holds no pid, or
+    the group is gone."""
+    try:
+        pid = read_pid(pid_file)
+    except ValueError:
+        return None
+    return pid if pid is not None and group_alive(pid) else None
+
+
 def stop_pid_file(pid_file: Path | str, what: str, timeout: float = 30.0) -> int:
     """Stop the detached server ``what`` whose group leader's pid is in ``pid_file`` (its whole process group),
     say what happened, and remove the pid file; the CLI exit code (1 only if the group survived SIGKILL)."""

@@ -28,7 +28,7 @@ from typing import Any
 import requests
 import yaml
 
-from mlflow_project.ops.processes import DetachedServer, group_alive, read_pid, stop_pid_file
+from mlflow_project.ops.processes import DetachedServer, running_pid, stop_pid_file
 from mlflow_project.ops.torchserve import REPO, free_port
 
 ALERTS = REPO / "deploy" / "alerts.yml"
@@ -147,11 +147,8 @@ def parser() -> argparse.ArgumentParser:
 def cmd_start(a: argparse.Namespace) -> int:
     pid_file = Path(a.pid_file or Path(a.workdir) / "prometheus.pid")
     stop_cmd = a.stop_command or f"python -m mlflow_project.ops.prometheus stop --pid-file {pid_file}"
-    try:
-        running = read_pid(pid_file)
-    except ValueError:
-        running = None
-    if running is not None and group_alive(running):
+    running = running_pid(pid_file)
+    if running is not None:
         print(f"Prometheus already running (pid {running}) on http://{a.listen}; {stop_cmd} stops it")
         return 0
     if not Path(a.config).is_file():

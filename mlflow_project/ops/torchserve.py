@@ -32,7 +32,7 @@ from pathlib import Path
 import requests
 
 from handlers import deployment
-from mlflow_project.ops.processes import DetachedServer, group_alive, read_pid, stop_pid_file
+from mlflow_project.ops.processes import DetachedServer, running_pid, stop_pid_file
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHSERVE = Path(sys.executable).with_name("torchserve")
@@ -287,11 +287,8 @@ def parser() -> argparse.ArgumentParser:
 def cmd_start(a: argparse.Namespace) -> int:
     pid_file = a.pid_file or os.path.join(a.workdir, "torchserve.pid")
     stop_cmd = a.stop_command or f"python -m mlflow_project.ops.torchserve stop --pid-file {pid_file}"
-    try:
-        running = read_pid(pid_file)
-    except ValueError:
-        running = None
-    if running is not None and group_alive(running):
+    running = running_pid(pid_file)
+    if running is not None:
         print(f"TorchServe already running (pid {running}); run {stop_cmd} first")
         return 1
     ts = TorchServe(a.model_store, a.workdir, models=a.models, base_config=a.config, ports="config",

@@ -129,12 +129,24 @@ def test_stop_group_escalates_to_sigkill():
 
 def test_pid_files(tmp_path):
     pid_file = tmp_path / "ts.pid"
-    assert tl.read_pid(pid_file) is None
+    assert processes.read_pid(pid_file) is None
+    assert processes.running_pid(pid_file) is None
     pid_file.write_text("abc\n")
     with pytest.raises(ValueError, match="does not hold a pid: 'abc'"):
-        tl.read_pid(pid_file)
+        processes.read_pid(pid_file)
+    assert processes.running_pid(pid_file) is None
     pid_file.write_text("1234\n")
-    assert tl.read_pid(pid_file) == 1234
+    assert processes.read_pid(pid_file) == 1234
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    dead.wait()
+    pid_file.write_text(f"{dead.pid}\n")
+    assert processes.running_pid(pid_file) is None
+    live = _group("import time; print('up', flush=True); time.sleep(60)")
+    try:
+        pid_file.write_text(f"{live.pid}\n")
+        assert processes.running_pid(pid_file) == live.pid
+    finally:
+        processes.stop_group(live.pid, 1, live)
 
 
 def test_cli_stop(tmp_path, capsys):
