@@ -91,7 +91,17 @@ def main() -> None:
               f"final W {s.get('w')}, OOD share {out[name]['ood_share']:.3f}")
 
     key = b"RESULTS.md measurement key (bench only)"
-    if not a.skip_watermark and not a.skip_knockoff_watermark:
+    knockoff_wm = not a.skip_watermark and not a.skip_knockoff_watermark
+    wm_attacks = [n for n in a.wm_attacks.split(",") if n] if not a.skip_watermark else []
+    independent = None  # the false-positive side: a model trained on the victim's own data only, trained once
+
+    def independent_model():
+        nonlocal independent
+        if independent is None:  # trained after the Knockoff clone (the global RNG's order of the figures)
+            independent = train_victim("fashion_mnist", "lenet", epochs=a.victim_epochs, seed=1, progress=False).model
+        return independent
+
+    if knockoff_wm:
         pool = pools["knockoff"]
         idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[: a.wm_budget]
         x = pool[idx]
@@ -100,25 +110,13 @@ def main() -> None:
         answered, records, _ = Watermark(key, 0.005).apply(x, y, y, 0.0)
         clone = build_model("lenet", spec.num_classes)
         train_classifier(clone, x, answered.float(), TrainConfig(epochs=a.wm_clone_epochs, lr=0.05), progress=False)
-        independent = train_victim("fashion_mnist", "lenet", epochs=a.victim_epochs, seed=1, progress=False).model
-        q = torch.from_numpy(np.stack([r.query for r in records]))
-        labels = np.array([r.label for r in records])
-        vl = np.array([r.victim_label for r in records])
-        for who, model in (("clone", clone.eval()), ("independent", independent)):
-            with torch.no_grad():
-                preds = model(q).argmax(1).numpy()
-                acc = float((model(vd.test.x).argmax(1) == vd.test.y).float().mean())
-            r = verify(labels, vl, preds, spec.num_classes)
-            rc = verify(labels, vl, preds, spec.num_classes, "conservative")
-            out[f"wm_{who}"] = {**r, "p_value_conservative": rc["p_value"], "test_accuracy": acc}
-            print(f"watermark {who}: {r['agreed']}/{r['watermarks']} agree, p {r['p_value']:.3g} "
-                  f"(null {r['null_rate']:.4f}; conservative 1/9: p {rc['p_value']:.3g}), test acc {acc:.4f}")
+        for who, model in (("clone", clone), ("independent", independent_model())):
+            out[f"wm_{who}"] = verified(records, model, vd.test, spec.num_classes, f"watermark {who}")
         benign_cost = float((answered.argmax(1) != y.argmax(1)).double().mean())
         out["wm_top1_cost"] = benign_cost
         print(f"watermark top-1 cost on the {len(x)} answered queries: {benign_cost:.4%}")
-    wm_attacks = [n for n in a.wm_attacks.split(",") if n] if not a.skip_watermark else []
-    if wm_attacks:  # the false-positive side: a model trained on the victim's own data, never on its answers
-        indep = train_victim("fashion_mnist", "lenet", epochs=a.victim_epochs, seed=1, progress=False).model
+    if wm_attacks:
+        independent_model()  # before the attacks, as the figures were measured
     for name in wm_attacks:
         for budget in (int(b) for b in a.wm_budgets.split(",")):
             oracle = WatermarkedOracle(v, Watermark(key, 0.005))
@@ -130,23 +128,30 @@ def main() -> None:
             if not oracle.records:
                 print(f"watermark {name} {budget} queries: no answer was watermarked; nothing to verify")
                 continue
-            q = torch.from_numpy(np.stack([r.query for r in oracle.records]))
-            labels = np.array([r.label for r in oracle.records])
-            vl = np.array([r.victim_label for r in oracle.records])
-            for who, model in (("soft clone", res.clone), ("top-1 clone", res.top1_clone), ("independent", indep)):
-                model = model.eval()
-                with torch.no_grad():
-                    preds = model(q).argmax(1).numpy()
-                    acc = float((model(vd.test.x).argmax(1) == vd.test.y).float().mean())
-                r = verify(labels, vl, preds, spec.num_classes)
-                rc = verify(labels, vl, preds, spec.num_classes, "conservative")
-                out[f"wm_{name}_{budget}_{who.split()[0]}"] = {**r, "p_value_conservative": rc["p_value"],
-                                                               "test_accuracy": acc, "queries": res.queries}
-                print(f"watermark {name} {budget} queries ({res.queries} answered, {time.time() - t1:.0f}s), {who}: "
-                      f"{r['agreed']}/{r['watermarks']} agree, p {r['p_value']:.3g} (null {r['null_rate']:.4f}; "
-                      f"conservative 1/9: p {rc['p_value']:.3g}), test acc {acc:.4f}", flush=True)
+            suspects = (("soft clone", res.clone), ("top-1 clone", res.top1_clone), ("independent", independent))
+            for who, model in suspects:
+                what = f"watermark {name} {budget} queries ({res.queries} answered, {time.time() - t1:.0f}s), {who}"
+                out[f"wm_{name}_{budget}_{who.split()[0]}"] = {
+                    **verified(oracle.records, model, vd.test, spec.num_classes, what), "queries": res.queries}
     print(json.dumps(out, default=float))
     print(f"seconds: {time.time() - t0:.0f}")
+
+
+def verified(records, model, test, num_classes: int, what: str) -> dict:
+    """``verify`` of ``model`` against the watermark ``records`` (estimated and conservative null), with its
+    test accuracy; printed as one line headed ``what``."""
+    q = torch.from_numpy(np.stack([r.query for r in records]))
+    labels = np.array([r.label for r in records])
+    victim_labels = np.array([r.victim_label for r in records])
+    model = model.eval()
+    with torch.no_grad():
+        preds = model(q).argmax(1).numpy()
+        acc = float((model(test.x).argmax(1) == test.y).float().mean())
+    r = verify(labels, victim_labels, preds, num_classes)
+    rc = verify(labels, victim_labels, preds, num_classes, "conservative")
+    print(f"{what}: {r['agreed']}/{r['watermarks']} agree, p {r['p_value']:.3g} (null {r['null_rate']:.4f}; "
+          f"conservative 1/9: p {rc['p_value']:.3g}), test acc {acc:.4f}", flush=True)
+    return {**r, "p_value_conservative": rc["p_value"], "test_accuracy": acc}
 
 
 class WatermarkedOracle(LocalOracle):
