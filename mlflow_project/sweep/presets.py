@@ -15,10 +15,11 @@ Three presets (``--preset``), each overridable field by field from the command l
   all three targets. The grid adds MAD's l1 budgets 0.6-0.95 (where a one-hot target flips uncertain rows
   but spares confident ones) and the ood_gated composition. About 6-10 minutes per point with 2 threads here.
 
-Two opt-in grids, empty in every preset so the presets' existing grids (and their point keys) are unchanged:
+Three opt-in grids, empty in every preset so the presets' existing grids (and their point keys) are unchanged:
 ``adaptive_misinformation_taus`` (e.g. 0.5,0.7,0.9,0.95; its misinformation model is trained once per victim
-and cached next to it, see sweep.resolve_misinformation) and ``gradient_redirection_epsilons`` (each epsilon
-with the targets in ``GRADIENT_REDIRECTION_TARGETS``: reverse and shift).
+and cached next to it, see sweep.resolve_misinformation), ``gradient_redirection_epsilons`` (each epsilon
+with the targets in ``GRADIENT_REDIRECTION_TARGETS``: reverse and shift) and ``top_k_ks`` (the top-k baseline:
+each row's k largest probabilities, renormalised).
 
 Monitored points (opt-in, ``monitor``: a JSON monitor config, plugins.monitor): the points labelled in
 ``monitor_points`` (default: the undefended one) get a twin ``{..., "monitor": {...}}`` that evaluate runs with the
@@ -71,6 +72,7 @@ class Preset:
     label_only: bool = True
     adaptive_misinformation_taus: tuple[float, ...] = ()  # opt-in (--adaptive-misinformation-taus)
     gradient_redirection_epsilons: tuple[float, ...] = ()  # opt-in (--gradient-redirection-epsilons)
+    top_k_ks: tuple[int, ...] = ()  # opt-in (--top-k-ks): the top_k baseline, one point per k
     misinformation_epochs: int = 0  # adaptive_misinformation's model; 0 = train_misinformation's dataset default
     max_drop: float = 1.0  # selection: the largest acceptable defender-accuracy drop, in accuracy points
     max_l1: float = 1.0  # selection: the largest acceptable mean L1 perturbation on the test set
@@ -99,6 +101,9 @@ class Preset:
         bad = [t for t in self.adaptive_misinformation_taus if not 0 < t <= 1]
         if bad:
             raise ValueError(f"adaptive_misinformation_taus: each tau must be in (0, 1]; got {bad}")
+        bad = [k for k in self.top_k_ks if k < 1]
+        if bad:
+            raise ValueError(f"top_k_ks: each k must be an integer >= 1 (and at most the number of classes); got {bad}")
         bad = [e for e in self.gradient_redirection_epsilons if not 0 <= e <= 2]
         if bad:
             raise ValueError(f"gradient_redirection_epsilons: each epsilon must be in [0, 2] (l1); got {bad}")
@@ -190,7 +195,7 @@ def parse_grid(key: str, value: Any) -> tuple:
         if key in STRING_TUPLES:
             return tuple(items)
         try:
-            parsed = [int(v) if key in ("rounding_decimals", "seeds") else float(v) for v in items]
+            parsed = [int(v) if key in ("rounding_decimals", "seeds", "top_k_ks") else float(v) for v in items]
         except ValueError:
             raise ValueError(f"{key}: expected a comma-separated list of numbers (or 'none'); got {value!r}") from None
         return tuple(parsed)
@@ -206,6 +211,7 @@ def defense_grid(preset: Preset) -> list[dict[str, Any]]:
     grid += [{"name": "reverse_sigmoid", "beta": float(b), "gamma": gamma} for b in preset.reverse_sigmoid_betas]
     grid += [{"name": "random_noise", "epsilon": float(e), "norm": "l2"} for e in preset.random_noise_epsilons]
     grid += [{"name": "rounding", "decimals": int(d)} for d in preset.rounding_decimals]
+    grid += [{"name": "top_k", "k": int(k)} for k in preset.top_k_ks]
     if preset.label_only:
         grid.append({"name": "label_only"})
     grid += [{"name": "adaptive_misinformation", "tau": float(t)} for t in preset.adaptive_misinformation_taus]
@@ -252,7 +258,7 @@ GRADIENT_REDIRECTION_TARGETS = ("reverse", "shift")
 # The parameter that moves along each defense's curve (for plots and tables).
 CURVE_PARAMETER = {"mad": "epsilon", "mad_argmax": "epsilon", "reverse_sigmoid": "beta",
                    "random_noise": "epsilon", "rounding": "decimals", "adaptive_misinformation": "tau",
-                   "gradient_redirection": "epsilon", "ood_gated": "tau"}
+                   "gradient_redirection": "epsilon", "ood_gated": "tau", "top_k": "k"}
 
 
 def describe(config: dict[str, Any]) -> str:

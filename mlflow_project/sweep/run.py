@@ -83,7 +83,7 @@ SPREAD_COLUMNS = ("attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_
                   "defender_accuracy")
 CSV_COLUMNS = ("label", "defense", "epsilon", "beta", "gamma", "decimals", "norm", *METRIC_COLUMNS,
                "accuracy_drop_points", "seconds", "status", "recommended", "point_key", "run_id", "defense_config",
-               "tau", "target", "seed")
+               "tau", "target", "seed", "k")
 MEAN_CSV_COLUMNS = (*CSV_COLUMNS, "seeds", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max")))
 PROTOCOL_VERSION = 2  # part of every key: points recorded before the attackers were a set are not reused
 PARENT_KIND = "sweep"
@@ -225,12 +225,13 @@ class SweepResult:
     new_points: int = 0
     reused_points: int = 0
     seconds: float = 0.0
+    imported_points: int = 0  # of the reused ones: recorded from --import-from rows
 
 
 def _flat_row(defense: Mapping[str, Any], metrics: Mapping[str, float], **extra: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"label": describe(dict(defense)), "defense": defense["name"],
                            "defense_config": json.dumps(dict(defense), sort_keys=True)}
-    for k in ("epsilon", "beta", "gamma", "decimals", "norm", "tau", "target"):
+    for k in ("epsilon", "beta", "gamma", "decimals", "norm", "tau", "target", "k"):
         row[k] = defense.get(k, "")
     for k in METRIC_COLUMNS:
         v = metrics.get(k)
@@ -323,6 +324,51 @@ def run_point(job: PointJob, victim, shared: SharedWork | None, target: Tracking
                      seed=job.seed, seconds=result.seconds.get("total", math.nan))
 
 
+def recorded_points(paths: Sequence[str | Path], keys: set[str]) -> dict[str, dict[str, Any]]:
+    """``{point_key: row}`` of the rows of the points.csv files ``paths`` whose point key is in ``keys`` (a
+    point key hashes the victim's weights, the attacker, the protocol, the defense and the seed, so a matching
+    row measured this very point); a later file's row wins. Rows of other sweeps are ignored."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"import_from: no points.csv at {path}")
+        rows = read_points(path)
+        if rows and "point_key" not in rows[0]:
+            raise ValueError(f"import_from: {path} has no point_key column; expected a sweep's points.csv")
+        for row in rows:
+            if row.get("point_key") in keys and row.get("status") != "failed":
+                out[row["point_key"]] = {**row, "imported_from": str(path)}
+    return out
+
+
+def import_point(client, experiment_id: str, parent_id: str, job: PointJob, row: Mapping[str, Any]):
+    """Record a point measured in another tracking store (its points.csv ``row``) as a FINISHED nested run of
+    this sweep: the tags, params, metrics and defense.json artifact a run of :func:`run_point` has, plus
+    ``stealguard.imported_from`` (the CSV and the original run id), so the selection, the report and
+    ``register --sweep-run`` treat it like any finished point. Returns the run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from mlflow_project.lab.evaluate import DEFENSE_ARTIFACT
+
+    now = int(time.time() * 1000)
+    run = client.create_run(experiment_id, run_name=f"{job.label} seed {job.seed} (imported)",
+                            tags={**job.tags, PARENT_TAG: parent_id})
+    run_id = run.info.run_id
+    metrics = {k: float(row[k]) for k in METRIC_COLUMNS if _is_number(row.get(k)) and math.isfinite(float(row[k]))}
+    if _is_number(row.get("seconds")):
+        metrics["seconds_total"] = float(row["seconds"])
+    params = {**{k: str(v) for k, v in job.cfg.params().items()},
+              "defense_config": json.dumps(job.defense, sort_keys=True)}
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     params=[Param(k, v[:6000]) for k, v in params.items()],
+                     tags=[RunTag(KIND_TAG, POINT_KIND), RunTag("stealguard.label", job.label),
+                           RunTag("stealguard.imported_from", f"{row['imported_from']} run {row.get('run_id', '')}")])
+    client.log_dict(run_id, dict(job.defense), DEFENSE_ARTIFACT)
+    client.set_terminated(run_id, "FINISHED")
+    return client.get_run(run_id)
+
+
 class LocalShared:
     """The local executor's shared work: one :class:`SharedWork` per seed, from its cache file or built once."""
 
@@ -363,6 +409,7 @@ def run_sweep(
     ray_address: str = "",
     cpus_per_point: int = 1,
     share_queries: bool = True,
+    import_from: Sequence[str | Path] = (),
 ) -> SweepResult:
     """Run (or resume) the sweep of ``preset``; return its points, selection and output files.
 
@@ -375,7 +422,10 @@ def run_sweep(
     ``ray_address``: ``auto``, ``ray://host:10001``, ``host:port`` of a head, or "" for a cluster of this machine
     started on the spot; see :mod:`mlflow_project.sweep.ray_executor`). ``share_queries``: for non-adaptive
     attacks, compute the victim's and surrogate's outputs on the queries once per seed
-    (:mod:`mlflow_project.sweep.shared`; same answers, bit for bit).
+    (:mod:`mlflow_project.sweep.shared`; same answers, bit for bit). ``import_from``: points.csv files of
+    earlier runs of this sweep (e.g. the committed ``docs/results/*.points.csv`` from another session's tracking
+    store); a point of the grid that this store has not finished but whose point key is in one of them is
+    recorded here from that row (:func:`import_point`) instead of being evaluated again.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -432,7 +482,8 @@ def run_sweep(
         return SweepResult(parent.info.run_id, sweep_key, rows, recommended, out_dir, artifacts, 0, len(rows),
                            time.perf_counter() - t_start)
     run_name = f"sweep-{preset.name}-{preset.attack}-{preset.queryset}-{preset.budget}"
-    new = reused = 0
+    new = reused = imported = 0
+    recorded = recorded_points(import_from, {spec.point_key(d, s) for d, s in todo})
     # under `mlflow run`: the run it created is the parent (finished points of this sweep are still reused)
     with tracking.start_or_resume(run_name, parent.info.run_id if parent else None) as parent_run:
         parent_id = parent_run.info.run_id
@@ -451,13 +502,6 @@ def run_sweep(
         slots: list[dict[str, Any] | None] = []
         for defense, seed in todo:
             key = spec.point_key(defense, seed)
-            if key in done:
-                run = done[key]
-                slots.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key, seed=seed,
-                                       run_id=run.info.run_id,
-                                       seconds=run.data.metrics.get("seconds_total", math.nan)))
-                reused += 1
-                continue
             cfg = EvalConfig(dataset=preset.dataset, victim=victim_path, defense=defense, attack=preset.attack,
                              queryset=preset.queryset, budget=preset.budget, epochs=preset.epochs, seed=seed,
                              oracle=spec.oracle, lr=preset.clone_lr, batch_size=preset.clone_batch_size,
@@ -467,7 +511,18 @@ def run_sweep(
                     "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
             if needs_misinformation(defense):
                 tags[MISINFORMATION_TAG] = f"runs:/{parent_id}/{MISINFORMATION_ARTIFACT}"
-            jobs.append(PointJob(len(slots), dict(defense), seed, key, describe(defense), cfg, tags))
+            job = PointJob(len(slots), dict(defense), seed, key, describe(defense), cfg, tags)
+            if key not in done and key in recorded:
+                done[key] = import_point(client, experiment_id, parent_id, job, recorded[key])
+                imported += 1
+            if key in done:
+                run = done[key]
+                slots.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key, seed=seed,
+                                       run_id=run.info.run_id,
+                                       seconds=run.data.metrics.get("seconds_total", math.nan)))
+                reused += 1
+                continue
+            jobs.append(job)
             slots.append(None)
         target = TrackingTarget(mlflow.get_tracking_uri(), experiment_id, parent_id)
         share = share_queries and preset.attack in NON_ADAPTIVE and spec.oracle == "local"
@@ -496,7 +551,7 @@ def run_sweep(
         bar.close()
 
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, caps)
-        mlflow.log_metrics({"points": len(rows), "points_new": new, "points_reused": reused,
+        mlflow.log_metrics({"points": len(rows), "points_new": new, "points_reused": reused, "points_imported": imported,
                             "sweep_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
                             "loadavg_1m_end": os.getloadavg()[0]})
         if recommended:
@@ -504,7 +559,7 @@ def run_sweep(
                                 ("attacker_accuracy", "attacker_accuracy_strongest", "defender_accuracy",
                                  "perturbation_l1_mean") if _is_number(recommended.get(k))})
     return SweepResult(parent_id, sweep_key, rows, recommended, out_dir, artifacts, new, reused,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, imported)
 
 
 def _is_number(value: Any) -> bool:
@@ -638,7 +693,7 @@ def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
     with Path(csv_path).open() as f:
         for r in csv.DictReader(f):
             for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals",
-                      "tau", "seed", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max"))):
+                      "tau", "k", "seed", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max"))):
                 if r.get(k) not in (None, ""):
                     r[k] = float(r[k])
             rows.append(r)
@@ -678,7 +733,7 @@ def _parser() -> argparse.ArgumentParser:
                         "'identity,label_only,mad(epsilon=0.9)'; default: all points")
     for name in ("mad_epsilons", "mad_argmax_epsilons", "reverse_sigmoid_betas", "random_noise_epsilons",
                  "rounding_decimals", "adaptive_misinformation_taus", "gradient_redirection_epsilons",
-                 "ood_gated_taus"):
+                 "top_k_ks", "ood_gated_taus"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
     p.add_argument("--ood-gated-inside", default="", help="ood_gated points' in-distribution defenses, comma-separated "
                    "(default: the preset's, identity,mad_argmax)")
@@ -706,6 +761,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-share-queries", action="store_true",
                    help="compute the victim's and surrogate's outputs in every point (default: once per seed for "
                         "non-adaptive attacks)")
+    p.add_argument("--import-from", default="",
+                   help="comma-separated points.csv files of earlier runs of this sweep (e.g. docs/results/"
+                        "<sweep>.points.csv): their points are recorded in this store, not evaluated again")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -720,6 +778,7 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
         "rounding_decimals": a.rounding_decimals, "label_only": False if a.no_label_only else None,
         "adaptive_misinformation_taus": a.adaptive_misinformation_taus,
         "gradient_redirection_epsilons": a.gradient_redirection_epsilons, "ood_gated_taus": a.ood_gated_taus,
+        "top_k_ks": a.top_k_ks,
         "ood_gated_inside": split_labels(a.ood_gated_inside) or None,
         "ood_gated_outside": split_labels(a.ood_gated_outside) or None,
         "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,
@@ -739,9 +798,10 @@ def main(argv: list[str] | None = None) -> SweepResult:
                        max_drop=a.max_drop if a.max_drop >= 0 else None,
                        max_l1=a.max_l1 if a.max_l1 >= 0 else None, progress=not a.no_progress,
                        report_only=a.report_only, executor=a.executor, ray_address=a.ray_address,
-                       cpus_per_point=a.cpus_per_point, share_queries=not a.no_share_queries)
+                       cpus_per_point=a.cpus_per_point, share_queries=not a.no_share_queries,
+                       import_from=[x.strip() for x in a.import_from.split(",") if x.strip()])
     print(f"sweep {result.sweep_key}: {len(result.points)} points ({result.new_points} new, "
-          f"{result.reused_points} reused) in {result.seconds:.1f}s; parent run {result.parent_run_id}")
+          f"{result.reused_points} reused, {result.imported_points} of them imported) in {result.seconds:.1f}s; parent run {result.parent_run_id}")
     print(f"outputs: {result.results_dir}")
     return result
 

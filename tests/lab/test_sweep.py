@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_project.lab.evaluate import evaluate
 from mlflow_project.sweep import run as sw
-from mlflow_project.sweep.presets import defense_grid, get_preset, reverse_sigmoid_gamma
+from mlflow_project.sweep.presets import defense_grid, describe, get_preset, reverse_sigmoid_gamma
 from mlflow_project.sweep.select import (
     RECOMMENDED_TAG,
     attacker_accuracy_at_drops,
@@ -352,3 +352,54 @@ def test_point_labels_split_on_top_level_commas_only():
     text = "identity, ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), outside=label_only),mad(epsilon=0.9)"
     assert sw.split_labels(text) == ("identity", "ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), "
                                      "outside=label_only)", "mad(epsilon=0.9)")
+
+
+def test_a_fresh_store_imports_the_points_of_an_earlier_points_csv_and_runs_only_the_rest(tmp_path, victim_dir):
+    """--import-from: a session's store is gone but its points.csv is committed; a new store records those points
+    (same keys, metrics, params, defense.json) and evaluates only what the CSV lacks (here a top_k point)."""
+    from mlflow_project.lifecycle.register import config_from_run
+
+    grid = [{"name": "identity"}, {"name": "top_k", "k": 2}, {"name": "label_only"}]
+    first = sw.run_sweep("tiny", victim=victim_dir, tracking_uri=uri(tmp_path / "a.db"), results_dir=tmp_path / "a",
+                         progress=False, grid=grid[::2])
+    csv_path = first.artifacts["csv"]
+    fresh = uri(tmp_path / "b.db")
+    second = sw.run_sweep("tiny", victim=victim_dir, tracking_uri=fresh, results_dir=tmp_path / "b",
+                          progress=False, grid=grid, import_from=[csv_path])
+    assert (second.new_points, second.reused_points, second.imported_points) == (1, 2, 2)
+    assert [p["label"] for p in second.points] == ["identity", "top_k(k=2)", "label_only"]
+    old = {p["point_key"]: p for p in first.points}
+    client = MlflowClient(fresh)
+    for p in second.points:
+        if p["label"] == "top_k(k=2)":
+            assert p["status"] == "new" and p["k"] == 2
+            continue
+        before = old[p["point_key"]]
+        assert p["run_id"] != before["run_id"]  # a run of the fresh store ...
+        for k in sw.METRIC_COLUMNS:  # ... carrying the CSV's measurements
+            assert p[k] == pytest.approx(before[k], nan_ok=True), k
+        run = client.get_run(p["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == second.parent_run_id
+        assert run.data.tags["stealguard.imported_from"] == f"{csv_path} run {before['run_id']}"
+        config, victim, tuned = config_from_run(client, p["run_id"], tmp_path / "dl")  # what register reads
+        assert config == json.loads(p["defense_config"]) and victim == str(victim_dir) and tuned["dataset"] == "digits"
+    # the store now holds them: a rerun without the CSV imports and evaluates nothing
+    third = sw.run_sweep("tiny", victim=victim_dir, tracking_uri=fresh, results_dir=tmp_path / "c", progress=False,
+                         grid=grid)
+    assert (third.new_points, third.reused_points, third.imported_points) == (0, 3, 0)
+    # rows of another sweep (other point keys) are ignored, a missing file is an error that names it
+    other = sw.run_sweep(get_preset("tiny", budget=120), victim=victim_dir, tracking_uri=fresh,
+                         results_dir=tmp_path / "d", progress=False, grid=grid[:1], import_from=[csv_path])
+    assert (other.new_points, other.imported_points) == (1, 0)
+    with pytest.raises(FileNotFoundError, match="no points.csv at"):
+        sw.run_sweep("tiny", victim=victim_dir, tracking_uri=fresh, results_dir=tmp_path / "e", progress=False,
+                     grid=grid, import_from=[tmp_path / "missing.csv"])
+
+
+def test_the_top_k_grid_is_opt_in_and_validated():
+    assert not [c for c in defense_grid(get_preset("paper")) if c["name"] == "top_k"]
+    grid = defense_grid(get_preset("paper", top_k_ks="2,3"))
+    assert [c for c in grid if c["name"] == "top_k"] == [{"name": "top_k", "k": 2}, {"name": "top_k", "k": 3}]
+    assert describe({"name": "top_k", "k": 2}) == "top_k(k=2)"
+    with pytest.raises(ValueError, match="top_k_ks"):
+        get_preset("paper", top_k_ks="0")
