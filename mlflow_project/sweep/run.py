@@ -551,8 +551,9 @@ def run_sweep(
         bar.close()
 
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, caps)
-        mlflow.log_metrics({"points": len(rows), "points_new": new, "points_reused": reused, "points_imported": imported,
-                            "sweep_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
+        mlflow.log_metrics({"points": len(rows), "points_new": new, "points_reused": reused,
+                            "points_imported": imported, "sweep_seconds": time.perf_counter() - t_start,
+                            "torch_threads": torch.get_num_threads(),
                             "loadavg_1m_end": os.getloadavg()[0]})
         if recommended:
             mlflow.log_metrics({f"recommended_{k}": float(recommended[k]) for k in
@@ -801,7 +802,8 @@ def main(argv: list[str] | None = None) -> SweepResult:
                        cpus_per_point=a.cpus_per_point, share_queries=not a.no_share_queries,
                        import_from=[x.strip() for x in a.import_from.split(",") if x.strip()])
     print(f"sweep {result.sweep_key}: {len(result.points)} points ({result.new_points} new, "
-          f"{result.reused_points} reused, {result.imported_points} of them imported) in {result.seconds:.1f}s; parent run {result.parent_run_id}")
+          f"{result.reused_points} reused, {result.imported_points} of them imported) in {result.seconds:.1f}s; "
+          f"parent run {result.parent_run_id}")
     print(f"outputs: {result.results_dir}")
     return result
 
