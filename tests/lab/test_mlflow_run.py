@@ -165,6 +165,28 @@ def test_sweep_points_nest_under_the_mlflow_run(store, victim, sweep):
             ] == [run_id]
 
 
+def test_a_sweep_in_a_fresh_store_imports_the_points_csv_and_runs_only_the_new_top_k_point(store, victim, sweep):
+    """`-P import_from=<points.csv>` (a session's store is gone, its CSV committed) and `-P top_k_ks=2`."""
+    root = store["root"] / "fresh"
+    root.mkdir()
+    uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").resolve().as_uri())
+    csv_path = store["root"] / "sweep" / "points.csv"
+    run_id, stdout = mlflow_run("sweep", {"preset": "tiny", "victim": victim["dir"], "budget": 100, "epochs": 1,
+                                          "top_k_ks": "2", "import_from": csv_path, "results_dir": root / "out"},
+                                cli_env(uri))
+    grid = defense_grid(get_preset("tiny"))
+    assert f"{len(grid) + 1} points (1 new, {len(grid)} reused, {len(grid)} of them imported)" in stdout
+    parent = the_run(client, run_id, "sweep", "sweep")
+    assert parent.data.params["top_k_ks"] == "2" and parent.data.params["import_from"] == str(csv_path)
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    imported = {c.data.params["defense_config"] for c in children if "stealguard.imported_from" in c.data.tags}
+    assert imported == {json.dumps(g, sort_keys=True) for g in grid}
+    (new,) = [c for c in children if "stealguard.imported_from" not in c.data.tags]
+    assert json.loads(new.data.params["defense_config"]) == {"name": "top_k", "k": 2} and new.info.status == "FINISHED"
+
+
 @pytest.fixture(scope="module")
 def registered(store, sweep):
     run_id, stdout = mlflow_run("register", {"sweep_run": sweep[0], "name": "digits-defense", "alias": "candidate"},
