@@ -23,6 +23,9 @@ in [0, 1]):
   clone's;
 - ``query_top1_flip_rate``: how often the answers the attacker got have another top-1 class than the undefended
   victim's on the same queries (``top1_flip_rate`` is the same on the benign test set);
+- ``query_label_entropy`` (bits; log2 K when the answers' top-1 labels cover the K classes evenly, 0 when all
+  are one class) and ``query_confidence_mean`` (the answers' mean top-1 probability): what the transfer set
+  teaches, e.g. why one OOD query set makes a better clone than another at the same budget;
 - ``queries``: rows the attack spent (exact).
 
 With a ``monitor`` config (the server's per-client monitor, ``plugins.monitor``; actions observe and harden) the
@@ -72,6 +75,7 @@ METRICS = (
     "top1_flip_rate", "angular_deviation_mean", "defender_nll", "defender_ece", "victim_nll", "victim_ece",
     "attacker_accuracy", "attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_accuracy_strongest",
     "attacker_agreement", "attacker_agreement_soft", "attacker_agreement_top1", "query_top1_flip_rate", "queries",
+    "query_label_entropy", "query_confidence_mean",
 )
 MONITOR_METRICS = ("monitor_flagged", "monitor_queries_until_flagged", "monitor_attacker_ids_flagged",
                    "monitor_benign_flagged")
@@ -338,6 +342,7 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     if len(res.transfer_x):
         undefended = predict_probs(model, res.transfer_x).argmax(1)
         metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
+        metrics.update(answer_statistics(res.transfer_y))
     metrics["queries"] = float(res.queries)
     if monitor is not None:
         metrics.update(monitor_metrics(oracle, benign_flagged))
@@ -412,6 +417,14 @@ def summary_text(r: EvalResult) -> str:
         f"  total {r.seconds['total']:.1f}s",
     ]
     return "\n".join(lines)
+
+
+def answer_statistics(answers: torch.Tensor) -> dict[str, float]:
+    """The entropy (bits) of the answers' top-1 label histogram and their mean top-1 probability."""
+    counts = torch.bincount(answers.argmax(1), minlength=answers.shape[1]).double()
+    share = counts[counts > 0] / counts.sum()
+    return {"query_label_entropy": float(-(share * share.log2()).sum()),
+            "query_confidence_mean": answers.max(1).values.double().mean().item()}
 
 
 def monitor_line(c: EvalConfig, m: Mapping[str, float]) -> str:

@@ -35,7 +35,8 @@ PAPER_FASHION_MNIST = {"victim": 92.0, "jbda": 38.7, "jbself": 45.8, "jbtop3": 6
 JB_ATTACKS = ("jbda", "jbself", "jbtop3")
 COLUMNS = ("key", "attack", "queryset", "budget", "epochs", "seed", "victim_accuracy", "attacker_accuracy_soft",
            "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft",
-           "attacker_agreement_top1", "query_top1_flip_rate", "queries", "paper", "seconds", "threads", "run_id")
+           "attacker_agreement_top1", "query_top1_flip_rate", "query_label_entropy", "query_confidence_mean", "queries",
+           "paper", "seconds", "threads", "run_id")
 
 
 def rows(dataset: str, budget: int, knockoff_querysets: list[str], attacks: list[str]) -> list[tuple[str, str, int]]:

@@ -100,3 +100,18 @@ def test_bad_inputs_say_what_is_allowed(tmp_path, digits_victim):
         ev.evaluate(ev.EvalConfig(dataset="digits", defense={"name": "nope"}), victim=digits_victim, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.load_victim(tmp_path / "missing")
+
+
+def test_answer_statistics_measure_label_spread_and_confidence():
+    import math
+
+    import torch
+
+    even = torch.eye(4).repeat(5, 1) * 0.7 + 0.075  # 20 rows, each class top-1 five times, top-1 prob 0.775
+    stats = ev.answer_statistics(even)
+    assert stats["query_label_entropy"] == pytest.approx(2.0) and stats["query_confidence_mean"] == pytest.approx(0.775)
+    one = torch.tensor([[0.6, 0.2, 0.1, 0.1]] * 7)
+    assert ev.answer_statistics(one) == pytest.approx({"query_label_entropy": 0.0, "query_confidence_mean": 0.6})
+    skew = torch.eye(4)[torch.tensor([0, 0, 0, 1])]  # shares 3/4, 1/4
+    expected = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert ev.answer_statistics(skew)["query_label_entropy"] == pytest.approx(expected)
