@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         st = stages.get(name, {})
         total = sum(st.get(s_, 0.0) for s_ in STAGES)
         print(
-            f"{name:<16}{st.get('rows_per_batch', 0.0):>11.2f}" + "".join(f"{st.get(s_, 0.0):>10.3f}" for s_ in STAGES)
+            f"{name:<16}{st.get('rows_per_batch', 0.0):>11.2f}"
+            + "".join(f"{st[s_]:>10.3f}" if s_ in st else f"{'-':>10}" for s_ in STAGES)  # '-': stage not emitted
             + f"{total:>9.3f}{st.get('handler', 0.0):>9.3f}"
         )
     below = [f"{n} at {c} client(s) ({r:.3f})" for n, c, r in verdicts if r < TARGET]
