@@ -1,6 +1,8 @@
-"""Start and stop a private Ray head on 127.0.0.1 for the tests (and bench): ``ray start --head --block`` in its
-own process group, its own ``--temp-dir``, free ports, no dashboard, no usage stats; stopped by signalling that
-group only (never ``ray stop``, which would stop every Ray process on the machine)."""
+"""Start and stop a private Ray head for the tests (and bench): ``ray start --head --block`` in its own process
+group, its own ``--temp-dir``, free ports, no dashboard, no usage stats; stopped by signalling that group only
+(never ``ray stop``, which would stop every Ray process on the machine). It is addressed on 127.0.0.1, but Ray
+2.60 binds its GCS and raylet on every interface whatever ``--node-ip-address`` says (docs/operations.md,
+"Network exposure"), so the head is reachable from this machine's network while a test runs."""
 
 from __future__ import annotations
 
