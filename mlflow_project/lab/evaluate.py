@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -173,6 +174,7 @@ class EvalResult:
     clone: nn.Module  # the strongest of the two attackers' clones
     per_row: dict[str, torch.Tensor]  # the defense's per-row measures on the test set
     history: list[dict]
+    per_class: list[dict] = field(default_factory=list)  # see class_breakdown (logged as per_class.json)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -351,7 +353,8 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     for obs in observers:
         obs("attacker", dict(metrics))
     strongest = res.clone if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else res.top1_clone
-    return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history)
+    per_class = class_breakdown(res.transfer_y, strongest, model, test_x, test_y) if len(res.transfer_x) else []
+    return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class)
 
 
 def monitor_metrics(oracle: MonitoredOracle, benign_flagged: set[str]) -> dict[str, float]:
@@ -419,6 +422,24 @@ def summary_text(r: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def class_breakdown(answers: torch.Tensor, clone: nn.Module, victim: nn.Module, test_x: torch.Tensor,
+                    test_y: torch.Tensor) -> list[dict[str, float]]:
+    """Per class c: ``answer_share`` (the share of the attacker's answers whose top-1 is c: how much of c the
+    transfer set elicited), and the test-set recall of the victim and of the (strongest) clone on c. A clone
+    cannot learn a class its queries never elicit: low shares and low clone recall line up."""
+    num_classes = answers.shape[1]
+    share = torch.bincount(answers.argmax(1), minlength=num_classes).double() / len(answers)
+    victim_pred, clone_pred = predict_probs(victim, test_x).argmax(1), predict_probs(clone, test_x).argmax(1)
+    out = []
+    for c in range(num_classes):
+        mask = test_y == c
+        n = int(mask.sum())
+        out.append({"class": c, "answer_share": share[c].item(),
+                    "victim_recall": (victim_pred[mask] == c).double().mean().item() if n else math.nan,
+                    "clone_recall": (clone_pred[mask] == c).double().mean().item() if n else math.nan})
+    return out
+
+
 def answer_statistics(answers: torch.Tensor) -> dict[str, float]:
     """The entropy (bits) of the answers' top-1 label histogram and their mean top-1 probability."""
     counts = torch.bincount(answers.argmax(1), minlength=answers.shape[1]).double()
@@ -471,6 +492,8 @@ def log_evaluation(r: EvalResult) -> None:
     for h in r.history:
         mlflow.log_metric("attack_transfer_size", h["transfer_size"], step=h["round"])
     mlflow.log_dict(dict(r.config.defense), DEFENSE_ARTIFACT)
+    if r.per_class:
+        mlflow.log_dict({"classes": r.per_class}, "per_class.json")
     if r.config.monitor is not None:
         mlflow.log_dict(dict(r.config.monitor), "monitor.json")
     mlflow.log_text(summary_text(r), "summary.txt")

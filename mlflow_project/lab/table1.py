@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ JB_ATTACKS = ("jbda", "jbself", "jbtop3")
 COLUMNS = ("key", "attack", "queryset", "budget", "epochs", "seed", "victim_accuracy", "attacker_accuracy_soft",
            "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft",
            "attacker_agreement_top1", "query_top1_flip_rate", "query_label_entropy", "query_confidence_mean", "queries",
-           "paper", "seconds", "threads", "run_id")
+           "paper", "seconds", "threads", "run_id", "per_class")
 
 
 def rows(dataset: str, budget: int, knockoff_querysets: list[str], attacks: list[str]) -> list[tuple[str, str, int]]:
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 ev.log_evaluation(r)
             row = {**r.metrics, "key": key, "attack": attack, "queryset": queryset, "budget": b, "epochs": epochs,
                    "seed": seed, "paper": PAPER_FASHION_MNIST.get(attack, ""), "seconds": time.perf_counter() - t0,
-                   "threads": torch.get_num_threads(), "run_id": run.info.run_id}
+                   "threads": torch.get_num_threads(), "run_id": run.info.run_id,
+                   "per_class": json.dumps(r.per_class)}  # evaluate.class_breakdown: what the queries elicited
             append_row(out, row)
             results.append(row)
             print(ev.summary_text(r), flush=True)

@@ -801,9 +801,9 @@ def main(argv: list[str] | None = None) -> SweepResult:
                        report_only=a.report_only, executor=a.executor, ray_address=a.ray_address,
                        cpus_per_point=a.cpus_per_point, share_queries=not a.no_share_queries,
                        import_from=[x.strip() for x in a.import_from.split(",") if x.strip()])
+    imported = f", {result.imported_points} of them imported" if result.imported_points else ""
     print(f"sweep {result.sweep_key}: {len(result.points)} points ({result.new_points} new, "
-          f"{result.reused_points} reused, {result.imported_points} of them imported) in {result.seconds:.1f}s; "
-          f"parent run {result.parent_run_id}")
+          f"{result.reused_points} reused{imported}) in {result.seconds:.1f}s; parent run {result.parent_run_id}")
     print(f"outputs: {result.results_dir}")
     return result
 

@@ -115,3 +115,23 @@ def test_answer_statistics_measure_label_spread_and_confidence():
     skew = torch.eye(4)[torch.tensor([0, 0, 0, 1])]  # shares 3/4, 1/4
     expected = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
     assert ev.answer_statistics(skew)["query_label_entropy"] == pytest.approx(expected)
+
+
+def test_class_breakdown_lines_up_answer_shares_with_recalls():
+    import torch
+
+    class Fixed(torch.nn.Module):  # predicts class 0 for the first half of the inputs, class 1 for the rest
+        def forward(self, x):
+            n = len(x)
+            logits = torch.zeros(n, 3)
+            logits[: n // 2, 0] = 5.0
+            logits[n // 2 :, 1] = 5.0
+            return logits
+
+    x, y = torch.zeros(4, 2), torch.tensor([0, 0, 1, 2])
+    answers = torch.eye(3)[torch.tensor([0, 0, 0, 1])]
+    out = ev.class_breakdown(answers, Fixed(), Fixed(), x, y)
+    assert [r["class"] for r in out] == [0, 1, 2]
+    assert [r["answer_share"] for r in out] == pytest.approx([0.75, 0.25, 0.0])
+    assert [r["clone_recall"] for r in out] == pytest.approx([1.0, 1.0, 0.0])  # class 2 never elicited, never learnt
+    assert [r["victim_recall"] for r in out] == pytest.approx([1.0, 1.0, 0.0])

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.support.cli import venv_env
 
@@ -38,6 +41,10 @@ def test_table1_runs_both_attackers_per_seed_and_resumes(digits_victim_dir, tmp_
         soft, top1, best = (float(r[k]) for k in ("attacker_accuracy_soft", "attacker_accuracy_top1",
                                                   "attacker_accuracy_strongest"))
         assert best == max(soft, top1) and 0 < best <= 1 and float(r["queries"]) == 120
+        per_class = json.loads(r["per_class"])  # what the queries elicited, class by class (10 digits)
+        assert [c["class"] for c in per_class] == list(range(10))
+        assert sum(c["answer_share"] for c in per_class) == pytest.approx(1.0)
+        assert 0 < float(r["query_label_entropy"]) <= math.log2(10) + 1e-9
     assert "paper %" in first.stdout and "soft %" in first.stdout
     again = mlflow_run("table1", params, uri)
     assert again.stdout.count("skip ") == 4
