@@ -29,8 +29,8 @@ from mlflow_project.sweep.run import aggregate, read_points
 from mlflow_project.sweep.select import attacker_accuracy_at_drops, strongest
 
 DROPS = (0.5, 1.0, 5.0)
-ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "label_only",
-         "adaptive_misinformation", "gradient_redirection")
+ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "top_k", "label_only",
+         "adaptive_misinformation", "gradient_redirection", "ood_gated")
 
 
 def _rank(defense: str) -> int:
