@@ -75,6 +75,8 @@ class AttackConfig:
     jb_round_momentum: float | None = None
     jb_round_weight_decay: float | None = None
     jb_top3_all: bool = False  # jbtop3: one query per top-3 class (the authors' release) instead of one random
+    # jbda / jbself: augment as the authors' release does instead (see _release_step), to measure what it changes
+    jb_release_augmentation: bool = False
     schedule: str = "cosine"  # the clone's learning-rate schedule (training.SCHEDULES)
     pixel_mean: float = 0.0  # the victim's normalisation, so JB steps and clipping happen in [0, 1] pixels
     pixel_std: float = 1.0
@@ -90,6 +92,9 @@ class AttackConfig:
             raise ValueError(f"jb_tau: must be >= 1; got {self.jb_tau}")
         if not self.pixel_std > 0:
             raise ValueError(f"pixel_std: must be > 0; got {self.pixel_std}")
+        if self.jb_release_augmentation and self.base not in ("jbda", "jbself"):
+            raise ValueError(f"jb_release_augmentation: applies to jbda and jbself (and their _argmax variants) only; "
+                             f"got attack {self.name!r}")
 
     @property
     def base(self) -> str:
@@ -243,6 +248,9 @@ def _jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg:
         xb = x[i : i + batch_size].clone().requires_grad_(True)
         cb = labels[i : i + batch_size]
         logp = torch.log_softmax(model(xb), dim=1)
+        if cfg.jb_release_augmentation:
+            new.append(_release_step(xb, logp, cb, cfg, round_))
+            continue
         if cfg.base == "jbtop3":
             ranked = logp.detach().clone()
             ranked.scatter_(1, cb.unsqueeze(1), float("-inf"))
@@ -265,6 +273,25 @@ def _jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg:
         pixels = (_to_pixels(xb.detach(), cfg) + step).clamp(0.0, 1.0)
         new.append(_from_pixels(pixels, cfg))
     return torch.cat(new)
+
+
+def _release_step(xb: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig,
+                  round_: int) -> torch.Tensor:
+    """jbda / jbself as the authors' release computes them (prediction-poisoning, defenses/adversary/jacobian.py,
+    read for this; the paper's text describes Papernot's step instead):
+
+    - the step is the sign of the gradient of the *cross-entropy* of the returned label (a step away from it),
+      ``jb_step`` in pixels, i.e. ``jb_step / pixel_std`` in the normalised units the release works in, its sign
+      flipped when ``round(round_ / jb_tau)`` is odd, for jbself too;
+    - that step is clipped so that ``x + step`` lies in [0, 1] *in normalised units* (the release's clamp for
+      pixels, applied after normalisation): a background pixel of Fashion-MNIST (-0.81 normalised) jumps to 0;
+    - jbda queries ``x + step``, jbself ``x - step`` (with the step clipped for ``x + step``).
+    """
+    (grad,) = torch.autograd.grad(-logp.gather(1, labels.unsqueeze(1)).sum(), xb)
+    x = xb.detach()
+    step = (-1.0) ** round(round_ / cfg.jb_tau) * (cfg.jb_step / cfg.pixel_std) * grad.sign()
+    step = torch.minimum(torch.maximum(step, -x), 1.0 - x)
+    return x + step if cfg.base == "jbda" else x - step
 
 
 def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
@@ -291,6 +318,19 @@ def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> At
         labels = y.argmax(dim=1)
         per_point = _top3_targets(y.shape[1]) if cfg.base == "jbtop3" and cfg.jb_top3_all else 1
         take = min(math.ceil(remaining / per_point), len(x))
+        if cfg.jb_release_augmentation:
+            # the release augments the first rows (all of them until the budget truncates) and writes the new rows
+            # over the ones they came from, then appends them again: the set becomes [A', rest, A'] (its
+            # TensorDataset aliases D with the augmented part), and the originals are gone
+            x_new = jacobian_step(substitute, x[:take], labels[:take], cfg, round_, gen)
+            y_new = query_in_batches(oracle, x_new, cfg.query_batch_size, False, "")
+            x, y = x.clone(), y.clone()
+            x[:take], y[:take] = x_new, y_new
+            x, y = torch.cat([x, x_new]), torch.cat([y, y_new])
+            history.append({"round": round_, "transfer_size": len(x), "loss": losses[-1] if losses else float("nan")})
+            bar.update(len(x_new))
+            round_ += 1
+            continue
         sel = torch.arange(take) if take == len(x) else torch.randperm(len(x), generator=gen)[:take].sort().values
         x_new = jacobian_step(substitute, x[sel], labels[sel], cfg, round_, gen)[:remaining]
         y_new = query_in_batches(oracle, x_new, cfg.query_batch_size, False, "")

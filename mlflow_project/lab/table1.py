@@ -37,7 +37,7 @@ JB_ATTACKS = ("jbda", "jbself", "jbtop3")
 COLUMNS = ("key", "attack", "queryset", "budget", "epochs", "seed", "victim_accuracy", "attacker_accuracy_soft",
            "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft",
            "attacker_agreement_top1", "query_top1_flip_rate", "query_label_entropy", "query_confidence_mean", "queries",
-           "paper", "seconds", "threads", "run_id", "per_class")
+           "paper", "seconds", "threads", "run_id", "attack_options", "per_class")
 
 
 def rows(dataset: str, budget: int, knockoff_querysets: list[str], attacks: list[str]) -> list[tuple[str, str, int]]:
@@ -60,6 +60,24 @@ def row_key(victim_hash: str, attack: str, queryset: str, budget: int, epochs: i
 
     return stable_hash({"victim": victim_hash, "attack": attack, "queryset": queryset, "budget": budget,
                         "epochs": epochs, "seed": seed, "options": options, "protocol": PROTOCOL_VERSION})
+
+
+def parse_attack_options(text: str) -> dict[str, Any]:
+    """``--attack-options``: a JSON object of :class:`attacks.AttackConfig` fields the preset's protocol leaves
+    to the attack (not budget, epochs, seed or the clone's lr / batch size, which are Table 1's own)."""
+    if not text.strip():
+        return {}
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--attack-options: not valid JSON ({exc}); "
+                         "e.g. '{\"jb_release_augmentation\": true}'") from None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"--attack-options: must be a JSON object; got {text!r}")
+    unknown = sorted(set(doc) - ev.ATTACK_OPTIONS)
+    if unknown:
+        raise SystemExit(f"--attack-options: unknown {unknown}; allowed: {', '.join(sorted(ev.ATTACK_OPTIONS))}")
+    return doc
 
 
 def read_done(path: Path) -> list[dict[str, Any]]:
@@ -116,6 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--budget", type=integer, default=0, help="queries per attack (default: the paper preset's, 50,000)")
     p.add_argument("--epochs", type=integer, default=0, help="clone training epochs (default: the paper preset's, 30)")
     p.add_argument("--threads", type=integer, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--attack-options", default="",
+                   help='JSON object of attack settings over the paper preset\'s (attacks.AttackConfig fields), e.g. '
+                        '\'{"jb_release_augmentation": true}\' for JBDA / JB-self as the authors\' release runs them')
     p.add_argument("--out", default="results/table1.csv", help="the CSV (appended to; rows already in it are skipped)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -136,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     victim, victim_ref = resolve_victim(preset, a.victim, progress=not a.no_progress)
     dataset = victim.spec.dataset
     vhash = weights_hash(victim.model)
-    options = dict(preset.attack_options)
+    extra = parse_attack_options(a.attack_options)
+    options = {**preset.attack_options, **extra}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
@@ -162,6 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row = {**r.metrics, "key": key, "attack": attack, "queryset": queryset, "budget": b, "epochs": epochs,
                    "seed": seed, "paper": PAPER_FASHION_MNIST.get(attack, ""), "seconds": time.perf_counter() - t0,
                    "threads": torch.get_num_threads(), "run_id": run.info.run_id,
+                   "attack_options": json.dumps(extra, sort_keys=True),
                    "per_class": json.dumps(r.per_class)}  # evaluate.class_breakdown: what the queries elicited
             append_row(out, row)
             results.append(row)

@@ -162,6 +162,50 @@ def test_jacobian_steps_move_the_substitute_as_documented(digits_victim, pool):
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
+def test_release_augmentation_steps_away_from_the_label_and_clips_in_normalised_units(digits_victim, pool):
+    """jb_release_augmentation: the authors' release's jbda/jbself (cross-entropy gradient, clip to [0, 1] after
+    normalisation, sign flipped when round(r / tau) is odd), which the paper's text does not describe."""
+    spec, model = digits_victim.spec, digits_victim.model
+    x = pool[:200]
+    c = model(x).argmax(1)
+    gen = torch.Generator().manual_seed(0)
+
+    def prob_of_label(z):
+        with torch.no_grad():
+            return torch.softmax(model(z), 1).gather(1, c.unsqueeze(1)).mean().item()
+
+    release = tiny("jbda", 10, spec, jb_release_augmentation=True)
+    away = jacobian_step(model, x, c, release, 0, gen)
+    assert prob_of_label(away) < prob_of_label(x) < prob_of_label(jacobian_step(model, x, c, tiny("jbda", 10, spec),
+                                                                                 0, gen))
+    assert away.min() >= -1e-6 and away.max() <= 1 + 1e-6  # clipped in normalised units, not in pixels
+    background = x < -0.5  # dark pixels (normalised): the clip moves them to exactly 0 whatever the gradient
+    assert background.any() and torch.all(away[background] == 0)
+    inside = (x > 0.2) & (x < 0.8)
+    assert torch.allclose((away - x)[inside].abs(), torch.full_like(x[inside], 0.1 / spec.std))
+    # round(3 / 5) = 1: flipped; round(8 / 5) = 2: not; jbself subtracts the (x + step)-clipped step
+    assert torch.allclose(jacobian_step(model, x, c, release, 3, gen)[inside] - x[inside], -(away - x)[inside],
+                          atol=1e-6)
+    assert torch.equal(jacobian_step(model, x, c, release, 8, gen), away)
+    selfish = jacobian_step(model, x, c, tiny("jbself", 10, spec, jb_release_augmentation=True), 0, gen)
+    assert torch.allclose(selfish, x - (away - x))
+    with pytest.raises(ValueError, match="jb_release_augmentation: applies to jbda and jbself"):
+        tiny("jbtop3", 10, spec, jb_release_augmentation=True)
+
+
+def test_release_augmentation_overwrites_the_rows_it_augments_and_appends_them_again(digits_victim, pool):
+    oracle = LocalOracle(digits_victim.model, budget=1000)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim),
+                     tiny("jbda", 150, digits_victim.spec, jb_release_augmentation=True), progress=False)
+    x = res.transfer_x
+    assert oracle.queries == res.queries == len(x) == 150 and [h["transfer_size"] for h in res.history] == [40, 80, 150]
+    # last round: 70 of the 80 rows augmented, written over the first 70 and appended: rows [0:70] == [80:150]
+    assert torch.equal(x[:70], x[80:]) and torch.equal(res.transfer_y[:70], res.transfer_y[80:])
+    # and none of the 20 seed images survives as it was (every round rewrote them)
+    seeds = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:20]]
+    assert not any(torch.equal(s, row) for s in seeds for row in x)
+
+
 def test_attacks_are_reproducible(digits_victim, pool):
     def once():
         oracle = LocalOracle(digits_victim.model, budget=None)

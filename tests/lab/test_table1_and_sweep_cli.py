@@ -70,3 +70,21 @@ def test_sweep_entry_point_with_seeds_and_the_l1_cap(digits_victim_dir, tmp_path
     assert means["identity"]["n_seeds"] == "2" and means["mad_argmax(epsilon=0.5)"]["n_seeds"] == "1"
     again = mlflow_run("sweep", params, uri)
     assert "(0 new, 5 reused)" in again.stdout
+
+
+def test_table1_attack_options_run_the_release_augmentation_as_its_own_rows(digits_victim_dir, tmp_path):
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    out = tmp_path / "table1.csv"
+    params = {"victim": str(digits_victim_dir), "seeds": "0", "attacks": "jbda", "budget": 120, "epochs": 2,
+              "threads": 1, "out": str(out)}
+    mlflow_run("table1", params, uri)
+    mlflow_run("table1", {**params, "attack_options": '{"jb_release_augmentation": true}'}, uri)
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [json.loads(r["attack_options"]) for r in rows] == [{}, {"jb_release_augmentation": True}]
+    assert rows[0]["key"] != rows[1]["key"] and all(float(r["queries"]) == 120 for r in rows)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "table1", "--env-manager", "local",
+           "-P", f"victim={digits_victim_dir}", "-P", "attacks=jbda", "-P", f"out={out}",
+           "-P", 'attack_options={"jb_steps": 1}']
+    bad = subprocess.run(cmd, cwd=REPO, env=venv_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True)
+    assert bad.returncode != 0 and "--attack-options: unknown ['jb_steps']; allowed:" in bad.stderr
