@@ -97,29 +97,47 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Mean [min-max] over seeds per (attack, query set), soft and top-1 clones, next to the paper's number."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    """Mean [min-max] over seeds per (attack, attack options, query set, budget): the soft and top-1 clones and
+    the strongest of the two per seed, next to the paper's number. A row with attack options is labelled by
+    them (``jbda [release]`` for ``jb_release_augmentation``)."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["attack"], r["queryset"], str(r["budget"])), []).append(r)
+        options = r.get("attack_options") or "{}"
+        groups.setdefault((r["attack"], options, r["queryset"], str(r["budget"])), []).append(r)
 
     def cell(mine: list[dict[str, Any]], key: str) -> str:
         vals = [100 * float(r[key]) for r in mine]
         mean = sum(vals) / len(vals)
         return f"{mean:5.1f} [{min(vals):.1f}-{max(vals):.1f}]" if len(vals) > 1 else f"{mean:5.1f}"
 
-    lines = [f"{'attack':9s} {'queryset':12s} {'queries':>8s} {'seeds':>5s} {'soft %':>18s} {'top-1 %':>18s} "
-             f"{'paper %':>8s} {'gap (strongest)':>16s}"]
+    lines = [f"{'attack':16s} {'queryset':12s} {'queries':>8s} {'seeds':>5s} {'soft %':>18s} {'top-1 %':>18s} "
+             f"{'strongest %':>18s} {'paper %':>8s} {'gap (strongest)':>16s}"]
     victim = [100 * float(r["victim_accuracy"]) for r in results]
     if victim:
-        lines.append(f"{'victim':9s} {'-':12s} {'-':>8s} {'-':>5s} {victim[0]:18.1f} {'':>18s} "
+        lines.append(f"{'victim':16s} {'-':12s} {'-':>8s} {'-':>5s} {victim[0]:18.1f} {'':>18s} {'':>18s} "
                      f"{PAPER_FASHION_MNIST['victim']:8.1f}")
-    for (attack, queryset, budget), mine in groups.items():
+    for (attack, options, queryset, budget), mine in groups.items():
         paper = PAPER_FASHION_MNIST.get(attack, math.nan)
         strongest = sum(100 * float(r["attacker_accuracy_strongest"]) for r in mine) / len(mine)
-        lines.append(f"{attack:9s} {queryset:12s} {int(float(budget)):8d} {len(mine):5d} "
+        lines.append(f"{attack_label(attack, options):16s} {queryset:12s} {int(float(budget)):8d} {len(mine):5d} "
                      f"{cell(mine, 'attacker_accuracy_soft'):>18s} {cell(mine, 'attacker_accuracy_top1'):>18s} "
-                     f"{paper:8.1f} {strongest - paper:+16.1f}")
+                     f"{cell(mine, 'attacker_accuracy_strongest'):>18s} {paper:8.1f} {strongest - paper:+16.1f}")
     return "\n".join(lines)
+
+
+def attack_label(attack: str, options: str) -> str:
+    doc = json.loads(options) if options else {}
+    if doc.pop("jb_release_augmentation", False):
+        attack += " [release]"
+    return attack + "".join(f" {k}={v}" for k, v in sorted(doc.items()))
+
+
+def report(paths: list[str]) -> str:
+    """The table of the rows of one or more table1 CSVs (nothing is run)."""
+    rows = [r for path in paths for r in read_done(Path(path))]
+    if not rows:
+        raise SystemExit(f"--report: no rows in {', '.join(paths)}")
+    return table(rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -139,8 +157,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         '\'{"jb_release_augmentation": true}\' for JBDA / JB-self as the authors\' release runs them')
     p.add_argument("--out", default="results/table1.csv", help="the CSV (appended to; rows already in it are skipped)")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--report", default="", help="comma-separated table1 CSVs: print their table and run nothing")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.report:
+        text = report([x for x in a.report.split(",") if x.strip()])
+        print(text)
+        return []
     if a.threads:
         torch.set_num_threads(a.threads)
 

@@ -88,3 +88,25 @@ def test_table1_attack_options_run_the_release_augmentation_as_its_own_rows(digi
            "-P", 'attack_options={"jb_steps": 1}']
     bad = subprocess.run(cmd, cwd=REPO, env=venv_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True)
     assert bad.returncode != 0 and "--attack-options: unknown ['jb_steps']; allowed:" in bad.stderr
+
+
+def test_table1_report_groups_rows_by_attack_options_and_shows_the_strongest(tmp_path, capsys):
+    from mlflow_project.lab import table1
+
+    def row(attack, seed, soft, top1, options="{}"):
+        return {"key": f"{attack}{seed}{options}", "attack": attack, "queryset": "fashion_mnist", "budget": 50000,
+                "seed": seed, "victim_accuracy": 0.92, "attacker_accuracy_soft": soft, "attacker_accuracy_top1": top1,
+                "attacker_accuracy_strongest": max(soft, top1), "attack_options": options}
+
+    path = tmp_path / "t.csv"
+    for r in (row("jbda", 0, 0.78, 0.72), row("jbda", 1, 0.70, 0.74),
+              row("jbda", 0, 0.40, 0.30, '{"jb_release_augmentation": true}')):
+        table1.append_row(path, r)
+    assert table1.main(["--report", str(path)]) == []
+    lines = capsys.readouterr().out.splitlines()
+    plain = next(line for line in lines if line.startswith("jbda  "))
+    release = next(line for line in lines if line.startswith("jbda [release]"))
+    assert "76.0 [74.0-78.0]" in plain and plain.split()[3] == "2"  # strongest per seed: 78 and 74
+    assert release.split()[-2:] == ["38.7", "+1.3"]  # 40.0 strongest vs the paper's 38.7
+    with pytest.raises(SystemExit, match="no rows"):
+        table1.main(["--report", str(tmp_path / "none.csv")])
