@@ -6,10 +6,13 @@
   vector's mass where it was on average), the one with the lowest *strongest*-attacker accuracy
   (``attacker_accuracy_strongest``, the better of the soft and the top-1 clone; ties: higher defender
   accuracy, then smaller L1). The grid must hold the ``label_only`` point: a defense is recommended only if it
-  does strictly better against the strongest attacker than label_only (which costs benign users every
-  probability but no top-1 accuracy). If nothing does, the selection says so and recommends label_only, or
-  the undefended point when label_only itself breaks the caps; never a point that only wins against the
-  soft attacker.
+  does better against the strongest attacker than label_only (which costs benign users every probability but
+  no top-1 accuracy), and by more than the seeds' noise: when the points carry several seeds (the sweep's
+  per-point means, with ``attacker_accuracy_strongest_min`` / ``_max``), the candidate's worst seed must be
+  below label_only's best seed; with one seed on both sides the spread is unknown and a strict win counts,
+  and the reason says so. If nothing does, the selection says so and recommends label_only, or the undefended
+  point when label_only itself breaks the caps; never a point that only wins against the soft attacker, or
+  only by noise.
 - :func:`tag_recommended`: tag that child run ``stealguard.recommended=true`` and remove the tag from every other
   run of the same sweep; the parent run records ``stealguard.recommended_run_id``.
 - :func:`find_recommended_run`: what the registry step calls to get the recommended run (of one sweep, or the
@@ -70,6 +73,30 @@ class Selection:
     beats_label_only: bool
 
 
+def strongest_range(point: Mapping[str, Any]) -> tuple[float, float]:
+    """(min, max) of the strongest attacker's accuracy over the point's seeds; (value, value) for one seed."""
+    if _finite(point, "attacker_accuracy_strongest_min") and _finite(point, "attacker_accuracy_strongest_max"):
+        return float(point["attacker_accuracy_strongest_min"]), float(point["attacker_accuracy_strongest_max"])
+    return strongest(point), strongest(point)
+
+
+def spread_known(point: Mapping[str, Any]) -> bool:
+    """Whether the point was measured with more than one seed (``n_seeds``, as the sweep's means carry it)."""
+    try:
+        return int(float(point.get("n_seeds") or 1)) > 1
+    except (TypeError, ValueError):
+        return False
+
+
+def inside_spread(candidate: Mapping[str, Any], floor: Mapping[str, Any]) -> bool:
+    """Whether ``candidate``'s win over ``floor`` is inside the seeds' noise: some seed of the candidate did no
+    better than some seed of ``floor`` (their min-max ranges of the strongest attacker's accuracy overlap; a
+    one-seed point's range is its value). With one seed on both sides nothing is known, and this is False."""
+    if not (spread_known(candidate) or spread_known(floor)):
+        return False
+    return strongest_range(candidate)[1] >= strongest_range(floor)[0]
+
+
 def within_caps(point: Mapping[str, Any], max_drop: float, max_l1: float) -> bool:
     # a tiny tolerance so that a drop (or L1) of exactly the cap, up to float rounding, is accepted
     return accuracy_drop_points(point) <= max_drop + 1e-9 and _l1(point) <= max_l1 + 1e-9
@@ -101,16 +128,25 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
     def key(p: Mapping[str, Any]) -> tuple[float, float, float]:
         return (strongest(p), -float(p["defender_accuracy"]), _l1(p))
 
-    best = min(eligible, key=key)
     floor = min(label_only, key=key)
     caps = f"drop <= {max_drop:g} points, mean L1 <= {max_l1:g}"
-    if strongest(best) < strongest(floor) and best.get("defense") != LABEL_ONLY:
+    winners = [p for p in eligible if p.get("defense") != LABEL_ONLY and strongest(p) < strongest(floor)]
+    beyond_noise = [p for p in winners if not inside_spread(p, floor)]
+    if beyond_noise:
+        best = min(beyond_noise, key=key)
         gain = 100 * (strongest(floor) - strongest(best))
+        spread = ("outside the seed spread" if spread_known(best) or spread_known(floor)
+                  else "one seed each, so the spread is unknown")
         return Selection(best, f"{best.get('label', best['defense'])} is the lowest strongest-attacker accuracy "
-                               f"within {caps}, {gain:.2f} points below label_only", True)
+                               f"within {caps}, {gain:.2f} points below label_only ({spread})", True)
+    noise = ""
+    if winners:
+        near = min(winners, key=key)
+        noise = (f"; {near.get('label', near['defense'])} is {100 * (strongest(floor) - strongest(near)):.2f} points "
+                 "lower, inside the seed spread: noise")
     if within_caps(floor, max_drop, max_l1):
         return Selection(floor, f"no defense within {caps} beats label_only against the strongest attacker "
-                                f"({100 * strongest(floor):.2f}%); recommending label_only", False)
+                                f"({100 * strongest(floor):.2f}%){noise}; recommending label_only", False)
     undefended = [p for p in eligible if p.get("defense") == UNDEFENDED]
     if not undefended:
         raise ValueError(f"no defense within {caps} beats label_only, label_only breaks the caps and the grid has "

@@ -174,6 +174,30 @@ def test_a_point_that_only_beats_label_only_against_the_soft_attacker_is_not_cho
     assert sel.point["defense"] == "mad" and sel.beats_label_only and "14.00 points below label_only" in sel.reason
 
 
+def test_a_win_over_label_only_inside_the_seed_spread_is_noise_and_not_chosen():
+    """The paper sweep's case (2026-12-02): MAD l1 0.7 at one seed, 42.96 %, against label_only 43.3 %
+    [39.0-45.7] over 3 seeds: 0.3 points lower, inside label_only's spread."""
+    und = {**_point("identity", 0.923, 0.923, 0.537), "n_seeds": 3, "attacker_accuracy_strongest_min": 0.511,
+           "attacker_accuracy_strongest_max": 0.551}
+    lab = {**_point("label_only", 0.923, 0.923, 0.433), "n_seeds": 3, "attacker_accuracy_strongest_min": 0.390,
+           "attacker_accuracy_strongest_max": 0.457}
+    mad = {**_point("mad", 0.923, 0.917, 0.4296, l1=0.7), "n_seeds": 1}
+    sel = choose([und, mad, lab])
+    assert sel.point["defense"] == "label_only" and not sel.beats_label_only
+    assert "mad is 0.34 points lower, inside the seed spread: noise" in sel.reason
+    # below label_only's best seed on every seed: a real win
+    three = {**mad, "n_seeds": 3, "attacker_accuracy_strongest": 0.31, "attacker_accuracy_strongest_min": 0.298,
+             "attacker_accuracy_strongest_max": 0.326}
+    sel = choose([und, three, lab])
+    assert sel.point is three and sel.beats_label_only and "outside the seed spread" in sel.reason
+    one = {**mad, "attacker_accuracy_strongest": 0.385}  # one seed, below label_only's worst seed: counted
+    assert choose([und, one, lab]).point is one
+    # one seed on both sides: nothing is known about the spread; a strict win counts and the reason says so
+    sel = choose([_point("identity", 0.9, 0.9, 0.5), _point("mad", 0.9, 0.9, 0.44),
+                  _point("label_only", 0.9, 0.9, 0.45)])
+    assert sel.point["defense"] == "mad" and "one seed each, so the spread is unknown" in sel.reason
+
+
 def test_a_point_over_max_l1_is_not_chosen_and_label_only_over_the_caps_falls_back_to_undefended():
     und = _point("identity", 0.90, 0.90, 0.85, 0.0)
     lab = _point("label_only", 0.90, 0.90, 0.84, 0.30)
