@@ -197,7 +197,8 @@ def sweep_and_promote(cfg: DemoConfig, victim_dir: Path, victim_uri: str, name: 
     config = json.loads(rec["defense_config"])
     say(f"selection rule: the lowest strongest-attacker accuracy (max of the soft and the top-1 clone) within a "
         f"defender-accuracy drop <= {preset.max_drop:g} points and a mean L1 <= {preset.max_l1:g}, and only if "
-        "strictly below label_only's; else label_only (or identity when label_only breaks the caps)")
+        "below label_only's by more than the seed spread (strictly, with one seed); else label_only (or identity "
+        "when label_only breaks the caps)")
     say(f"label_only: strongest attacker {point_line(label_only)}")
     say(f"chosen: {rec['label']}: strongest attacker {point_line(rec)}")
     say(f"why: {rec['selection_reason']}")
