@@ -100,12 +100,14 @@ def spread_note(p: dict, ref: dict | None, name: str) -> str:
     """Whether ``p``'s strongest-attacker accuracy differs from ``ref``'s beyond the seed spread."""
     if ref is None or ref is p:
         return ""
-    if int(p.get("n_seeds", 1) or 1) < 2 or int(ref.get("n_seeds", 1) or 1) < 2:
-        return f"vs {name}: 1 seed, spread unknown"
+    multi, ref_multi = int(p.get("n_seeds", 1) or 1) > 1, int(ref.get("n_seeds", 1) or 1) > 1
+    if not (multi or ref_multi):
+        return f"vs {name}: 1 seed each, spread unknown"
     (lo, hi), (rlo, rhi) = _range(p, "attacker_accuracy_strongest"), _range(ref, "attacker_accuracy_strongest")
     diff = 100 * (strongest(p) - strongest(ref))
-    inside = lo <= rhi and rlo <= hi
-    return f"vs {name}: {diff:+.1f} ({'inside' if inside else 'outside'} the seed spread)"
+    inside = lo <= rhi and rlo <= hi  # a one-seed point's range is its value (as the selection compares)
+    where = "the seed spread" if multi and ref_multi else f"{'its' if multi else name + chr(39) + 's'} seed spread"
+    return f"vs {name}: {diff:+.1f} ({'inside' if inside else 'outside'} {where})"
 
 
 def seed_table(points: Sequence[dict]) -> str:

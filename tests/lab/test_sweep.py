@@ -341,7 +341,7 @@ def test_report_tables_are_computed_from_the_csv(tiny, tmp_path):
     for name, row in at.items():
         cells = " | ".join(f"{100 * row[d]:.1f}" for d in (0.5, 1.0, 5.0))
         assert f"| {name} | {cells} |" in text
-    assert "1 seed, spread unknown" in text and "| strongest | soft | top-1 |" in text
+    assert "1 seed each, spread unknown" in text and "| strongest | soft | top-1 |" in text
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
 
 
@@ -427,3 +427,15 @@ def test_the_top_k_grid_is_opt_in_and_validated():
     assert describe({"name": "top_k", "k": 2}) == "top_k(k=2)"
     with pytest.raises(ValueError, match="top_k_ks"):
         get_preset("paper", top_k_ks="0")
+
+
+def test_report_compares_a_one_seed_point_with_a_three_seed_reference_by_its_range():
+    from mlflow_project.sweep import report as sweep_report
+
+    lab = {"n_seeds": 3, "attacker_accuracy_strongest": 0.433, "attacker_accuracy_strongest_min": 0.390,
+           "attacker_accuracy_strongest_max": 0.457}
+    mad = {"n_seeds": 1, "attacker_accuracy_strongest": 0.4296}
+    assert sweep_report.spread_note(mad, lab, "label_only") == "vs label_only: -0.3 (inside label_only's seed spread)"
+    low = {**mad, "attacker_accuracy_strongest": 0.31}
+    assert sweep_report.spread_note(low, lab, "label_only") == "vs label_only: -12.3 (outside label_only's seed spread)"
+    assert sweep_report.spread_note(lab, mad, "mad").endswith("(inside its seed spread)")
