@@ -134,17 +134,21 @@ def test_oracle_refuses_queries_beyond_its_budget(digits_victim, pool):
         run_attack(oracle, pool, make_clone_for(digits_victim), tiny("knockoff", 100, digits_victim.spec), False)
 
 
-def test_jacobian_steps_move_the_substitute_as_documented(digits_victim, pool):
-    spec = digits_victim.spec
-    model = digits_victim.model
+def step_setup(victim, pool):
+    """200 queries, their labels, a generator, and the victim's mean probability of those labels on inputs z."""
+    model = victim.model
     x = pool[:200]
     c = model(x).argmax(1)
-    gen = torch.Generator().manual_seed(0)
 
     def prob_of_label(z):
         with torch.no_grad():
             return torch.softmax(model(z), 1).gather(1, c.unsqueeze(1)).mean().item()
 
+    return victim.spec, model, x, c, torch.Generator().manual_seed(0), prob_of_label
+
+
+def test_jacobian_steps_move_the_substitute_as_documented(digits_victim, pool):
+    spec, model, x, c, gen, prob_of_label = step_setup(digits_victim, pool)
     base = prob_of_label(x)
     up = jacobian_step(model, x, c, tiny("jbda", 10, spec), 0, gen)
     flipped = jacobian_step(model, x, c, tiny("jbda", 10, spec), 5, gen)  # tau = 5: the sign flips
@@ -165,15 +169,7 @@ def test_jacobian_steps_move_the_substitute_as_documented(digits_victim, pool):
 def test_release_augmentation_steps_away_from_the_label_and_clips_in_normalised_units(digits_victim, pool):
     """jb_release_augmentation: the authors' release's jbda/jbself (cross-entropy gradient, clip to [0, 1] after
     normalisation, sign flipped when round(r / tau) is odd), which the paper's text does not describe."""
-    spec, model = digits_victim.spec, digits_victim.model
-    x = pool[:200]
-    c = model(x).argmax(1)
-    gen = torch.Generator().manual_seed(0)
-
-    def prob_of_label(z):
-        with torch.no_grad():
-            return torch.softmax(model(z), 1).gather(1, c.unsqueeze(1)).mean().item()
-
+    spec, model, x, c, gen, prob_of_label = step_setup(digits_victim, pool)
     release = tiny("jbda", 10, spec, jb_release_augmentation=True)
     away = jacobian_step(model, x, c, release, 0, gen)
     assert prob_of_label(away) < prob_of_label(x) < prob_of_label(jacobian_step(model, x, c, tiny("jbda", 10, spec),
