@@ -353,7 +353,8 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     for obs in observers:
         obs("attacker", dict(metrics))
     strongest = res.clone if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else res.top1_clone
-    per_class = class_breakdown(res.transfer_y, strongest, model, test_x, test_y) if len(res.transfer_x) else []
+    per_class = (class_breakdown(res.transfer_y, strongest, probs.argmax(1), test_x, test_y)
+                 if len(res.transfer_x) else [])
     return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class)
 
 
@@ -422,16 +423,15 @@ def summary_text(r: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def class_breakdown(answers: torch.Tensor, clone: nn.Module, victim: nn.Module, test_x: torch.Tensor,
+def class_breakdown(answers: torch.Tensor, clone: nn.Module, victim_top1: torch.Tensor, test_x: torch.Tensor,
                     test_y: torch.Tensor) -> list[dict[str, float]]:
     """Per class c: ``answer_share`` (the share of the attacker's answers whose top-1 is c: how much of c the
     transfer set elicited), and the test-set recall of the victim and of the (strongest) clone on c. A clone
     cannot learn a class its queries never elicit: low shares and low clone recall line up."""
-    num_classes = answers.shape[1]
-    share = torch.bincount(answers.argmax(1), minlength=num_classes).double() / len(answers)
-    victim_pred, clone_pred = predict_probs(victim, test_x).argmax(1), predict_probs(clone, test_x).argmax(1)
+    share = label_shares(answers)
+    victim_pred, clone_pred = victim_top1, predict_probs(clone, test_x).argmax(1)
     out = []
-    for c in range(num_classes):
+    for c in range(answers.shape[1]):
         mask = test_y == c
         n = int(mask.sum())
         out.append({"class": c, "answer_share": share[c].item(),
@@ -440,10 +440,15 @@ def class_breakdown(answers: torch.Tensor, clone: nn.Module, victim: nn.Module, 
     return out
 
 
+def label_shares(answers: torch.Tensor) -> torch.Tensor:
+    """Per class, the share of the rows whose top-1 label it is (K values summing to 1)."""
+    return torch.bincount(answers.argmax(1), minlength=answers.shape[1]).double() / len(answers)
+
+
 def answer_statistics(answers: torch.Tensor) -> dict[str, float]:
     """The entropy (bits) of the answers' top-1 label histogram and their mean top-1 probability."""
-    counts = torch.bincount(answers.argmax(1), minlength=answers.shape[1]).double()
-    share = counts[counts > 0] / counts.sum()
+    share = label_shares(answers)
+    share = share[share > 0]
     return {"query_label_entropy": float(-(share * share.log2()).sum()),
             "query_confidence_mean": answers.max(1).values.double().mean().item()}
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from mlflow_project.lab import data
-from mlflow_project.lab.evaluate import answer_statistics
+from mlflow_project.lab.evaluate import answer_statistics, label_shares
 from mlflow_project.lab.training import predict_probs
 
 
@@ -26,8 +24,7 @@ def coverage(victim, querysets: list[str]) -> dict[str, dict[str, Any]]:
     for name in querysets:
         pool = data.query_set(name, victim.spec, victim_dataset=victim.spec.dataset)
         probs = predict_probs(victim.model, pool)
-        share = torch.bincount(probs.argmax(1), minlength=victim.spec.num_classes).double() / len(pool)
-        out[name] = {"size": len(pool), "share": share.tolist(), **answer_statistics(probs)}
+        out[name] = {"size": len(pool), "share": label_shares(probs).tolist(), **answer_statistics(probs)}
     return out
 
 
