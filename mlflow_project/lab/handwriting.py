@@ -43,7 +43,6 @@ Limits, to keep in mind when reading results obtained with it:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -52,7 +51,7 @@ import os
 import string
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +59,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+from mlflow_project.lab.training import torch_threads
 
 FORMAT_VERSION = 1  # bump whenever a change alters the rendered pixels: it invalidates every cache file
 
@@ -253,17 +254,6 @@ def glyph_table(fonts: Sequence[str | os.PathLike] | None = None) -> tuple[FontG
 
 
 # --------------------------------------------------------------------------------------------- rendering
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with n intra-op threads (bit-for-bit reproducible reductions), restoring the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -498,7 +488,7 @@ def render_handwriting(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="handwriting", unit="img")
-    with _torch_threads(1), torch.no_grad():
+    with torch_threads(1), torch.no_grad():
         for b, start in enumerate(starts):
             m = min(BATCH, n - start)
             # Always a full batch, even for the last one: torch may pick other kernels for other shapes, and

@@ -12,6 +12,8 @@ side, so there is one host sync per epoch, not one per batch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 SCHEDULES = ("cosine", "constant", "step")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads, restoring the previous count. A CPU run is bit-for-bit reproducible only at
+    a fixed thread count (the reductions' order depends on it), so whatever is cached and keyed by its weights
+    (the sweep's victim, the handwriting set) is computed under a fixed count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -378,7 +378,8 @@ def test_point_labels_split_on_top_level_commas_only():
                                      "outside=label_only)", "mad(epsilon=0.9)")
 
 
-def test_a_fresh_store_imports_the_points_of_an_earlier_points_csv_and_runs_only_the_rest(tmp_path, victim_dir):
+def test_a_fresh_store_imports_the_points_of_an_earlier_points_csv_and_runs_only_the_rest(tmp_path, victim_dir,
+                                                                                            capsys):
     """--import-from: a session's store is gone but its points.csv is committed; a new store records those points
     (same keys, metrics, params, defense.json) and evaluates only what the CSV lacks (here a top_k point)."""
     from mlflow_project.lifecycle.register import config_from_run
@@ -415,6 +416,11 @@ def test_a_fresh_store_imports_the_points_of_an_earlier_points_csv_and_runs_only
     other = sw.run_sweep(get_preset("tiny", budget=120), victim=victim_dir, tracking_uri=fresh,
                          results_dir=tmp_path / "d", progress=False, grid=grid[:1], import_from=[csv_path])
     assert (other.new_points, other.imported_points) == (1, 0)
+    # ... and the user is told why nothing was imported, with the victim the file's rows were measured on
+    accuracy = f"{100 * first.points[0]['victim_accuracy']:.2f} %"
+    err = capsys.readouterr().err
+    assert f"none of the 2 rows of {csv_path} is a point of this sweep" in err and accuracy in err
+    assert "--victim" in err
     with pytest.raises(FileNotFoundError, match="no points.csv at"):
         sw.run_sweep("tiny", victim=victim_dir, tracking_uri=fresh, results_dir=tmp_path / "e", progress=False,
                      grid=grid, import_from=[tmp_path / "missing.csv"])
@@ -439,3 +445,33 @@ def test_report_compares_a_one_seed_point_with_a_three_seed_reference_by_its_ran
     low = {**mad, "attacker_accuracy_strongest": 0.31}
     assert sweep_report.spread_note(low, lab, "label_only") == "vs label_only: -12.3 (outside label_only's seed spread)"
     assert sweep_report.spread_note(lab, mad, "mad").endswith("(inside its seed spread)")
+
+
+def test_the_cached_victim_and_misinformation_model_train_at_a_fixed_thread_count(tmp_path, monkeypatch):
+    """CPU training is reproducible bit for bit only at one thread count; the cached models (whose weights hash is
+    in every point key) must not depend on --threads, or --import-from stops matching on a new machine."""
+    import torch
+
+    from mlflow_project.lab import train_misinformation as tm
+    from mlflow_project.lab import train_victim as tv
+
+    seen = []
+
+    def spy(real):
+        def wrapper(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(tv, "train_victim", spy(tv.train_victim))
+    monkeypatch.setattr(tm, "train_misinformation", spy(tm.train_misinformation))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vict, path = sw.resolve_victim(get_preset("tiny"), cache_dir=tmp_path, progress=False)
+        assert torch.get_num_threads() == 2  # restored
+        sw.resolve_misinformation(get_preset("tiny"), vict, path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [sw.CACHED_TRAINING_THREADS] * 2
