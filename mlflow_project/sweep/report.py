@@ -5,8 +5,9 @@
 
 For each sweep CSV: the undefended victim and attacker accuracies, and per defense the lowest strongest-attacker
 accuracy (the better of the soft-label clone and its top-1 twin) reachable with a defender-accuracy drop of at
-most 0.5, 1 and 5 points (:func:`select.attacker_accuracy_at_drops`; the undefended point counts for every
-defense; per point the mean over its seeds). Then every point with its seeds: mean and min-max of the strongest,
+most 0.5, 1 and 5 points within the sweep's mean-L1 cap (``--max-l1``; default the sweep's own, 1.0 unless told:
+:func:`select.attacker_accuracy_at_drops`; the undefended point counts for every defense; per point the mean over
+its seeds). Then every point with its seeds: mean and min-max of the strongest,
 soft and top-1 attackers' accuracies, benign utility (defender accuracy, mean L1, NLL, ECE) and whether its
 difference from the undefended point and from label_only is outside the seed spread (the min-max ranges do
 not overlap) or inside it. A row is a
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from mlflow_project.sweep.plots import curve_name
 from mlflow_project.sweep.run import aggregate, read_points
-from mlflow_project.sweep.select import attacker_accuracy_at_drops, strongest
+from mlflow_project.sweep.select import DEFAULT_MAX_L1, attacker_accuracy_at_drops, strongest, within_caps
 
 DROPS = (0.5, 1.0, 5.0)
 ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "top_k", "label_only",
@@ -37,26 +38,44 @@ def _rank(defense: str) -> int:
     return ORDER.index(defense) if defense in ORDER else len(ORDER)
 
 
+COMMITTED_SUFFIX = ".points.csv"  # a sweep's points.csv as committed under docs/results: <sweep>.points.csv
+
+
 def sweep_name(csv_path: Path) -> str:
-    """The sweep's name: its results folder, e.g. ``quick-fashion_mnist-knockoff-mnist5k-2000-1a2b3c4d``."""
+    """The sweep's name: its results folder, e.g. ``quick-fashion_mnist-knockoff-mnist5k-2000-1a2b3c4d``, or for a
+    committed copy ``docs/results/<sweep>.points.csv`` the ``<sweep>`` part."""
+    if csv_path.name.endswith(COMMITTED_SUFFIX):
+        return csv_path.name[: -len(COMMITTED_SUFFIX)]
     return csv_path.parent.name
 
 
+def selection_doc(csv_path: Path) -> dict:
+    """The sweep's selection.json (caps and preset), or {} if there is none: beside its points.csv, or for a
+    committed copy ``<sweep>.points.csv`` the ``<sweep>.selection.json`` beside it."""
+    if csv_path.name.endswith(COMMITTED_SUFFIX):
+        sel = csv_path.with_name(sweep_name(csv_path) + ".selection.json")
+    else:
+        sel = csv_path.parent / "selection.json"
+    return json.loads(sel.read_text()) if sel.exists() else {}
+
+
 def describe_sweep(csv_path: Path) -> dict:
-    sel = csv_path.parent / "selection.json"
-    doc = json.loads(sel.read_text()) if sel.exists() else {}
-    return doc.get("preset", {})
+    return selection_doc(csv_path).get("preset", {})
 
 
-def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
+def table(csv_path: str | Path, drops: Sequence[float] = DROPS, max_l1: float | None = None) -> str:
+    """The sweep's tables. ``max_l1``: the mean-L1 cap a point must respect to count in the drop columns and as
+    the best point (default: the sweep's own cap from its selection.json, else the selection's default)."""
     csv_path = Path(csv_path)
     per_seed = read_points(csv_path)
     if not per_seed:
         raise ValueError(f"{csv_path}: no points")
     points = [{**p, "curve": curve_name(p)} for p in aggregate(per_seed)]
     preset = describe_sweep(csv_path)
+    if max_l1 is None:
+        max_l1 = float(selection_doc(csv_path).get("max_l1", DEFAULT_MAX_L1))
     und = next((p for p in points if p["defense"] == "identity"), None)
-    at = attacker_accuracy_at_drops(points, drops, by="curve")
+    at = attacker_accuracy_at_drops(points, drops, by="curve", max_l1=max_l1)
     head = (f"**{preset.get('attack', '?')}** attacker, query set **{preset.get('queryset', '?')}**, "
             f"budget {preset.get('budget', '?')}, clone epochs {preset.get('epochs', '?')} "
             f"(sweep `{sweep_name(csv_path)}`, {len(points)} points)")
@@ -70,12 +89,13 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS) -> str:
     curves = {name: [p for p in points if p["curve"] == name] for name in at}
     for name in sorted(at, key=lambda n: _rank(curves[n][0]["defense"])):  # stable: grid order within a rank
         cells = " | ".join("n/a" if at[name][d] is None else f"{100 * at[name][d]:.1f}" for d in drops)
-        mine = [p for p in curves[name] if p["accuracy_drop_points"] <= 1.0 + 1e-9]
-        best = min(mine, key=strongest)["label"] if mine else "(none: undefended)"
+        mine = [p for p in curves[name] if within_caps(p, 1.0, max_l1)]
+        best = min(mine, key=strongest)["label"] if mine else "(none within the caps: undefended)"
         lines.append(f"| {name} | {cells} | {best} |")
     lines.append("")
     lines.append("Strongest attacker's clone test accuracy in %, the lowest reachable with at most that drop in "
-                 "defender accuracy (points).")
+                 f"defender accuracy (points) and a mean L1 perturbation of at most {max_l1:g} on the test set "
+                 "(a defense none of whose points fits reads as the undefended point).")
     lines += ["", seed_table(points)]
     return "\n".join(lines)
 
@@ -210,6 +230,9 @@ def main(argv: list[str] | None = None) -> str:
                    "(repeat for several tables)")
     p.add_argument("--across-defenses", default="mad,mad_argmax,adaptive_misinformation,gradient_redirection",
                    help="comma-separated defenses for the --across table")
+    p.add_argument("--max-l1", type=float, default=None,
+                   help="mean-L1 cap of the drop columns (default: each sweep's own, else "
+                        f"{DEFAULT_MAX_L1:g})")
     a = p.parse_args(argv)
     parts = []
     names = [d for d in a.across_defenses.split(",") if d]
@@ -219,7 +242,7 @@ def main(argv: list[str] | None = None) -> str:
                   + ", ".join(f"`{sweep_name(Path(c))}`" for c in csvs) + ":", across_table(csvs, names), ""]
     for c in a.csv:
         path = Path(c)
-        parts.append(table(path))
+        parts.append(table(path, max_l1=a.max_l1))
         if a.plots_dir:
             for dst in copy_plots(path, Path(a.plots_dir)):
                 parts.append(f"![{dst.stem}]({a.link_prefix}{dst.name})")

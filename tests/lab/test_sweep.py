@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -210,6 +211,12 @@ def test_a_point_over_max_l1_is_not_chosen_and_label_only_over_the_caps_falls_ba
         choose([und, lab], max_l1=-1)
     # the per-defense tables honour the cap as well
     assert attacker_accuracy_at_drops([und, loud, lab], drops=(1.0,), max_l1=1.0)["reverse_sigmoid"] == {1.0: 0.85}
+    # a budget of exactly the cap, measured through float32 (mad_argmax at epsilon 1: 1.000000011), is at the cap;
+    # a point a hair further over is not
+    at_cap = _point("mad_argmax", 0.90, 0.90, 0.50, 1.000000011)
+    assert choose([und, at_cap, lab], max_l1=1.0).point["defense"] == "mad_argmax"
+    assert choose([und, _point("mad_argmax", 0.90, 0.90, 0.50, 1.00001), lab], max_l1=1.0).point["defense"] == \
+        "label_only"
 
 
 def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
@@ -337,12 +344,50 @@ def test_report_tables_are_computed_from_the_csv(tiny, tmp_path):
     sweep_report.main([str(first.artifacts["csv"]), "--plots-dir", str(tmp_path / "plots"), "--into", str(doc)])
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
-    at = attacker_accuracy_at_drops(first.points)
+    at = attacker_accuracy_at_drops(first.points, max_l1=1.0)  # the sweep's cap (selection.json)
     for name, row in at.items():
         cells = " | ".join(f"{100 * row[d]:.1f}" for d in (0.5, 1.0, 5.0))
         assert f"| {name} | {cells} |" in text
     assert "1 seed each, spread unknown" in text and "| strongest | soft | top-1 |" in text
+    assert "a mean L1 perturbation of at most 1 on the test set" in text
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_report_drop_columns_leave_out_points_over_the_l1_cap(tiny, tmp_path):
+    """A point that beats every attacker but moves the probabilities by more than the cap does not count: its
+    defense reads as the undefended point, and no point over the cap is named best (issue 21, item 6)."""
+    from mlflow_project.sweep import report as sweep_report
+
+    src = Path(tiny["first"].artifacts["csv"])
+    rows = list(csv.DictReader(src.open()))
+    loud = next(r for r in rows if r["defense"] == "reverse_sigmoid")
+    loud.update(perturbation_l1_mean="1.5", attacker_accuracy_strongest="0.0", attacker_accuracy_soft="0.0",
+                attacker_accuracy_top1="0.0", attacker_accuracy="0.0")
+    (tmp_path / "s").mkdir()
+    out = tmp_path / "s" / "points.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    und = next(r for r in rows if r["defense"] == "identity")
+    undefended = f"{100 * float(und['attacker_accuracy_strongest']):.1f}"
+
+    def row_of(text: str) -> list[str]:
+        line = next(x for x in text.splitlines() if x.startswith("| reverse_sigmoid |"))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    capped = row_of(sweep_report.table(out))  # no selection.json here: the default cap, 1.0
+    assert capped[1:4] == [undefended] * 3 and capped[4] == "(none within the caps: undefended)"
+    loose = row_of(sweep_report.table(out, max_l1=2.0))
+    assert loose[1:4] == ["0.0"] * 3 and loose[4] == loud["label"]
+    # a committed copy, docs/results/<sweep>.points.csv, reads its caps and preset from <sweep>.selection.json
+    committed = tmp_path / "paper-x.points.csv"
+    committed.write_text(out.read_text())
+    (tmp_path / "paper-x.selection.json").write_text(json.dumps(
+        {"max_l1": 2.0, "preset": {"attack": "knockoff", "queryset": "digits", "budget": 300, "epochs": 3}}))
+    text = sweep_report.table(committed)
+    assert text.startswith("**knockoff** attacker, query set **digits**, budget 300, clone epochs 3 (sweep `paper-x`")
+    assert row_of(text)[1:4] == ["0.0"] * 3
 
 
 def test_seeds_are_points_of_one_sweep_and_adding_seeds_runs_only_the_new_ones(tmp_path, victim_dir, tracking_uri):
