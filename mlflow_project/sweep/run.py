@@ -163,7 +163,7 @@ def needs_misinformation(defense: Mapping[str, Any]) -> bool:
 # --import-from matches a committed points.csv only when the victim is rebuilt bit for bit. Measured 2026-12-02:
 # the paper victim retrained here at 1 and at 2 threads scores 92.34 % and 92.04 %, and neither is the 92.28 % one
 # the committed paper points were measured on (another session's machine; the CPU type, i.e. which oneDNN kernels
-# run, is the likely difference, not verified). 1 thread: reproducible on any core count.
+# run, is the likely difference, not verified). 1, so that --threads does not change the weights.
 CACHED_TRAINING_THREADS = 1
 
 
