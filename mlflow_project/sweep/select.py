@@ -122,8 +122,9 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
         raise ValueError("no point has victim_accuracy, defender_accuracy and attacker_accuracy to select from")
     label_only = [p for p in usable if p.get("defense") == LABEL_ONLY]
     if not label_only:
-        raise ValueError("grid: the selection compares every defense with the label_only point, and the sweep has "
-                         "none; keep label_only in the grid (drop --no-label-only)")
+        raise ValueError("grid: the selection compares every defense with the label_only point, and none of these "
+                         "points is a finished label_only one; keep label_only in the grid (no --no-label-only) "
+                         "and let it finish (a --report-only of a partial sweep may not have it yet)")
     eligible = [p for p in usable if within_caps(p, max_drop, max_l1)]
     if not eligible:
         best = min(accuracy_drop_points(p) for p in usable)
