@@ -71,9 +71,10 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS, max_l1: float | 
     if not per_seed:
         raise ValueError(f"{csv_path}: no points")
     points = [{**p, "curve": curve_name(p)} for p in aggregate(per_seed)]
-    preset = describe_sweep(csv_path)
+    selection = selection_doc(csv_path)
+    preset = selection.get("preset", {})
     if max_l1 is None:
-        max_l1 = float(selection_doc(csv_path).get("max_l1", DEFAULT_MAX_L1))
+        max_l1 = float(selection.get("max_l1", DEFAULT_MAX_L1))
     und = next((p for p in points if p["defense"] == "identity"), None)
     at = attacker_accuracy_at_drops(points, drops, by="curve", max_l1=max_l1)
     head = (f"**{preset.get('attack', '?')}** attacker, query set **{preset.get('queryset', '?')}**, "
