@@ -302,10 +302,11 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         tilde = HTTPOracle(cfg.url, None, send=cfg.http_send, mean=spec.mean, std=spec.std)(test_x).double()
         deviation = None
     per_row = measures(probs, tilde.to(probs.dtype))
+    victim_top1 = probs.argmax(1)
     if monitor is None:
         blocked = torch.zeros(len(test_y), dtype=torch.bool)
     metrics: dict[str, float] = {
-        "victim_accuracy": (probs.argmax(1) == test_y).double().mean().item(),
+        "victim_accuracy": (victim_top1 == test_y).double().mean().item(),
         "defender_accuracy": ((tilde.argmax(1) == test_y) & ~blocked).double().mean().item(),
         "perturbation_l1_mean": per_row["l1"].mean().item(),
         "perturbation_l1_max": per_row["l1"].max().item(),
@@ -340,7 +341,7 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         return build_model(clone_arch, num_classes=spec.num_classes)
 
     res = run_attack(oracle, pool, make_clone, acfg, progress=progress)
-    metrics.update(attacker_metrics(res, test_x, test_y, probs.argmax(1)))
+    metrics.update(attacker_metrics(res, test_x, test_y, victim_top1))
     if len(res.transfer_x):
         undefended = predict_probs(model, res.transfer_x).argmax(1)
         metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
@@ -353,8 +354,7 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     for obs in observers:
         obs("attacker", dict(metrics))
     strongest = res.clone if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else res.top1_clone
-    per_class = (class_breakdown(res.transfer_y, strongest, probs.argmax(1), test_x, test_y)
-                 if len(res.transfer_x) else [])
+    per_class = class_breakdown(res.transfer_y, strongest, victim_top1, test_x, test_y) if len(res.transfer_x) else []
     return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class)
 
 
