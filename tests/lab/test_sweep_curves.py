@@ -150,3 +150,25 @@ def test_the_cli_writes_one_across_table_per_flag(tmp_path, capsys):
     assert text.count("| point | defender accuracy (drop) |") == 2
     assert "`in-aaaa`, `in-bbbb`:" in text and "across the sweeps `in-bbbb`:" in text
     assert "gradient_redirection(" not in text.split("**")[0]  # only the asked defenses in the across tables
+
+
+def test_the_seed_table_pairs_each_point_with_label_only_seed_by_seed(tmp_path):
+    """mad is lower than label_only on every seed (paired), yet the two min-max ranges overlap: the range rule
+    still says 'inside the seed spread' and the paired note gives the per-seed differences; a one-seed point
+    shares one seed with label_only and gets no paired note."""
+    mad = {"name": "mad", "epsilon": 0.7, "norm": "l1"}
+
+    def at(config, defender, attacker, l1, seed):
+        return {**point(config, defender, attacker, l1), "attacker_accuracy_strongest": attacker, "seed": seed}
+
+    rows = []
+    for seed, (lab, m) in enumerate(((0.70, 0.68), (0.80, 0.795), (0.75, 0.744))):
+        rows += [at({"name": "label_only"}, 0.90, lab, 0.6, seed), at(mad, 0.897, m, 0.7, seed)]
+    rows.append(at({"name": "identity"}, 0.90, 0.82, 0.0, 0))
+    csv_path = write_csv(tmp_path / "s-5678" / "points.csv", rows)
+    seed_rows = {ln.split(" | ")[0][2:]: ln for ln in sweep_report.table(csv_path).splitlines()
+                 if ln.startswith("| ") and " | 3 | " in ln or ln.startswith("| identity | 1 |")}
+    mad_row = seed_rows["mad(epsilon=0.7)"]
+    assert "vs label_only: -1.0 (inside the seed spread)" in mad_row
+    assert "paired by seed vs label_only: -1.0 (-2.0 / -0.5 / -0.6 on seeds 0,1,2; lower on 3 of 3)" in mad_row
+    assert "paired" not in seed_rows["identity"] and "paired" not in seed_rows["label_only"]
