@@ -60,6 +60,13 @@ def check_tracking_for_cluster(uri: str, nodes: Sequence[Mapping[str, Any]]) -> 
             "use a database server URI (postgresql://, mysql://)")
 
 
+AUTH_HINT = (
+    "If the cluster has token authentication on (`ray start` turns it on when ~/.ray/auth_token exists on the "
+    "head, as Ray 2.59+ leaves it after any local ray.init()), a driver given an explicit address does not send "
+    "a token unless told to: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the head's "
+    "token for the sweep (docs/operations.md, 'Sweeps on a Ray cluster')")
+
+
 def runtime_env() -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -80,8 +87,13 @@ def run_jobs(jobs: Sequence[PointJob], victim, target: TrackingTarget, on_row: C
     if started:
         # "" means a private cluster of this machine: Ray's "local", never ray.init()'s default, which would
         # attach to whatever RAY_ADDRESS or a `ray start` on this machine points at
-        ray.init(address=address or "local", runtime_env=runtime_env(), log_to_driver=False,
-                 include_dashboard=False if not address else None)
+        try:
+            ray.init(address=address or "local", runtime_env=runtime_env(), log_to_driver=False,
+                     include_dashboard=False if not address else None)
+        except ConnectionError as e:
+            if not address:
+                raise
+            raise ConnectionError(f"{e}. {AUTH_HINT}") from e
     try:
         check_tracking_for_cluster(target.uri, ray.nodes())
         if not jobs:

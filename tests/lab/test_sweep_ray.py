@@ -58,7 +58,8 @@ def test_the_ray_cli_sweep_gives_the_local_executors_points_and_selection(head, 
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "sweep", "--env-manager", "local",
            "-P", "preset=tiny", "-P", "executor=ray", "-P", f"ray_address={head.address}", "-P", "cpus_per_point=1",
            "-P", f"victim={digits_victim_dir}", "-P", f"results_dir={out}"]
-    env = venv_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_EXPERIMENT_NAME="ray", OMP_NUM_THREADS="1")
+    env = venv_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_EXPERIMENT_NAME="ray", OMP_NUM_THREADS="1",
+                   **head.client_env)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"mlflow run -e sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ray_rows, local_rows = read_rows(out / "points.csv"), read_rows(local_sweep.results_dir / "points.csv")
@@ -87,6 +88,8 @@ def test_a_worker_killed_mid_point_is_retried_and_the_sweep_finishes(head, serve
                                                                    tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(sw.KILL_ONCE_ENV, str(marker))  # forwarded to the workers (STEALGUARD_* variables)
+    for k, v in head.client_env.items():
+        monkeypatch.setenv(k, v)
     grid = [{"name": "identity"}, {"name": "label_only"}]
     result = sw.run_sweep("tiny", victim=str(digits_victim_dir), tracking_uri=server.url, experiment="killed",
                           results_dir=tmp_path / "out", progress=False, grid=grid, executor="ray",
@@ -147,6 +150,25 @@ def test_an_empty_address_starts_a_private_cluster_not_the_one_ray_address_names
     assert seen["address"] == "127.0.0.1:6379"
 
 
+def test_a_refused_connection_to_an_explicit_address_says_how_to_send_the_token(monkeypatch):
+    import ray
+
+    from mlflow_project.sweep import ray_executor
+
+    def refused(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ConnectionError, match=r"at 127\.0\.0\.1:6379\. If the cluster has token authentication on.*"
+                                              r"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH"):
+        ray_executor.run_jobs([], None, None, lambda *a: None, preset=None, victim_hash="", share=False,
+                              address="127.0.0.1:6379")
+    with pytest.raises(ConnectionError) as private:  # a private cluster of this machine: no token to send
+        ray_executor.run_jobs([], None, None, lambda *a: None, preset=None, victim_hash="", share=False, address="")
+    assert "RAY_AUTH_MODE" not in str(private.value)
+
+
 def test_a_killed_driver_resumes_from_its_finished_points(head, server, digits_victim_dir, tmp_path):
     """The sweep process itself (under ``mlflow run``) is killed once a point has finished; the same command
     again reuses the finished points and runs only the rest."""
@@ -157,7 +179,8 @@ def test_a_killed_driver_resumes_from_its_finished_points(head, server, digits_v
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "sweep", "--env-manager", "local",
            "-P", "preset=tiny", "-P", "executor=ray", "-P", f"ray_address={head.address}",
            "-P", f"victim={digits_victim_dir}", "-P", f"results_dir={tmp_path / 'out'}"]
-    env = venv_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_EXPERIMENT_NAME="driver", OMP_NUM_THREADS="1")
+    env = venv_env(MLFLOW_TRACKING_URI=server.url, MLFLOW_EXPERIMENT_NAME="driver", OMP_NUM_THREADS="1",
+                   **head.client_env)
     client = MlflowClient(server.url)
     log = (tmp_path / "first.out").open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

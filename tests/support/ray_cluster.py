@@ -2,11 +2,19 @@
 group, its own ``--temp-dir``, free ports, no dashboard, no usage stats; stopped by signalling that group only
 (never ``ray stop``, which would stop every Ray process on the machine). It is addressed on 127.0.0.1, but Ray
 2.60 binds its GCS and raylet on every interface whatever ``--node-ip-address`` says (docs/operations.md,
-"Network exposure"), so the head is reachable from this machine's network while a test runs."""
+"Network exposure"), so the head is reachable from this machine's network while a test runs.
+
+Every head has token authentication on with a token of its own (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``
+a 0600 file in its temp dir): a client needs :attr:`RayHead.client_env`. Left to itself, ``ray start --head``
+turns token auth on exactly when ``~/.ray/auth_token`` exists (Ray 2.59+ writes it on the first local
+``ray.init()``), while a client given an explicit address never turns it on, so the same test passed or failed by
+what an earlier Ray program had left in the home directory (CI, 2026-12-03: "ray head not ready after 180s",
+the probe refused with "InvalidAuthToken")."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -27,7 +35,14 @@ class RayHead:
         self.port = free_port()
         # a short path: Ray's socket paths live under the temp dir and must stay under ~107 characters
         self.temp_dir = Path(tempfile.mkdtemp(prefix="sgray", dir="/tmp"))
+        self.token_path = self.temp_dir / "auth_token"
         self.proc: subprocess.Popen | None = None
+        self._last_probe = ""
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a client process (driver, ``mlflow run``) needs in its environment to talk to this head."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
     @property
     def address(self) -> str:
@@ -60,6 +75,10 @@ class RayHead:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        env.update(self.client_env)
         log = open(self.temp_dir / "head.out", "wb")  # noqa: SIM115 (kept open for the process' lifetime)
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -70,13 +89,19 @@ class RayHead:
             if self._ready():
                 return self
             time.sleep(1.0)
-        raise TimeoutError(f"ray head not ready after {timeout:.0f}s:\n{self.tail()}")
+        raise TimeoutError(f"ray head not ready after {timeout:.0f}s:\n{self.tail()}\n"
+                           f"last readiness probe's stderr:\n{self._last_probe}")
 
     def _ready(self) -> bool:
-        probe = subprocess.run(
-            [sys.executable, "-c", "import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-             "print(int(ray.cluster_resources().get('CPU', 0)))", self.address],
-            capture_output=True, text=True)
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-c", "import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                 "print(int(ray.cluster_resources().get('CPU', 0)))", self.address],
+                capture_output=True, text=True, env={**os.environ, **self.client_env}, timeout=90)
+        except subprocess.TimeoutExpired as e:
+            self._last_probe = f"(timed out after {e.timeout:.0f}s)"
+            return False
+        self._last_probe = "\n".join(probe.stderr.splitlines()[-15:])
         return probe.returncode == 0 and probe.stdout.strip().endswith(str(self.num_cpus))
 
     def tail(self, n: int = 40) -> str:
