@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(2)
             local, _ = timed_sweep(preset, grid, victim, root, "local2")
             with RayHead(num_cpus=2) as head:
+                os.environ.update(head.client_env)  # the head's token (tests/support/ray_cluster.py)
                 ray_s, _ = timed_sweep(preset, grid, victim, root, "ray2x1", executor="ray",
                                        ray_address=head.address, cpus_per_point=1)
             print(f"(b) local executor, 2 threads: {local:.1f}s; ray executor, 2 points x 1 thread: {ray_s:.1f}s: "
