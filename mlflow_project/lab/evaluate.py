@@ -67,7 +67,7 @@ from mlflow_project.lab.oracles import (
     lab_monitor,
     serve_benign,
 )
-from mlflow_project.lab.training import accuracy, predict_probs
+from mlflow_project.lab.training import predict_logits, predict_probs
 from plugins import measures
 from plugins.measures import expected_calibration_error, negative_log_likelihood
 
@@ -341,7 +341,8 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
         return build_model(clone_arch, num_classes=spec.num_classes)
 
     res = run_attack(oracle, pool, make_clone, acfg, progress=progress)
-    metrics.update(attacker_metrics(res, test_x, test_y, victim_top1))
+    preds = clone_predictions(res, test_x)
+    metrics.update(attacker_metrics(res, test_x, test_y, victim_top1, preds))
     if len(res.transfer_x):
         undefended = predict_probs(model, res.transfer_x).argmax(1)
         metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
@@ -353,8 +354,9 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     seconds["total"] = time.perf_counter() - t_all
     for obs in observers:
         obs("attacker", dict(metrics))
-    strongest = res.clone if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else res.top1_clone
-    per_class = class_breakdown(res.transfer_y, strongest, victim_top1, test_x, test_y) if len(res.transfer_x) else []
+    best = strongest_kind(metrics)
+    strongest = res.clone if best == "soft" else res.top1_clone
+    per_class = class_breakdown(res.transfer_y, preds[best], victim_top1, test_y) if len(res.transfer_x) else []
     return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class)
 
 
@@ -369,15 +371,31 @@ def monitor_metrics(oracle: MonitoredOracle, benign_flagged: set[str]) -> dict[s
     return out
 
 
-def attacker_metrics(res, test_x: torch.Tensor, test_y: torch.Tensor, victim_top1: torch.Tensor) -> dict[str, float]:
+def clone_predictions(res, test_x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The test-set top-1 (logit argmax, as :func:`training.accuracy` takes it) of both clones of an attack:
+    ``{"soft": ..., "top1": ...}``, predicted once for every measure that needs it."""
+    return {kind: predict_logits(clone, test_x).argmax(1) for kind, clone in (("soft", res.clone),
+                                                                              ("top1", res.top1_clone))}
+
+
+def strongest_kind(metrics: Mapping[str, float]) -> str:
+    """``soft`` or ``top1``: the clone with the higher test accuracy (soft on a tie)."""
+    return "soft" if metrics["attacker_accuracy_soft"] >= metrics["attacker_accuracy_top1"] else "top1"
+
+
+def attacker_metrics(res, test_x: torch.Tensor, test_y: torch.Tensor, victim_top1: torch.Tensor,
+                     preds: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Accuracy and agreement with the undefended victim of both clones of an attack (the soft one and its top-1
-    twin), the strongest (max accuracy), and ``attacker_accuracy`` / ``attacker_agreement`` = the strongest's."""
+    twin), the strongest (max accuracy), and ``attacker_accuracy`` / ``attacker_agreement`` = the strongest's.
+    ``preds``: the clones' :func:`clone_predictions` on ``test_x``, if already computed."""
+    if len(test_y) == 0:
+        raise ValueError("attacker_metrics: the test set is empty; clone accuracy is undefined")
+    preds = clone_predictions(res, test_x) if preds is None else preds
     out: dict[str, float] = {}
-    for kind, clone in (("soft", res.clone), ("top1", res.top1_clone)):
-        out[f"attacker_accuracy_{kind}"] = accuracy(clone, test_x, test_y)
-        pred = predict_probs(clone, test_x).argmax(1)
-        out[f"attacker_agreement_{kind}"] = (pred == victim_top1).double().mean().item()
-    best = "soft" if out["attacker_accuracy_soft"] >= out["attacker_accuracy_top1"] else "top1"
+    for kind in ("soft", "top1"):
+        out[f"attacker_accuracy_{kind}"] = (preds[kind] == test_y).float().mean().item()  # as training.accuracy
+        out[f"attacker_agreement_{kind}"] = (preds[kind] == victim_top1).double().mean().item()
+    best = strongest_kind(out)
     out["attacker_accuracy_strongest"] = out[f"attacker_accuracy_{best}"]
     out["attacker_accuracy"] = out["attacker_accuracy_strongest"]
     out["attacker_agreement"] = out[f"attacker_agreement_{best}"]
@@ -423,13 +441,14 @@ def summary_text(r: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def class_breakdown(answers: torch.Tensor, clone: nn.Module, victim_top1: torch.Tensor, test_x: torch.Tensor,
+def class_breakdown(answers: torch.Tensor, clone_pred: torch.Tensor, victim_top1: torch.Tensor,
                     test_y: torch.Tensor) -> list[dict[str, float]]:
     """Per class c: ``answer_share`` (the share of the attacker's answers whose top-1 is c: how much of c the
-    transfer set elicited), and the test-set recall of the victim and of the (strongest) clone on c. A clone
-    cannot learn a class its queries never elicit: low shares and low clone recall line up."""
+    transfer set elicited), and the test-set recall of the victim and of the (strongest) clone on c, from their
+    test-set top-1 ``victim_top1`` and ``clone_pred``. A clone cannot learn a class its queries never elicit:
+    low shares and low clone recall line up."""
     share = label_shares(answers)
-    victim_pred, clone_pred = victim_top1, predict_probs(clone, test_x).argmax(1)
+    victim_pred = victim_top1
     out = []
     for c in range(answers.shape[1]):
         mask = test_y == c

@@ -130,7 +130,7 @@ def test_class_breakdown_lines_up_answer_shares_with_recalls():
 
     x, y = torch.zeros(4, 2), torch.tensor([0, 0, 1, 2])
     answers = torch.eye(3)[torch.tensor([0, 0, 0, 1])]
-    out = ev.class_breakdown(answers, Fixed(), Fixed()(x).argmax(1), x, y)
+    out = ev.class_breakdown(answers, Fixed()(x).argmax(1), Fixed()(x).argmax(1), y)
     assert [r["class"] for r in out] == [0, 1, 2]
     assert [r["answer_share"] for r in out] == pytest.approx([0.75, 0.25, 0.0])
     assert [r["clone_recall"] for r in out] == pytest.approx([1.0, 1.0, 0.0])  # class 2 never elicited, never learnt
