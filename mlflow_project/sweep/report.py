@@ -27,7 +27,13 @@ from pathlib import Path
 
 from mlflow_project.sweep.plots import curve_name
 from mlflow_project.sweep.run import aggregate, read_points
-from mlflow_project.sweep.select import DEFAULT_MAX_L1, attacker_accuracy_at_drops, strongest, within_caps
+from mlflow_project.sweep.select import (
+    DEFAULT_MAX_L1,
+    attacker_accuracy_at_drops,
+    paired_note,
+    strongest,
+    within_caps,
+)
 
 DROPS = (0.5, 1.0, 5.0)
 ORDER = ("identity", "mad", "mad_argmax", "reverse_sigmoid", "random_noise", "rounding", "top_k", "label_only",
@@ -129,33 +135,6 @@ def spread_note(p: dict, ref: dict | None, name: str) -> str:
     inside = lo <= rhi and rlo <= hi  # a one-seed point's range is its value (as the selection compares)
     where = "the seed spread" if multi and ref_multi else f"{'its' if multi else name + chr(39) + 's'} seed spread"
     return f"vs {name}: {diff:+.1f} ({'inside' if inside else 'outside'} {where})"
-
-
-def by_seed(per_seed: Sequence[dict], defense_config: str) -> dict[int, float]:
-    """``{seed: strongest-attacker accuracy}`` of one point (its ``defense_config``) in a sweep's per-seed rows."""
-    out: dict[int, float] = {}
-    for r in per_seed:
-        if r.get("defense_config") == defense_config and isinstance(r.get("seed"), (int, float)):
-            out[int(r["seed"])] = strongest(r)
-    return out
-
-
-def paired_note(p: dict, ref: dict | None, per_seed: Sequence[dict], name: str) -> str:
-    """``p`` minus ``ref`` seed by seed, on the seeds both were measured with (at least 2), in points, and on how
-    many of those seeds ``p`` is lower. A seed fixes the attacker's queries and its clones' initialisation, so a
-    paired difference removes the seed's own effect that a min-max range comparison keeps. Information only:
-    the selection still calls a win inside the seed spread noise (with 3 seeds no paired test is conclusive)."""
-    if ref is None or ref is p:
-        return ""
-    mine, theirs = by_seed(per_seed, p["defense_config"]), by_seed(per_seed, ref["defense_config"])
-    shared = sorted(set(mine) & set(theirs))
-    if len(shared) < 2:
-        return ""
-    diffs = [100 * (mine[s] - theirs[s]) for s in shared]
-    lower = sum(d < 0 for d in diffs)
-    return (f"paired by seed vs {name}: {sum(diffs) / len(diffs):+.1f} ("
-            + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, shared))}; lower on "
-            f"{lower} of {len(shared)})")
 
 
 def seed_table(points: Sequence[dict], per_seed: Sequence[dict] = ()) -> str:

@@ -643,7 +643,7 @@ def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: li
             preset: Preset, caps: tuple[float, float]) -> tuple[dict[str, Any] | None, dict[str, Path]]:
     """Select (on the per-point means) and tag the recommended point, write the outputs, log them to the parent."""
     means = aggregate(rows)
-    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, means, caps)
+    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, means, caps, per_seed=rows)
     for r in (*rows, *means):
         r["recommended"] = r["run_id"] == (recommended or {}).get("run_id")
     artifacts = write_outputs(rows, out_dir, preset, recommended, caps, means)
@@ -653,11 +653,12 @@ def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: li
 
 
 def select_and_tag(client, experiment_id: str, sweep_key: str, parent_run_id: str, rows: Sequence[Mapping],
-                   caps: tuple[float, float]) -> dict[str, Any] | None:
-    """Pick the point (see :func:`select.choose`), tag its run, print it and why; None if nothing fits."""
+                   caps: tuple[float, float], per_seed: Sequence[Mapping] = ()) -> dict[str, Any] | None:
+    """Pick the point (see :func:`select.choose`; ``rows`` the per-point means, ``per_seed`` the rows they were
+    averaged from), tag its run, print it and why; None if nothing fits."""
     max_drop, max_l1 = caps
     try:
-        selection = choose(rows, max_drop, max_l1)
+        selection = choose(rows, max_drop, max_l1, per_seed)
     except ValueError as exc:
         print(f"selection: {exc}")
         for run in sweep_child_runs(client, experiment_id, sweep_key):

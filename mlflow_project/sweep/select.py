@@ -12,7 +12,8 @@
   below label_only's best seed; with one seed on both sides the spread is unknown and a strict win counts,
   and the reason says so. If nothing does, the selection says so and recommends label_only, or the undefended
   point when label_only itself breaks the caps; never a point that only wins against the soft attacker, or
-  only by noise.
+  only by noise. Given the per-seed rows, the reason also gives the point's difference from label_only seed by
+  seed (:func:`paired_note`: same queries and initialisation per seed), as information beside the rule.
 - :func:`tag_recommended`: tag that child run ``stealguard.recommended=true`` and remove the tag from every other
   run of the same sweep; the parent run records ``stealguard.recommended_run_id``.
 - :func:`find_recommended_run`: what the registry step calls to get the recommended run (of one sweep, or the
@@ -102,15 +103,46 @@ def inside_spread(candidate: Mapping[str, Any], floor: Mapping[str, Any]) -> boo
 L1_TOLERANCE = 1e-6
 
 
+def by_seed(per_seed: Iterable[Mapping[str, Any]], defense_config: str) -> dict[int, float]:
+    """``{seed: strongest-attacker accuracy}`` of one point (its ``defense_config``) in a sweep's per-seed rows."""
+    out: dict[int, float] = {}
+    for r in per_seed:
+        if r.get("defense_config") == defense_config and isinstance(r.get("seed"), (int, float)):
+            out[int(r["seed"])] = strongest(r)
+    return out
+
+
+def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
+                per_seed: Sequence[Mapping[str, Any]], name: str) -> str:
+    """``p`` minus ``ref`` seed by seed, on the seeds both were measured with (at least 2), in points, and on how
+    many of those seeds ``p`` is lower. A seed fixes the attacker's queries and its clones' initialisation, so a
+    paired difference removes the seed's own effect that a min-max range comparison keeps. Information only:
+    the selection still calls a win inside the seed spread noise (with 3 seeds no paired test is conclusive)."""
+    if not per_seed or ref is None or ref is p or "defense_config" not in p or "defense_config" not in ref:
+        return ""
+    mine, theirs = by_seed(per_seed, p["defense_config"]), by_seed(per_seed, ref["defense_config"])
+    shared = sorted(set(mine) & set(theirs))
+    if len(shared) < 2:
+        return ""
+    diffs = [100 * (mine[s] - theirs[s]) for s in shared]
+    lower = sum(d < 0 for d in diffs)
+    return (f"paired by seed vs {name}: {sum(diffs) / len(diffs):+.1f} ("
+            + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, shared))}; lower on "
+            f"{lower} of {len(shared)})")
+
+
 def within_caps(point: Mapping[str, Any], max_drop: float, max_l1: float) -> bool:
     # a tiny tolerance so that a drop (or L1) of exactly the cap, up to float rounding, is accepted
     return accuracy_drop_points(point) <= max_drop + 1e-9 and _l1(point) <= max_l1 + L1_TOLERANCE
 
 
-def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
-           max_l1: float = DEFAULT_MAX_L1) -> Selection:
+def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0, max_l1: float = DEFAULT_MAX_L1,
+           per_seed: Sequence[Mapping[str, Any]] = ()) -> Selection:
     """The operating point (see the module doc) and why it was chosen. Points need ``defense`` (the defense's
-    name), victim/defender accuracy, the attacker accuracy and ``perturbation_l1_mean``."""
+    name), victim/defender accuracy, the attacker accuracy and ``perturbation_l1_mean``. ``per_seed``: the
+    sweep's rows, one per point and seed; with them the reason adds the chosen (or the nearest noisy) point's
+    difference from label_only paired by seed (:func:`paired_note`; information only, the rule stays the
+    min-max one)."""
     if not 0 <= max_drop <= 100:
         raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {max_drop}")
     if not max_l1 >= 0:
@@ -143,13 +175,16 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0,
         gain = 100 * (strongest(floor) - strongest(best))
         spread = ("outside the seed spread" if spread_known(best) or spread_known(floor)
                   else "one seed each, so the spread is unknown")
+        paired = paired_note(best, floor, per_seed, "label_only")
         return Selection(best, f"{best.get('label', best['defense'])} is the lowest strongest-attacker accuracy "
-                               f"within {caps}, {gain:.2f} points below label_only ({spread})", True)
+                               f"within {caps}, {gain:.2f} points below label_only ({spread})"
+                               + (f"; {paired}" if paired else ""), True)
     noise = ""
     if winners:
         near = min(winners, key=key)
+        paired = paired_note(near, floor, per_seed, "label_only")
         noise = (f"; {near.get('label', near['defense'])} is {100 * (strongest(floor) - strongest(near)):.2f} points "
-                 "lower, inside the seed spread: noise")
+                 "lower, inside the seed spread: noise" + (f" ({paired})" if paired else ""))
     if within_caps(floor, max_drop, max_l1):
         return Selection(floor, f"no defense within {caps} beats label_only against the strongest attacker "
                                 f"({100 * strongest(floor):.2f}%){noise}; recommending label_only", False)

@@ -199,6 +199,36 @@ def test_a_win_over_label_only_inside_the_seed_spread_is_noise_and_not_chosen():
     assert sel.point["defense"] == "mad" and "one seed each, so the spread is unknown" in sel.reason
 
 
+def test_the_selection_reason_gives_the_noisy_win_paired_by_seed():
+    """The in-distribution case (2026-12-02): MAD 0.7 lower than label_only on each of the 3 seeds, but the
+    min-max ranges overlap. The rule still calls it noise and recommends label_only; the reason adds the paired
+    per-seed differences, and only on the seeds both points share."""
+    def seeds(defense, values, **extra):
+        config = json.dumps({"name": defense, **extra})
+        return [{"defense_config": config, "seed": s, "attacker_accuracy_strongest": v}
+                for s, v in enumerate(values)]
+
+    lab_seeds, mad_seeds = seeds("label_only", [0.70, 0.80, 0.75]), seeds("mad", [0.68, 0.795, 0.744], epsilon=0.7)
+    und = {**_point("identity", 0.9, 0.9, 0.82), "n_seeds": 1, "defense_config": json.dumps({"name": "identity"})}
+    lab = {**_point("label_only", 0.9, 0.9, 0.75), "n_seeds": 3, "attacker_accuracy_strongest_min": 0.70,
+           "attacker_accuracy_strongest_max": 0.80, "defense_config": lab_seeds[0]["defense_config"]}
+    mad = {**_point("mad", 0.9, 0.897, 0.7397, l1=0.7), "n_seeds": 3, "attacker_accuracy_strongest_min": 0.68,
+           "attacker_accuracy_strongest_max": 0.795, "defense_config": mad_seeds[0]["defense_config"]}
+    per_seed = [*lab_seeds, *mad_seeds, {"defense_config": und["defense_config"], "seed": 0,
+                                         "attacker_accuracy_strongest": 0.82}]
+    sel = choose([und, mad, lab], per_seed=per_seed)
+    assert sel.point is lab and not sel.beats_label_only
+    assert ("mad is 1.03 points lower, inside the seed spread: noise (paired by seed vs label_only: -1.0 "
+            "(-2.0 / -0.5 / -0.6 on seeds 0,1,2; lower on 3 of 3))") in sel.reason
+    assert "paired" not in choose([und, mad, lab]).reason  # without the per-seed rows: the rule alone
+    # a real win carries its paired difference too
+    mad_far = seeds("mad", [0.60, 0.65, 0.62], epsilon=0.7)
+    far = {**mad, "attacker_accuracy_strongest": 0.6233, "attacker_accuracy_strongest_min": 0.60,
+           "attacker_accuracy_strongest_max": 0.65}
+    sel = choose([und, far, lab], per_seed=[*lab_seeds, *mad_far])
+    assert sel.point is far and "; paired by seed vs label_only: -12.7 (-10.0 / -15.0 / -13.0" in sel.reason
+
+
 def test_a_point_over_max_l1_is_not_chosen_and_label_only_over_the_caps_falls_back_to_undefended():
     und = _point("identity", 0.90, 0.90, 0.85, 0.0)
     lab = _point("label_only", 0.90, 0.90, 0.84, 0.30)
