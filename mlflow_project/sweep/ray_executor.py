@@ -18,7 +18,9 @@ worker dies (``max_retries``), and the object store for what the points share (t
   local executor, the sweep stops). If the driver dies, its tasks die with it; the next run of the same sweep
   skips every key that has a FINISHED run.
 - Shared work (:mod:`mlflow_project.sweep.shared`): one task per seed builds the memo tables with the points'
-  CPU share; the points get them through the object store.
+  CPU share, submitted with the seed's first point; the points get them through the object store.
+- Order: points are submitted in the sweep's run order (every point at the first seed, then the extra seeds),
+  at most as many at a time as the cluster has CPU slots (:func:`run_in_order`), so they run in that order.
 
 Workers import the project from ``PYTHONPATH`` (this checkout's root is prepended, which is right for a cluster
 of this machine); on a multi-node cluster the image must hold the project and its requirements
@@ -28,6 +30,7 @@ of this machine); on a multi-node cluster the image must hold the project and it
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -73,6 +76,30 @@ def runtime_env() -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def run_in_order(jobs: Sequence[PointJob], submit: Callable[[PointJob], Any], wait_one: Callable[[list], Any],
+                 on_done: Callable[[PointJob, Any], None], slots: Callable[[], int],
+                 cancel: Callable[[Any], None]) -> None:
+    """Submit ``jobs`` in their run order with at most ``slots()`` (at least 1; read again before each
+    submission, so nodes that join are used) in flight, and ``on_done(job, ref)`` each as it finishes. Handing
+    Ray the whole grid at once let it start points in any order (a paper sweep, 2026-12-03, started seed 1's
+    points before seed 0's new ones), losing the run order's promise that a first pass over the grid finishes
+    first. The cost: an autoscaler sees only the cluster's current CPUs as demand. On an exception (a point that
+    raised, Ctrl-C) the tasks in flight are cancelled and the rest never submitted."""
+    queue = deque(jobs)
+    pending: dict[Any, PointJob] = {}
+    try:
+        while queue or pending:
+            while queue and len(pending) < max(1, slots()):
+                job = queue.popleft()
+                pending[submit(job)] = job
+            ref = wait_one(list(pending))
+            on_done(pending.pop(ref), ref)
+    except BaseException:
+        for ref in pending:
+            cancel(ref)
+        raise
+
+
 def _point_task(job: PointJob, victim, shared, target: TrackingTarget, threads: int, evaluate_fn):
     return run_point(job, victim, shared, target, threads=threads, evaluate_fn=evaluate_fn, in_worker=True)
 
@@ -100,23 +127,21 @@ def run_jobs(jobs: Sequence[PointJob], victim, target: TrackingTarget, on_row: C
             return
         victim_ref = ray.put(victim)
         shared_refs: dict[int, Any] = {}
-        if share:
-            build = ray.remote(num_cpus=cpus_per_point, max_retries=MAX_RETRIES)(build_shared)
-            for seed in sorted({j.seed for j in jobs}):
-                key = shared_key(victim_hash, preset, seed, cpus_per_point)
-                shared_refs[seed] = build.remote(victim_ref, preset, seed, key, cpus_per_point)
+        build = ray.remote(num_cpus=cpus_per_point, max_retries=MAX_RETRIES)(build_shared)
         task = ray.remote(num_cpus=cpus_per_point, max_retries=MAX_RETRIES)(_point_task)
-        pending = {task.remote(j, victim_ref, shared_refs.get(j.seed), target, cpus_per_point, evaluate_fn): j
-                   for j in jobs}
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                job = pending.pop(done[0])
-                on_row(job, ray.get(done[0]))
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+
+        def submit(j: PointJob):
+            if share and j.seed not in shared_refs:  # a seed's shared work starts with its first point
+                key = shared_key(victim_hash, preset, j.seed, cpus_per_point)
+                shared_refs[j.seed] = build.remote(victim_ref, preset, j.seed, key, cpus_per_point)
+            return task.remote(j, victim_ref, shared_refs.get(j.seed), target, cpus_per_point, evaluate_fn)
+
+        def slots() -> int:
+            return int(ray.cluster_resources().get("CPU", 0) // cpus_per_point)
+
+        run_in_order(jobs, submit, lambda refs: ray.wait(refs, num_returns=1)[0][0],
+                     lambda job, ref: on_row(job, ray.get(ref)), slots,
+                     cancel=lambda ref: ray.cancel(ref, force=True))
     finally:
         if started:
             ray.shutdown()

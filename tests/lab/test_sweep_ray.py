@@ -150,6 +150,44 @@ def test_an_empty_address_starts_a_private_cluster_not_the_one_ray_address_names
     assert seen["address"] == "127.0.0.1:6379"
 
 
+def test_points_are_submitted_in_run_order_with_no_more_in_flight_than_slots():
+    """The executor's scheduling alone (no Ray): whatever order tasks finish in (here the newest first), the
+    submissions follow the run order, never more than slots() are in flight, a slot count that grows is used,
+    and when a point raises the ones in flight are cancelled and the rest never submitted."""
+    from mlflow_project.sweep.ray_executor import run_in_order
+
+    jobs = [f"seed{s}-p{i}" for s in range(2) for i in range(5)]
+    submitted, finished, in_flight, peak, cancelled = [], [], set(), [], []
+    slot_counts = iter([2] * 6 + [3] * 100)
+
+    def submit(job):
+        submitted.append(job)
+        in_flight.add(job)
+        peak.append(len(in_flight))
+        return job
+
+    def wait_one(refs):
+        return refs[-1]  # the newest: the order Ray must not be trusted with
+
+    def on_done(job, ref):
+        in_flight.discard(ref)
+        finished.append(job)
+
+    run_in_order(jobs, submit, wait_one, on_done, lambda: next(slot_counts), cancel=cancelled.append)
+    assert submitted == jobs and sorted(finished) == sorted(jobs) and not cancelled
+    assert peak[:4] == [1, 2, 2, 2] and max(peak) == 3
+    # a point that raises stops the sweep: in-flight tasks cancelled, the queue not submitted
+    submitted.clear()
+    in_flight.clear()
+
+    def boom(job, ref):
+        raise RuntimeError(f"{job} raised")
+
+    with pytest.raises(RuntimeError, match="seed0-p1 raised"):
+        run_in_order(jobs, submit, wait_one, boom, lambda: 2, cancel=cancelled.append)
+    assert submitted == jobs[:2] and cancelled == ["seed0-p0"]
+
+
 def test_a_refused_connection_to_an_explicit_address_says_how_to_send_the_token(monkeypatch):
     import ray
 
