@@ -448,13 +448,12 @@ def class_breakdown(answers: torch.Tensor, clone_pred: torch.Tensor, victim_top1
     test-set top-1 ``victim_top1`` and ``clone_pred``. A clone cannot learn a class its queries never elicit:
     low shares and low clone recall line up."""
     share = label_shares(answers)
-    victim_pred = victim_top1
     out = []
     for c in range(answers.shape[1]):
         mask = test_y == c
         n = int(mask.sum())
         out.append({"class": c, "answer_share": share[c].item(),
-                    "victim_recall": (victim_pred[mask] == c).double().mean().item() if n else math.nan,
+                    "victim_recall": (victim_top1[mask] == c).double().mean().item() if n else math.nan,
                     "clone_recall": (clone_pred[mask] == c).double().mean().item() if n else math.nan})
     return out
 
