@@ -10,7 +10,8 @@ worker dies (``max_retries``), and the object store for what the points share (t
   ``host:port`` (e.g. ``127.0.0.1:6379`` after ``ray start --head``), or "" (start a cluster of this machine on
   the spot and stop it at the end).
 - Each task gets ``num_cpus=cpus_per_point`` and sets torch's thread count to it, so a point computes with the
-  same threads wherever it runs (metrics equal the local executor's at equal thread counts).
+  same threads wherever it runs (metrics equal the local executor's at equal thread counts; the count is part of
+  the point's key, :func:`mlflow_project.sweep.run.threaded_key`).
 - Tracking: the task logs its nested run itself, to the tracking URI, experiment and parent run it is given
   (:func:`mlflow_project.sweep.run.run_point`). A file store or SQLite file is refused when more than one node
   is alive: each node would write its own file and the driver would never see the points of the others.
@@ -100,8 +101,8 @@ def run_in_order(jobs: Sequence[PointJob], submit: Callable[[PointJob], Any], wa
         raise
 
 
-def _point_task(job: PointJob, victim, shared, target: TrackingTarget, threads: int, evaluate_fn):
-    return run_point(job, victim, shared, target, threads=threads, evaluate_fn=evaluate_fn, in_worker=True)
+def _point_task(job: PointJob, victim, shared, target: TrackingTarget, evaluate_fn):
+    return run_point(job, victim, shared, target, evaluate_fn=evaluate_fn, in_worker=True)
 
 
 def run_jobs(jobs: Sequence[PointJob], victim, target: TrackingTarget, on_row: Callable[[PointJob, dict], None], *,
@@ -134,7 +135,7 @@ def run_jobs(jobs: Sequence[PointJob], victim, target: TrackingTarget, on_row: C
             if share and j.seed not in shared_refs:  # a seed's shared work starts with its first point
                 key = shared_key(victim_hash, preset, j.seed, cpus_per_point)
                 shared_refs[j.seed] = build.remote(victim_ref, preset, j.seed, key, cpus_per_point)
-            return task.remote(j, victim_ref, shared_refs.get(j.seed), target, cpus_per_point, evaluate_fn)
+            return task.remote(j, victim_ref, shared_refs.get(j.seed), target, evaluate_fn)
 
         def slots() -> int:
             return int(ray.cluster_resources().get("CPU", 0) // cpus_per_point)

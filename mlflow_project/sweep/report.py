@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlflow_project.sweep.plots import curve_name
-from mlflow_project.sweep.run import aggregate, read_points
+from mlflow_project.sweep.run import aggregate, preferred_rows, read_points
 from mlflow_project.sweep.select import (
     DEFAULT_MAX_L1,
     attacker_accuracy_at_drops,
@@ -73,7 +73,7 @@ def table(csv_path: str | Path, drops: Sequence[float] = DROPS, max_l1: float | 
     """The sweep's tables. ``max_l1``: the mean-L1 cap a point must respect to count in the drop columns and as
     the best point (default: the sweep's own cap from its selection.json, else the selection's default)."""
     csv_path = Path(csv_path)
-    per_seed = read_points(csv_path)
+    per_seed = preferred_rows(read_points(csv_path))
     if not per_seed:
         raise ValueError(f"{csv_path}: no points")
     points = [{**p, "curve": curve_name(p)} for p in aggregate(per_seed)]
@@ -142,8 +142,8 @@ def seed_table(points: Sequence[dict], per_seed: Sequence[dict] = ()) -> str:
     ``per_seed`` (the sweep's rows, one per point and seed) the difference from label_only paired by seed."""
     und = next((p for p in points if p["defense"] == "identity"), None)
     lab = next((p for p in points if p["defense"] == "label_only"), None)
-    lines = ["| point | seeds | strongest | soft | top-1 | defender (drop) | L1 | NLL | ECE | difference |",
-             "|---" * 10 + "|"]
+    lines = ["| point | seeds | threads | strongest | soft | top-1 | defender (drop) | L1 | NLL | ECE | difference |",
+             "|---" * 11 + "|"]
     for p in sorted(points, key=lambda q: _rank(q["defense"])):
         notes = "; ".join(n for n in (spread_note(p, und, "undefended"), spread_note(p, lab, "label_only"),
                                        paired_note(p, lab, per_seed, "label_only")) if n)
@@ -152,7 +152,8 @@ def seed_table(points: Sequence[dict], per_seed: Sequence[dict] = ()) -> str:
             v = p.get(k)
             return fmt.format(v) if isinstance(v, float) and math.isfinite(v) else "-"
 
-        lines.append(f"| {p['label']} | {int(p.get('n_seeds', 1) or 1)} | {_cell(p, 'attacker_accuracy_strongest')} | "
+        lines.append(f"| {p['label']} | {int(p.get('n_seeds', 1) or 1)} | {p.get('threads') or '-'} | "
+                     f"{_cell(p, 'attacker_accuracy_strongest')} | "
                      f"{_cell(p, 'attacker_accuracy_soft')} | {_cell(p, 'attacker_accuracy_top1')} | "
                      f"{100 * p['defender_accuracy']:.1f} ({p['accuracy_drop_points']:+.1f}) | "
                      f"{num('perturbation_l1_mean', '{:.2f}')} | {num('defender_nll')} | {num('defender_ece')} | "
@@ -160,8 +161,10 @@ def seed_table(points: Sequence[dict], per_seed: Sequence[dict] = ()) -> str:
     lines += ["", "Clone accuracies in %, mean over the point's seeds [min-max]; strongest = the better of the "
               "soft-label clone and its top-1 twin per seed. A difference is 'inside the seed spread' when the "
               "two min-max ranges overlap (the selection calls such a win noise). 'Paired by seed': the difference "
-              "seed by seed on the seeds both points share (same queries, same clone initialisation), with its "
-              "mean; information beside the range rule, not a test."]
+              "seed by seed on the seeds both points share (same queries, same clone initialisation) at the same "
+              "torch thread count, with its mean; information beside the range rule, not a test. Threads: the "
+              "torch thread counts the point's clones were trained at ('-': not recorded); a clone trained at "
+              "another count is another sample, not the same clone."]
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ Every grid point (a defense config, :func:`presets.defense_grid`) is one nested 
 run, evaluated with :func:`mlflow_project.lab.evaluate.evaluate` against the same victim (trained once, or reused
 from disk) and the same attacker queries (same query set and seed for every point). A point is identified by
 a stable hash of its full configuration (victim weights, dataset, attack, query set, budget, epochs, seeds,
-defense): a rerun looks the hash up among the FINISHED point runs of the same sweep and skips it, so an
+defense) and of the torch thread count its clones train at (a CPU training run reproduces only at the same count:
+:func:`threaded_key`): a rerun looks the hash up among the FINISHED point runs of the same sweep and skips it, so an
 interrupted sweep (exception, Ctrl-C, killed process) resumes where it stopped and a widened grid only runs
 the new points.
 
@@ -26,7 +27,8 @@ only the new (point, seed) pairs under the same parent. ``--multi-seed-points id
 restricts the extra seeds to those points (labels as in the CSV; the rest of the grid runs the first seed).
 
 Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every (point,
-seed) run, its metrics and run id), ``points_mean.csv`` (one row per point: the mean over its seeds and the
+seed) run, its metrics, run id and thread count, then the grid's points finished at other thread counts, status
+``other_threads``: :func:`preferred_rows`), ``points_mean.csv`` (one row per point: the mean over its seeds and the
 min/max of each attacker accuracy), ``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` (strongest
 attacker), ``attacker_soft_vs_l1.png``, ``attacker_top1_vs_l1.png`` and ``selection.json``. The selection
 (:func:`select.choose`, on the per-point means) picks, among points whose defender accuracy dropped by at most
@@ -62,13 +64,16 @@ from mlflow_project.lab.training import torch_threads
 from mlflow_project.sweep.presets import PRESETS, Preset, defense_grid, describe, get_preset
 from mlflow_project.sweep.select import (
     KIND_TAG,
+    MEASUREMENT_KEY_TAG,
     MISINFORMATION_TAG,
     POINT_KEY_TAG,
     RECOMMENDED_TAG,
     SWEEP_KEY_TAG,
+    THREADS_TAG,
     choose,
     sweep_child_runs,
     tag_recommended,
+    thread_count,
 )
 from mlflow_project.sweep.shared import NON_ADAPTIVE, SharedWork, build_shared, shared_key
 
@@ -85,9 +90,12 @@ SPREAD_COLUMNS = ("attacker_accuracy_soft", "attacker_accuracy_top1", "attacker_
                   "defender_accuracy")
 CSV_COLUMNS = ("label", "defense", "epsilon", "beta", "gamma", "decimals", "norm", *METRIC_COLUMNS,
                "accuracy_drop_points", "seconds", "status", "recommended", "point_key", "run_id", "defense_config",
-               "tau", "target", "seed", "k")
+               "tau", "target", "seed", "k", "threads")
 MEAN_CSV_COLUMNS = (*CSV_COLUMNS, "seeds", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max")))
+NUMERIC_COLUMNS = (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals", "tau",
+                   "k", "seed", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max")))
 PROTOCOL_VERSION = 2  # part of every key: points recorded before the attackers were a set are not reused
+OTHER_THREADS = "other_threads"  # a row's status: a finished point of the grid at another thread count (a stand-in)
 PARENT_KIND = "sweep"
 POINT_KIND = "sweep_point"
 EXECUTORS = ("local", "ray")
@@ -125,6 +133,7 @@ class SweepSpec:
     grid: list[dict[str, Any]]
     oracle: str = "local"
     misinformation_hash: str = ""  # weights of the misinformation model, for defenses that need one
+    threads: int = 1  # the torch thread count the points' clones are trained at (part of every point key)
 
     def context(self) -> dict[str, Any]:
         """What every point and seed of the sweep shares (the seed is a point's, see :meth:`point_key`)."""
@@ -140,12 +149,30 @@ class SweepSpec:
     def sweep_key(self) -> str:
         return stable_hash(self.context())
 
-    def point_key(self, defense: Mapping[str, Any], seed: int | None = None) -> str:
+    def measurement_key(self, defense: Mapping[str, Any], seed: int | None = None) -> str:
+        """What a point measures, however it is computed (the point key before the thread count was in it)."""
         seed = self.preset.seed if seed is None else seed
         ident = {**self.context(), "seed": seed, "defense": dict(defense)}
         if needs_misinformation(defense):  # other points keep the keys they always had
             ident["misinformation_weights"] = self.misinformation_hash
         return stable_hash(ident)
+
+    def point_key(self, defense: Mapping[str, Any], seed: int | None = None) -> str:
+        return threaded_key(self.measurement_key(defense, seed), self.threads)
+
+
+def threaded_key(measurement_key: str, threads: int) -> str:
+    """A point key: the point's measurement key and the torch thread count its clones were trained at.
+
+    A clone trained on the same answers from the same seed is bit-for-bit the same only at the same thread
+    count (measured 2026-12-03, paper protocol: label_only's clone at 1 thread scored 36.46 %, the undefended
+    point's top-1 twin, trained on the same labels at 2 threads, 38.37 %; at 1 thread both, the two agree to the
+    digit), so points computed at different counts are different measurements and a sweep reuses only its own
+    count's. Keys recorded before this (a measurement key alone) are brought over by
+    :mod:`mlflow_project.sweep.rekey`, given the count they were computed at."""
+    if int(threads) < 1:
+        raise ValueError(f"threads: a point's clones train at >= 1 torch thread; got {threads}")
+    return stable_hash({"measurement": measurement_key, "threads": int(threads)})
 
 
 def needs_misinformation(defense: Mapping[str, Any]) -> bool:
@@ -258,6 +285,14 @@ def _flat_row(defense: Mapping[str, Any], metrics: Mapping[str, float], **extra:
     return row
 
 
+def _reused_row(defense: Mapping[str, Any], seed: int, run, key: str, status: str = "reused") -> dict[str, Any]:
+    """The CSV row of a finished point run (this store's, or one imported into it)."""
+    threads = run.data.tags.get(THREADS_TAG, "")
+    return _flat_row(defense, run.data.metrics, status=status, point_key=key, seed=seed, run_id=run.info.run_id,
+                     seconds=run.data.metrics.get("seconds_total", math.nan),
+                     threads=int(threads) if threads.isdigit() else "")
+
+
 def _find_parent(client, experiment_id: str, sweep_key: str):
     flt = f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' AND tags.`{KIND_TAG}` = '{PARENT_KIND}'"
     runs = client.search_runs([experiment_id], filter_string=flt, max_results=1,
@@ -275,6 +310,37 @@ def finished_points(client, experiment_id: str, sweep_key: str) -> dict[str, Any
     return done
 
 
+def other_count_rows(done: Mapping[str, Any], spec: SweepSpec,
+                     todo: Sequence[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+    """Rows (status ``other_threads``) of the finished runs that measured a (point, seed) of ``todo`` at another
+    thread count than the sweep's: not reused (at the sweep's count that point is still to run), but reported
+    beside its points, so that changing the count loses no measurement from the CSV and a (point, seed) not yet
+    measured at the sweep's count is still represented (:func:`preferred_rows`)."""
+    order = {spec.measurement_key(d, s): i for i, (d, s) in enumerate(todo)}
+    found = []
+    for key, run in done.items():
+        tags = run.data.tags
+        threads = tags.get(THREADS_TAG, "")
+        if tags.get(MEASUREMENT_KEY_TAG) in order and threads != str(spec.threads):
+            found.append((order[tags[MEASUREMENT_KEY_TAG]], int(threads) if threads.isdigit() else 0, key, run))
+    return [_reused_row(*todo[i], run, key, status=OTHER_THREADS) for i, _, key, run in sorted(found)]
+
+
+def preferred_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One row per (point, seed): the sweep's own (any status but ``other_threads``) where there is one, else the
+    first other-count row. What the means, the selection and the paired differences are computed from; the rows'
+    ``threads`` column says which count each is at."""
+    own = {(r.get("defense_config"), r.get("seed")) for r in rows if r.get("status") != OTHER_THREADS}
+    out, seen = [], set()
+    for r in rows:
+        ident = (r.get("defense_config"), r.get("seed"))
+        if r.get("status") == OTHER_THREADS and (ident in own or ident in seen):
+            continue
+        seen.add(ident)
+        out.append(r)
+    return out
+
+
 @dataclass
 class PointJob:
     """One (defense, seed) point to evaluate: what a worker needs besides the victim and the shared work."""
@@ -286,6 +352,7 @@ class PointJob:
     label: str
     cfg: Any  # evaluate.EvalConfig
     tags: dict[str, str]
+    threads: int = 1  # torch threads the point runs at, wherever it runs (its key holds them)
 
 
 @dataclass(frozen=True)
@@ -297,19 +364,18 @@ class TrackingTarget:
     parent_run_id: str
 
 
-def run_point(job: PointJob, victim, shared: SharedWork | None, target: TrackingTarget, threads: int = 0,
+def run_point(job: PointJob, victim, shared: SharedWork | None, target: TrackingTarget,
               evaluate_fn: Callable | None = None, in_worker: bool = False) -> dict[str, Any]:
-    """Evaluate one point and log it as a nested run of the sweep's parent (created here, tagged
-    ``mlflow.parentRunId``, then entered with ``mlflow.start_run(run_id=...)``); return its CSV row. The same
-    function runs in the sweep's process (local executor) and in a Ray worker (``threads``: the task's CPUs).
-    Runs of the same point key left RUNNING by a dead worker or driver are marked FAILED first."""
+    """Evaluate one point at ``job.threads`` torch threads and log it as a nested run of the sweep's parent
+    (created here, tagged ``mlflow.parentRunId``, then entered with ``mlflow.start_run(run_id=...)``); return its
+    CSV row. The same function runs in the sweep's process (local executor) and in a Ray worker. Runs of the same
+    point key left RUNNING by a dead worker or driver are marked FAILED first."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from mlflow_project.lab.evaluate import evaluate, log_evaluation
 
-    if threads > 0:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(job.threads)
     if mlflow.get_tracking_uri() != target.uri:
         mlflow.set_tracking_uri(target.uri)
     client = MlflowClient(target.uri)
@@ -335,14 +401,26 @@ def run_point(job: PointJob, victim, shared: SharedWork | None, target: Tracking
         mlflow.log_param("defense_config", json.dumps(job.defense, sort_keys=True))
         mlflow.set_tags({KIND_TAG: POINT_KIND, "stealguard.label": job.label})
     return _flat_row(job.defense, result.metrics, status="new", point_key=job.key, run_id=child.info.run_id,
-                     seed=job.seed, seconds=result.seconds.get("total", math.nan))
+                     seed=job.seed, seconds=result.seconds.get("total", math.nan), threads=job.threads)
 
 
-def recorded_points(paths: Sequence[str | Path], keys: set[str]) -> dict[str, dict[str, Any]]:
-    """``{point_key: row}`` of the rows of the points.csv files ``paths`` whose point key is in ``keys`` (a
-    point key hashes the victim's weights, the attacker, the protocol, the defense and the seed, so a matching
-    row measured this very point); a later file's row wins. Rows of other sweeps are ignored."""
+def recorded_points(paths: Sequence[str | Path], measurements: set[str]) -> dict[str, dict[str, Any]]:
+    """``{point_key: row}`` of the rows of the points.csv files ``paths`` that measured one of ``measurements``
+    (measurement keys: :meth:`SweepSpec.measurement_key`) at the thread count in their ``threads`` column (a
+    point key hashes the victim's weights, the attacker, the protocol, the defense, the seed and the thread
+    count, so a matching row measured this very point at that count); each row gets its ``measurement_key``; a
+    later file's row wins. Rows of other sweeps are ignored."""
     out: dict[str, dict[str, Any]] = {}
+    at: dict[str, dict[str, str]] = {}  # thread count -> {point key at that count: measurement key}
+
+    def measured(row: Mapping[str, Any]) -> str | None:
+        t = thread_count(row)
+        if not t.isdigit() or int(t) < 1:
+            return None
+        if t not in at:
+            at[t] = {threaded_key(m, int(t)): m for m in measurements}
+        return at[t].get(row.get("point_key", ""))
+
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -350,12 +428,21 @@ def recorded_points(paths: Sequence[str | Path], keys: set[str]) -> dict[str, di
         rows = read_points(path)
         if rows and "point_key" not in rows[0]:
             raise ValueError(f"import_from: {path} has no point_key column; expected a sweep's points.csv")
-        matched = [row for row in rows if row.get("point_key") in keys and row.get("status") != "failed"]
-        for row in matched:
-            out[row["point_key"]] = {**row, "imported_from": str(path)}
-        if rows and not matched:
+        matched = [(row, m) for row in rows if row.get("status") != "failed" and (m := measured(row))]
+        for row, m in matched:
+            out[row["point_key"]] = {**row, "imported_from": str(path), "measurement_key": m}
+        legacy = sum(1 for row in rows if not str(row.get("threads", "")).strip())
+        if legacy:
+            print(legacy_rows_message(path, legacy), file=sys.stderr)
+        elif rows and not matched:
             print(import_mismatch_message(path, rows), file=sys.stderr)
     return out
+
+
+def legacy_rows_message(path: Path, n: int) -> str:
+    return (f"import_from: {n} rows of {path} have no thread count (recorded before it was part of the point key), "
+            f"so none of them can match a point of this sweep. If you know the torch thread count their clones "
+            f"were trained at, add it: python -m mlflow_project.sweep.rekey --threads N --csv {path}")
 
 
 def import_mismatch_message(path: Path, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -380,8 +467,10 @@ def import_point(client, experiment_id: str, parent_id: str, job: PointJob, row:
     from mlflow_project.lab.evaluate import DEFENSE_ARTIFACT
 
     now = int(time.time() * 1000)
+    # the row's own key and thread count (a row at another count than the sweep's is imported as what it is)
+    own = {POINT_KEY_TAG: row["point_key"], THREADS_TAG: thread_count(row)}
     run = client.create_run(experiment_id, run_name=f"{job.label} seed {job.seed} (imported)",
-                            tags={**job.tags, PARENT_TAG: parent_id})
+                            tags={**job.tags, **own, PARENT_TAG: parent_id})
     run_id = run.info.run_id
     metrics = {k: float(row[k]) for k in METRIC_COLUMNS if _is_number(row.get(k)) and math.isfinite(float(row[k]))}
     if _is_number(row.get("seconds")):
@@ -478,7 +567,10 @@ def run_sweep(
     configs = [dict(c) for c in (grid if grid is not None else defense_grid(preset))]
     if not configs:
         raise ValueError("grid: the sweep has no points; enable at least one defense")
-    spec = SweepSpec(preset=preset, victim_path=victim_path, victim_hash=weights_hash(vict.model), grid=configs)
+    # the thread count each point trains its clones at: a Ray task's CPUs, or this process's torch threads
+    threads = cpus_per_point if executor == "ray" else torch.get_num_threads()
+    spec = SweepSpec(preset=preset, victim_path=victim_path, victim_hash=weights_hash(vict.model), grid=configs,
+                     threads=threads)
     misinformation = ""
     if any(needs_misinformation(c) for c in configs):
         from mlflow_project.lab.oracles import load_misinformation
@@ -500,18 +592,19 @@ def run_sweep(
         for defense, seed in todo:
             run = done.get(spec.point_key(defense, seed))
             if run is not None:
-                rows.append(_flat_row(defense, run.data.metrics, status="reused", seed=seed,
-                                      point_key=spec.point_key(defense, seed), run_id=run.info.run_id,
-                                      seconds=run.data.metrics.get("seconds_total", math.nan)))
+                rows.append(_reused_row(defense, seed, run, spec.point_key(defense, seed)))
+        rows += other_count_rows(done, spec, todo)
         if not rows:
-            raise LookupError(f"report_only: sweep {sweep_key} has no finished point yet")
+            raise LookupError(f"report_only: sweep {sweep_key} has no finished point yet, at {threads} torch threads "
+                              f"or any other (points recorded before the thread count was part of the point key "
+                              f"are brought over by python -m mlflow_project.sweep.rekey)")
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent.info.run_id, rows, out_dir, preset,
                                          caps)
         return SweepResult(parent.info.run_id, sweep_key, rows, recommended, out_dir, artifacts, 0, len(rows),
                            time.perf_counter() - t_start)
     run_name = f"sweep-{preset.name}-{preset.attack}-{preset.queryset}-{preset.budget}"
     new = reused = imported = 0
-    recorded = recorded_points(import_from, {spec.point_key(d, s) for d, s in todo})
+    recorded = recorded_points(import_from, {spec.measurement_key(d, s) for d, s in todo})
     # under `mlflow run`: the run it created is the parent (finished points of this sweep are still reused)
     with tracking.start_or_resume(run_name, parent.info.run_id if parent else None) as parent_run:
         parent_id = parent_run.info.run_id
@@ -528,6 +621,7 @@ def run_sweep(
         done = finished_points(client, experiment_id, sweep_key)
         jobs: list[PointJob] = []
         slots: list[dict[str, Any] | None] = []
+        by_measurement: dict[str, PointJob] = {}
         for defense, seed in todo:
             key = spec.point_key(defense, seed)
             cfg = EvalConfig(dataset=preset.dataset, victim=victim_path, defense=defense, attack=preset.attack,
@@ -536,22 +630,26 @@ def run_sweep(
                              surrogate_seed=preset.surrogate_seed, attack_options=dict(preset.attack_options),
                              misinformation=misinformation if needs_misinformation(defense) else "")
             tags = {KIND_TAG: POINT_KIND, SWEEP_KEY_TAG: sweep_key, POINT_KEY_TAG: key,
+                    MEASUREMENT_KEY_TAG: spec.measurement_key(defense, seed), THREADS_TAG: str(threads),
                     "stealguard.defense": defense["name"], "stealguard.sweep_parent": parent_id}
             if needs_misinformation(defense):
                 tags[MISINFORMATION_TAG] = f"runs:/{parent_id}/{MISINFORMATION_ARTIFACT}"
-            job = PointJob(len(slots), dict(defense), seed, key, describe(defense), cfg, tags)
+            job = PointJob(len(slots), dict(defense), seed, key, describe(defense), cfg, tags, threads)
+            by_measurement[tags[MEASUREMENT_KEY_TAG]] = job
             if key not in done and key in recorded:
                 done[key] = import_point(client, experiment_id, parent_id, job, recorded[key])
                 imported += 1
             if key in done:
-                run = done[key]
-                slots.append(_flat_row(defense, run.data.metrics, status="reused", point_key=key, seed=seed,
-                                       run_id=run.info.run_id,
-                                       seconds=run.data.metrics.get("seconds_total", math.nan)))
+                slots.append(_reused_row(defense, seed, done[key], key))
                 reused += 1
                 continue
             jobs.append(job)
             slots.append(None)
+        for key, row in recorded.items():  # rows at another thread count: kept in the store, reported beside
+            if key not in done:
+                done[key] = import_point(client, experiment_id, parent_id, by_measurement[row["measurement_key"]],
+                                         row)
+                imported += 1
         target = TrackingTarget(mlflow.get_tracking_uri(), experiment_id, parent_id)
         share = share_queries and preset.attack in NON_ADAPTIVE and spec.oracle == "local"
         bar = tqdm(total=len(jobs), desc=f"sweep {preset.name}", unit="point", disable=not progress)
@@ -575,7 +673,7 @@ def run_sweep(
             if shared:
                 shared.save()
         new = len(jobs)
-        rows = [r for r in slots if r is not None]
+        rows = [r for r in slots if r is not None] + other_count_rows(done, spec, todo)
         bar.close()
 
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, caps)
@@ -618,10 +716,12 @@ def point_seeds(preset: Preset, configs: Sequence[Mapping[str, Any]]) -> list[tu
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per defense config (in first-seen order): metric means over its seeds, ``<metric>_min`` /
-    ``_max`` of the attacker and defender accuracies, ``seeds`` and ``n_seeds``; ``run_id`` and ``point_key``
+    ``_max`` of the attacker and defender accuracies (over :func:`preferred_rows`), ``seeds``, ``n_seeds`` and
+    ``threads`` (the distinct thread
+    counts of its rows, e.g. ``1`` or ``1,2``); ``run_id`` and ``point_key``
     are the first seed's (the run the selection tags)."""
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rows:
+    for r in preferred_rows(rows):
         groups.setdefault(r["defense_config"], []).append(r)
     out = []
     for mine in groups.values():
@@ -633,6 +733,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             vals = [float(r[k]) for r in mine if _is_number(r.get(k))]
             row[f"{k}_min"], row[f"{k}_max"] = (min(vals), max(vals)) if vals else (math.nan, math.nan)
         row["seeds"] = ",".join(str(int(float(r["seed"]))) if _is_number(r.get("seed")) else "" for r in mine)
+        row["threads"] = ",".join(sorted({thread_count(r) for r in mine} - {""}, key=int))
         row["n_seeds"] = len(mine)
         row["seed"] = ""
         out.append(row)
@@ -643,7 +744,8 @@ def _finish(client, experiment_id: str, sweep_key: str, parent_id: str, rows: li
             preset: Preset, caps: tuple[float, float]) -> tuple[dict[str, Any] | None, dict[str, Path]]:
     """Select (on the per-point means) and tag the recommended point, write the outputs, log them to the parent."""
     means = aggregate(rows)
-    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, means, caps, per_seed=rows)
+    recommended = select_and_tag(client, experiment_id, sweep_key, parent_id, means, caps,
+                                 per_seed=preferred_rows(rows))
     for r in (*rows, *means):
         r["recommended"] = r["run_id"] == (recommended or {}).get("run_id")
     artifacts = write_outputs(rows, out_dir, preset, recommended, caps, means)
@@ -717,13 +819,18 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: Path, preset: Pres
     return out
 
 
-def read_points(csv_path: str | Path) -> list[dict[str, Any]]:
-    """A sweep's points.csv back as dicts, numbers parsed (for tables such as RESULTS.md's)."""
+def write_points_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """A points.csv with today's columns (``rows`` as :func:`read_points` gives them, or a sweep's rows)."""
+    return _write_csv(Path(path), rows, CSV_COLUMNS)
+
+
+def read_points(csv_path: str | Path, numbers: bool = True) -> list[dict[str, Any]]:
+    """A sweep's points.csv back as dicts, numbers parsed (for tables such as RESULTS.md's) unless ``numbers``
+    is false (the text as written, e.g. to rewrite the file)."""
     rows = []
     with Path(csv_path).open() as f:
         for r in csv.DictReader(f):
-            for k in (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon", "beta", "gamma", "decimals",
-                      "tau", "k", "seed", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max"))):
+            for k in NUMERIC_COLUMNS if numbers else ():
                 if r.get(k) not in (None, ""):
                     r[k] = float(r[k])
             rows.append(r)

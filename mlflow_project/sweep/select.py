@@ -34,6 +34,8 @@ from typing import Any
 RECOMMENDED_TAG = "stealguard.recommended"
 SWEEP_KEY_TAG = "stealguard.sweep_key"
 POINT_KEY_TAG = "stealguard.point_key"
+MEASUREMENT_KEY_TAG = "stealguard.measurement_key"  # the point key without the thread count (run.threaded_key)
+THREADS_TAG = "stealguard.threads"  # the torch thread count a point's clones were trained at
 KIND_TAG = "stealguard.kind"
 MISINFORMATION_TAG = "stealguard.misinformation_uri"  # an AM point: runs:/<sweep parent>/misinformation
 RECOMMENDED_RUN_TAG = "stealguard.recommended_run_id"
@@ -103,12 +105,21 @@ def inside_spread(candidate: Mapping[str, Any], floor: Mapping[str, Any]) -> boo
 L1_TOLERANCE = 1e-6
 
 
-def by_seed(per_seed: Iterable[Mapping[str, Any]], defense_config: str) -> dict[int, float]:
-    """``{seed: strongest-attacker accuracy}`` of one point (its ``defense_config``) in a sweep's per-seed rows."""
-    out: dict[int, float] = {}
+def thread_count(row: Mapping[str, Any]) -> str:
+    """A row's torch thread count as text (``""`` for a row recorded before points carried it)."""
+    v = row.get("threads")
+    if isinstance(v, float) and math.isfinite(v):
+        return str(int(v))
+    return str(v).strip() if v not in (None, "") else ""
+
+
+def by_seed(per_seed: Iterable[Mapping[str, Any]], defense_config: str) -> dict[int, tuple[float, str]]:
+    """``{seed: (strongest-attacker accuracy, thread count)}`` of one point (its ``defense_config``) in a
+    sweep's per-seed rows."""
+    out: dict[int, tuple[float, str]] = {}
     for r in per_seed:
         if r.get("defense_config") == defense_config and isinstance(r.get("seed"), (int, float)):
-            out[int(r["seed"])] = strongest(r)
+            out[int(r["seed"])] = (strongest(r), thread_count(r))
     return out
 
 
@@ -117,18 +128,23 @@ def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
     """``p`` minus ``ref`` seed by seed, on the seeds both were measured with (at least 2), in points, and on how
     many of those seeds ``p`` is lower. A seed fixes the attacker's queries and its clones' initialisation, so a
     paired difference removes the seed's own effect that a min-max range comparison keeps. Information only:
-    the selection still calls a win inside the seed spread noise (with 3 seeds no paired test is conclusive)."""
+    the selection still calls a win inside the seed spread noise (with 3 seeds no paired test is conclusive).
+    A seed is paired only at the same torch thread count: at another count the clones train differently
+    (:func:`mlflow_project.sweep.run.threaded_key`), and the note says which seeds that left out."""
     if not per_seed or ref is None or ref is p or "defense_config" not in p or "defense_config" not in ref:
         return ""
     mine, theirs = by_seed(per_seed, p["defense_config"]), by_seed(per_seed, ref["defense_config"])
-    shared = sorted(set(mine) & set(theirs))
+    both = sorted(set(mine) & set(theirs))
+    shared = [s for s in both if mine[s][1] == theirs[s][1]]
+    apart = [f"seed {s} at {mine[s][1] or '?'} vs {theirs[s][1] or '?'} threads" for s in both if s not in shared]
+    left_out = f"; not paired: {', '.join(apart)}" if apart else ""
     if len(shared) < 2:
-        return ""
-    diffs = [100 * (mine[s] - theirs[s]) for s in shared]
+        return f"paired by seed vs {name}: too few seeds at one thread count{left_out}" if apart else ""
+    diffs = [100 * (mine[s][0] - theirs[s][0]) for s in shared]
     lower = sum(d < 0 for d in diffs)
     return (f"paired by seed vs {name}: {sum(diffs) / len(diffs):+.1f} ("
             + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, shared))}; lower on "
-            f"{lower} of {len(shared)})")
+            f"{lower} of {len(shared)}{left_out})")
 
 
 def within_caps(point: Mapping[str, Any], max_drop: float, max_l1: float) -> bool:

@@ -331,8 +331,15 @@ def test_point_identity_is_stable_and_covers_the_whole_config():
     assert spec.point_key(d) == same.point_key(dict(reversed(list(d.items()))))
     assert len({spec.point_key(d), other_victim.point_key(d), other_budget.point_key(d),
                 spec.point_key({**d, "epsilon": 0.6})}) == 4
-    assert spec.point_key(d) == sw.stable_hash({**spec.context(), "seed": preset.seed, "defense": d})
+    # the measurement key is the point key of before the thread count (what rekey relies on) ...
+    assert spec.measurement_key(d) == sw.stable_hash({**spec.context(), "seed": preset.seed, "defense": d})
+    assert spec.point_key(d) == sw.threaded_key(spec.measurement_key(d), 1) != spec.measurement_key(d)
+    # ... and the thread count is the point's, like the seed: the sweep key does not hold it
+    at2 = sw.SweepSpec(preset=preset, victim_path="v", victim_hash="abc", grid=[], threads=2)
+    assert at2.point_key(d) != spec.point_key(d) and at2.sweep_key == spec.sweep_key
     assert spec.point_key(d, seed=1) != spec.point_key(d, seed=0) and "seed" not in spec.context()
+    with pytest.raises(ValueError, match="threads"):
+        sw.threaded_key(spec.measurement_key(d), 0)
 
 
 def test_presets_follow_the_paper_gammas_and_validate():
