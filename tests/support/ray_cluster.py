@@ -28,6 +28,29 @@ from tests.support.torchserve import free_port
 RAY = Path(sys.executable).with_name("ray")
 
 
+WORKER_PORTS = 200  # the size of the head's worker port range
+
+
+def distinct_ports(n: int, taken: set[int]) -> list[int]:
+    """``n`` free ports, none in ``taken`` and no two the same."""
+    out: list[int] = []
+    while len(out) < n:
+        port = free_port()
+        if port not in taken and port not in out:
+            out.append(port)
+    return out
+
+
+def worker_range_start(size: int, taken: set[int]) -> int:
+    """A free port ``p`` such that ``[p, p + size]`` holds none of ``taken``: Ray refuses to start when its
+    worker range contains a port given to another component (a CI run, 2026-12-03, drew a dashboard-agent port
+    inside the range; the ports were picked independently)."""
+    while True:
+        low = free_port()
+        if low + size <= 65535 and not any(low <= p <= low + size for p in taken):
+            return low
+
+
 class RayHead:
     def __init__(self, num_cpus: int = 2, object_store_mb: int = 300) -> None:
         self.num_cpus = num_cpus
@@ -61,17 +84,18 @@ class RayHead:
             raise
 
     def _start(self, timeout: float) -> RayHead:
-        self.client_port = free_port()
-        worker_low = free_port()
+        flags = ("--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--dashboard-port")
+        ports = distinct_ports(len(flags), taken={self.port})
+        self.client_port = ports[0]
+        worker_low = worker_range_start(WORKER_PORTS, taken={self.port, *ports})
         cmd = [
             str(RAY), "start", "--head", "--block", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
             "--num-cpus", str(self.num_cpus), "--include-dashboard=false", "--disable-usage-stats",
             "--temp-dir", str(self.temp_dir), "--object-store-memory", str(self.object_store_mb << 20),
-            "--ray-client-server-port", str(self.client_port), "--node-manager-port", str(free_port()),
-            "--object-manager-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--dashboard-port", str(free_port()),
-            "--min-worker-port", str(worker_low), "--max-worker-port", str(worker_low + 200),
+            *(x for flag, port in zip(flags, ports, strict=True) for x in (flag, str(port))),
+            "--min-worker-port", str(worker_low), "--max-worker-port", str(worker_low + WORKER_PORTS),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
