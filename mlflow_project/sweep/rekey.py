@@ -23,13 +23,13 @@ another for a store whose points were computed at different counts (``--runs`` f
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_project.cli import integer
-from mlflow_project.sweep.run import POINT_KIND, read_points, threaded_key, write_points_csv
-from mlflow_project.sweep.select import KIND_TAG, MEASUREMENT_KEY_TAG, POINT_KEY_TAG, SWEEP_KEY_TAG, THREADS_TAG
+from mlflow_project.sweep.run import read_points, threaded_key, write_points_csv
+from mlflow_project.sweep.select import MEASUREMENT_KEY_TAG, POINT_KEY_TAG, THREADS_TAG, sweep_child_runs
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,9 @@ def rekey_store(client, threads: int, runs: Sequence[str] = (), sweep_key: str =
     """Rekey the store's old-key sweep point runs (see the module doc); return what was (or would be) changed."""
     from mlflow.entities import ViewType
 
-    flt = f"tags.`{KIND_TAG}` = '{POINT_KIND}'"
-    if sweep_key:
-        flt += f" AND tags.`{SWEEP_KEY_TAG}` = '{sweep_key}'"
     done = []
     for exp in client.search_experiments(view_type=ViewType.ALL):
-        for run in _all_runs(client, exp.experiment_id, flt):
+        for run in sweep_child_runs(client, exp.experiment_id, sweep_key):
             tags = run.data.tags
             if THREADS_TAG in tags or POINT_KEY_TAG not in tags or not _selected(run.info.run_id, runs):
                 continue
@@ -72,16 +69,6 @@ def rekey_store(client, threads: int, runs: Sequence[str] = (), sweep_key: str =
                 client.set_tag(run.info.run_id, POINT_KEY_TAG, item.new_key)
             done.append(item)
     return done
-
-
-def _all_runs(client, experiment_id: str, flt: str) -> Iterable:
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=flt, max_results=1000, page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def rekey_csv(path: str | Path, threads: int, runs: Sequence[str] = (), dry_run: bool = False) -> list[Rekeyed]:

@@ -431,7 +431,7 @@ def recorded_points(paths: Sequence[str | Path], measurements: set[str]) -> dict
         matched = [(row, m) for row in rows if row.get("status") != "failed" and (m := measured(row))]
         for row, m in matched:
             out[row["point_key"]] = {**row, "imported_from": str(path), "measurement_key": m}
-        legacy = sum(1 for row in rows if not str(row.get("threads", "")).strip())
+        legacy = sum(1 for row in rows if not thread_count(row))
         if legacy:
             print(legacy_rows_message(path, legacy), file=sys.stderr)
         elif rows and not matched:

@@ -245,8 +245,11 @@ def attacker_accuracy_at_drops(points: Iterable[Mapping[str, Any]], drops: Seque
 
 
 def sweep_child_runs(client, experiment_id: str, sweep_key: str, finished_only: bool = False) -> list:
-    """Every child (point) run of the sweep ``sweep_key``, oldest first."""
-    flt = f"tags.`{SWEEP_KEY_TAG}` = '{sweep_key}' AND tags.`{KIND_TAG}` = 'sweep_point'"
+    """Every child (point) run of the sweep ``sweep_key`` (of every sweep of the experiment if ``""``), oldest
+    first."""
+    flt = f"tags.`{KIND_TAG}` = 'sweep_point'"
+    if sweep_key:
+        flt += f" AND tags.`{SWEEP_KEY_TAG}` = '{sweep_key}'"
     if finished_only:
         flt += " AND attributes.status = 'FINISHED'"
     runs = []
