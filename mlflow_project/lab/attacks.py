@@ -232,7 +232,32 @@ def jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: 
     if cfg.base == "jbtop3" and cfg.jb_top3_all:
         return torch.cat([_jacobian_step(model, x, labels, cfg, round_, gen, batch_size, rank=r)
                           for r in range(_top3_targets(_num_classes(model, x)))])
+    if cfg.jb_release_augmentation:
+        return release_augmentation(model, x, labels, cfg, round_, batch_size)[0]
     return _jacobian_step(model, x, labels, cfg, round_, gen, batch_size)
+
+
+def release_augmentation(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, round_: int,
+                         batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of jbda / jbself as the authors' release runs them (see :func:`_release_step`): ``(queries,
+    rows)``, what the release sends to the oracle and what it writes into its transfer set beside the answers.
+
+    For jbda both are ``x + step``. For jbself the query is ``x - step`` but the row written is ``x + step``: the
+    release's loop stores ``X + delta_i`` for either strategy, so a JB-self clone trains on the mirror images of
+    what was asked, and the stored rows stay in [0, 1] (normalised units). Re-augmenting the queries instead (this
+    lab until session 12) at least doubles a negative input every round (the clip makes step >= -x, so
+    x - step <= 2x): a Fashion-MNIST background pixel (-0.81) reaches -0.81 * 2**9 ~ -415 in the 9 rounds of a
+    50,000 budget, and that JB-self clone collapsed to one class (10.0 %, seed 0)."""
+    model.eval()
+    queries, rows = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].clone().requires_grad_(True)
+        logp = torch.log_softmax(model(xb), dim=1)
+        step = _release_step(xb, logp, labels[i : i + batch_size], cfg, round_)
+        base = xb.detach()
+        rows.append(base + step)
+        queries.append(base + step if cfg.base == "jbda" else base - step)
+    return torch.cat(queries), torch.cat(rows)
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -248,9 +273,6 @@ def _jacobian_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg:
         xb = x[i : i + batch_size].clone().requires_grad_(True)
         cb = labels[i : i + batch_size]
         logp = torch.log_softmax(model(xb), dim=1)
-        if cfg.jb_release_augmentation:
-            new.append(_release_step(xb, logp, cb, cfg, round_))
-            continue
         if cfg.base == "jbtop3":
             ranked = logp.detach().clone()
             ranked.scatter_(1, cb.unsqueeze(1), float("-inf"))
@@ -285,13 +307,15 @@ def _release_step(xb: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor, cf
       flipped when ``round(round_ / jb_tau)`` is odd, for jbself too;
     - that step is clipped so that ``x + step`` lies in [0, 1] *in normalised units* (the release's clamp for
       pixels, applied after normalisation): a background pixel of Fashion-MNIST (-0.81 normalised) jumps to 0;
-    - jbda queries ``x + step``, jbself ``x - step`` (with the step clipped for ``x + step``).
+    - jbda queries ``x + step``, jbself ``x - step`` (with the step clipped for ``x + step``); both write
+      ``x + step`` into the transfer set (:func:`release_augmentation`).
+
+    Returns the clipped step.
     """
     (grad,) = torch.autograd.grad(-logp.gather(1, labels.unsqueeze(1)).sum(), xb)
     x = xb.detach()
     step = (-1.0) ** round(round_ / cfg.jb_tau) * (cfg.jb_step / cfg.pixel_std) * grad.sign()
-    step = torch.minimum(torch.maximum(step, -x), 1.0 - x)
-    return x + step if cfg.base == "jbda" else x - step
+    return torch.minimum(torch.maximum(step, -x), 1.0 - x)
 
 
 def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
@@ -322,8 +346,9 @@ def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> At
             # the release augments the first rows (all of them until the budget truncates) and writes the new rows
             # over the ones they came from, then appends them again: the set becomes [A', rest, A'] (its
             # TensorDataset aliases D with the augmented part), and the originals are gone
-            x_new = jacobian_step(substitute, x[:take], labels[:take], cfg, round_, gen)
-            y_new = query_in_batches(oracle, x_new, cfg.query_batch_size, False, "")
+            # (jbself: the rows written are the mirror images x + step of the queries x - step)
+            queries, x_new = release_augmentation(substitute, x[:take], labels[:take], cfg, round_)
+            y_new = query_in_batches(oracle, queries, cfg.query_batch_size, False, "")
             x, y = x.clone(), y.clone()
             x[:take], y[:take] = x_new, y_new
             x, y = torch.cat([x, x_new]), torch.cat([y, y_new])

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from mlflow_project.lab import data
-from mlflow_project.lab.attacks import ATTACKS, AttackConfig, jacobian_step, run_attack, train_top1_twin
+from mlflow_project.lab.attacks import (
+    ATTACKS,
+    AttackConfig,
+    jacobian_step,
+    release_augmentation,
+    run_attack,
+    train_top1_twin,
+)
 from mlflow_project.lab.models import build_model
 from mlflow_project.lab.oracles import ArgmaxOracle, BudgetExceeded, LocalOracle, build_victim_defense
 from mlflow_project.lab.training import accuracy, train_classifier
@@ -183,8 +190,12 @@ def test_release_augmentation_steps_away_from_the_label_and_clips_in_normalised_
     assert torch.allclose(jacobian_step(model, x, c, release, 3, gen)[inside] - x[inside], -(away - x)[inside],
                           atol=1e-6)
     assert torch.equal(jacobian_step(model, x, c, release, 8, gen), away)
-    selfish = jacobian_step(model, x, c, tiny("jbself", 10, spec, jb_release_augmentation=True), 0, gen)
-    assert torch.allclose(selfish, x - (away - x))
+    selfish = tiny("jbself", 10, spec, jb_release_augmentation=True)
+    assert torch.allclose(jacobian_step(model, x, c, selfish, 0, gen), x - (away - x))
+    # ... but the row the release writes beside that query's answer is x + step, jbda's row
+    queries, rows = release_augmentation(model, x, c, selfish, 0)
+    assert torch.allclose(queries, x - (away - x)) and torch.equal(rows, away)
+    assert torch.equal(release_augmentation(model, x, c, release, 0)[0], away)
     with pytest.raises(ValueError, match="jb_release_augmentation: applies to jbda and jbself"):
         tiny("jbtop3", 10, spec, jb_release_augmentation=True)
 
@@ -200,6 +211,32 @@ def test_release_augmentation_overwrites_the_rows_it_augments_and_appends_them_a
     # and none of the 20 seed images survives as it was (every round rewrote them)
     seeds = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:20]]
     assert not any(torch.equal(s, row) for s in seeds for row in x)
+
+
+def test_release_jbself_trains_on_the_mirror_rows_and_stays_in_range(digits_victim, pool):
+    """The release's JB-self asks x - step and keeps x + step: its transfer set stays in [0, 1] (normalised) over
+    every round while its queries stay in [-1, 2]. Keeping the queries instead (as this lab did until session 12)
+    at least doubles a dark pixel's distance each round, and the clone collapsed to one class."""
+    asked = []
+
+    class Recording(LocalOracle):
+        def _answer(self, x):
+            asked.append(x.clone())
+            return super()._answer(x)
+
+    oracle = Recording(digits_victim.model, budget=1000)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim),
+                     tiny("jbself", 150, digits_victim.spec, jb_release_augmentation=True), progress=False)
+    x, q = res.transfer_x, torch.cat(asked)
+    assert len(q) == res.queries == 150 and [h["transfer_size"] for h in res.history] == [40, 80, 150]
+    assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+    # rows 0-20 are the seed images as they are, 20-40 their mirrors (x - step in [2x - 1, 2x]); from round 1 on
+    # every query mirrors a row in [0, 1]
+    seeds, later = q[:20], q[40:]
+    assert torch.all(q[20:40] >= 2 * seeds - 1 - 1e-5) and torch.all(q[20:40] <= 2 * seeds + 1e-5)
+    assert later.min() >= -1 - 1e-6 and later.max() <= 2 + 1e-6 and later.min() < -1e-3
+    # the last round's rows [80:150] are the mirror images of its 70 queries about the rows they came from
+    assert not torch.equal(x[80:], q[80:])
 
 
 def test_attacks_are_reproducible(digits_victim, pool):
