@@ -301,22 +301,8 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     else:
         tilde = HTTPOracle(cfg.url, None, send=cfg.http_send, mean=spec.mean, std=spec.std)(test_x).double()
         deviation = None
-    per_row = measures(probs, tilde.to(probs.dtype))
     victim_top1 = probs.argmax(1)
-    if monitor is None:
-        blocked = torch.zeros(len(test_y), dtype=torch.bool)
-    metrics: dict[str, float] = {
-        "victim_accuracy": (victim_top1 == test_y).double().mean().item(),
-        "defender_accuracy": ((tilde.argmax(1) == test_y) & ~blocked).double().mean().item(),
-        "perturbation_l1_mean": per_row["l1"].mean().item(),
-        "perturbation_l1_max": per_row["l1"].max().item(),
-        "kl_mean": per_row["kl"].mean().item(),
-        "top1_flip_rate": per_row["top1_flip"].mean().item(),
-        "defender_nll": negative_log_likelihood(tilde, test_y),
-        "defender_ece": expected_calibration_error(tilde, test_y),
-        "victim_nll": negative_log_likelihood(probs, test_y),
-        "victim_ece": expected_calibration_error(probs, test_y),
-    }
+    metrics, per_row = defender_metrics(probs, tilde, test_y, blocked if monitor is not None else None)
     if deviation is not None:
         metrics["angular_deviation_mean"] = deviation.double().mean().item()
     seconds["defender"] = time.perf_counter() - t0
@@ -358,6 +344,28 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     strongest = res.clone if best == "soft" else res.top1_clone
     per_class = class_breakdown(res.transfer_y, preds[best], victim_top1, test_y) if len(res.transfer_x) else []
     return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class)
+
+
+def defender_metrics(probs: torch.Tensor, tilde: torch.Tensor, test_y: torch.Tensor,
+                     blocked: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The defender's side on the test set: the undefended ``probs`` against the returned ``tilde`` (rows
+    ``blocked`` by a monitor count as wrong). Returns (metrics, per-row measures)."""
+    per_row = measures(probs, tilde.to(probs.dtype))
+    if blocked is None:
+        blocked = torch.zeros(len(test_y), dtype=torch.bool)
+    metrics = {
+        "victim_accuracy": (probs.argmax(1) == test_y).double().mean().item(),
+        "defender_accuracy": ((tilde.argmax(1) == test_y) & ~blocked).double().mean().item(),
+        "perturbation_l1_mean": per_row["l1"].mean().item(),
+        "perturbation_l1_max": per_row["l1"].max().item(),
+        "kl_mean": per_row["kl"].mean().item(),
+        "top1_flip_rate": per_row["top1_flip"].mean().item(),
+        "defender_nll": negative_log_likelihood(tilde, test_y),
+        "defender_ece": expected_calibration_error(tilde, test_y),
+        "victim_nll": negative_log_likelihood(probs, test_y),
+        "victim_ece": expected_calibration_error(probs, test_y),
+    }
+    return metrics, per_row
 
 
 def monitor_metrics(oracle: MonitoredOracle, benign_flagged: set[str]) -> dict[str, float]:

@@ -1,0 +1,158 @@
+"""Screen defense configs before sweeping them: what each costs benign users and how many of a Knockoff
+attacker's answers it flips, without training a clone (seconds per config; a paper-protocol point is 30-60 min).
+
+    python -m mlflow_project.lab.screen --queryset handwriting --gate-taus 0.5,0.58,0.7,0.9 \\
+        --defense '{"name": "ood_gated", "tau": 0.58, "inside": {"name": "mad_argmax", "epsilon": 1},
+                    "outside": {"name": "mad", "epsilon": 1}}' --defense label_only
+
+Per config, on the victim's test set: the defender's accuracy and its drop (points), the mean L1 perturbation,
+the share of benign answers whose top-1 moved, calibration; on the attacker's queries (Knockoff's draw for
+``--seed``, exactly the rows a sweep point at that seed asks): the share of answers whose top-1 moved and their
+mean L1; and whether the config is within the selection's caps (``--max-drop``, ``--max-l1``).
+
+Why the attacker-side flip rate is the figure to screen on: a defense that keeps the top-1 of every answer hands
+the top-1 attacker exactly label_only's labels, so its top-1 twin is label_only's clone (same queries, same
+initialisation) and its strongest attacker is at least label_only's on every seed: it cannot pass the
+selection, whatever its soft clone does (RESULTS.md, "Paper protocol on the session-7 victim"). The row says so
+(``bound``). Only flips move the top-1 clone, and the benign drop is what they cost where the test set has rows
+the defense flips.
+
+``--gate-taus``: for the max-probability gate (adaptive_misinformation's and ood_gated's, ``max p < tau``), the
+share of test rows, of correctly answered test rows and of the attacker's queries it fires on. The correct
+share bounds the drop of any composition that flips every gated row (MAD at l1 1 does, on this victim).
+
+The victim is the paper preset's unless ``--victim`` names one; defenses that need a misinformation model get
+the sweep's (trained once and cached beside the victim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlflow_project.cli import integer
+from mlflow_project.lab import data
+from mlflow_project.lab.attacks import AttackConfig, knockoff_queries
+from mlflow_project.lab.evaluate import defender_metrics, parse_defense
+from mlflow_project.lab.oracles import build_victim_defense
+from mlflow_project.lab.training import predict_probs
+
+
+def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: torch.Tensor,
+               taus: Sequence[float]) -> list[dict[str, float]]:
+    """Per tau: the shares of test rows, correctly answered test rows (of all test rows) and attacker queries
+    whose undefended max probability is below tau."""
+    out = []
+    conf_t, conf_q = probs_test.max(1).values, probs_queries.max(1).values
+    correct = probs_test.argmax(1) == test_y
+    for tau in taus:
+        gated = conf_t < tau
+        out.append({"tau": float(tau), "test": gated.double().mean().item(),
+                    "test_correct": (gated & correct).double().mean().item(),
+                    "queries": (conf_q < tau).double().mean().item()})
+    return out
+
+
+def screen_config(victim, config: Mapping[str, Any], test_x: torch.Tensor, test_y: torch.Tensor,
+                  probs_test: torch.Tensor, queries: torch.Tensor, probs_queries: torch.Tensor,
+                  max_drop: float, max_l1: float, misinformation: Path | None = None) -> dict[str, Any]:
+    from mlflow_project.sweep.presets import describe
+    from mlflow_project.sweep.select import accuracy_drop_points, within_caps
+
+    defense = build_victim_defense(victim.model, config, victim.spec.num_classes, misinformation=misinformation)
+    tilde = defense(probs_test, test_x).probs
+    metrics, _ = defender_metrics(probs_test, tilde, test_y)
+    answers = defense(probs_queries, queries).probs.to(probs_queries.dtype)
+    query_flips = (answers.argmax(1) != probs_queries.argmax(1)).double().mean().item()
+    row = {"label": describe(dict(config)), "defense_config": json.dumps(dict(config), sort_keys=True), **metrics,
+           "accuracy_drop_points": accuracy_drop_points(metrics),
+           "query_top1_flip_rate": query_flips,
+           "query_l1_mean": (answers - probs_queries).abs().sum(1).mean().item(),
+           "queries": len(queries)}
+    row["within_caps"] = within_caps(row, max_drop, max_l1)
+    row["bound"] = "strongest >= label_only (no query flips)" if query_flips == 0.0 else ""
+    return row
+
+
+def screen(victim, configs: Sequence[Mapping[str, Any]], queryset: str, budget: int, seed: int,
+           taus: Sequence[float] = (), max_drop: float = 1.0, max_l1: float = 1.0,
+           misinformation: Path | None = None) -> dict[str, Any]:
+    """Screen ``configs`` on ``victim``: {"rows": one per config, "gate": gate_rates, "queries": n}."""
+    spec = victim.spec
+    test_x, test_y = data.load_raw(spec.dataset, "test")
+    test_x = data.adapt(test_x, spec)
+    pool = data.query_set(queryset, spec, victim_dataset=spec.dataset)
+    queries = knockoff_queries(pool, AttackConfig(name="knockoff", budget=budget, seed=seed))
+    probs_test, probs_queries = predict_probs(victim.model, test_x), predict_probs(victim.model, queries)
+    rows = [screen_config(victim, c, test_x, test_y, probs_test, queries, probs_queries, max_drop, max_l1,
+                          misinformation) for c in configs]
+    return {"rows": rows, "gate": gate_rates(probs_test, test_y, probs_queries, taus), "queries": len(queries),
+            "victim_accuracy": (probs_test.argmax(1) == test_y).double().mean().item()}
+
+
+def table(result: Mapping[str, Any]) -> str:
+    lines = []
+    if result["gate"]:
+        lines += ["gate max p < tau fires on:   tau     test  test, correct  attacker queries"]
+        lines += [f"{'':29s}{g['tau']:5.3g}  {100 * g['test']:6.2f}%  {100 * g['test_correct']:12.2f}%  "
+                  f"{100 * g['queries']:15.2f}%" for g in result["gate"]]
+        lines.append("")
+    lines.append(f"victim accuracy {100 * result['victim_accuracy']:.2f}%, {result['queries']} attacker queries")
+    head = f"{'defense':70s} {'drop':>6s} {'L1':>6s} {'flips':>7s} {'q flips':>8s} {'q L1':>6s} {'NLL':>6s}  caps"
+    lines.append(head)
+    for r in result["rows"]:
+        lines.append(f"{r['label'][:70]:70s} {r['accuracy_drop_points']:6.2f} {r['perturbation_l1_mean']:6.3f} "
+                     f"{100 * r['top1_flip_rate']:6.2f}% {100 * r['query_top1_flip_rate']:7.2f}% "
+                     f"{r['query_l1_mean']:6.3f} {r['defender_nll']:6.3f}  "
+                     f"{'within' if r['within_caps'] else 'outside'}{'; ' + r['bound'] if r['bound'] else ''}")
+    return "\n".join(lines)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: comma-separated numbers, e.g. 0.5,0.7,0.9; got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from mlflow_project.sweep.presets import get_preset
+    from mlflow_project.sweep.run import needs_misinformation, resolve_misinformation, resolve_victim
+
+    p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.screen", description=__doc__.split("\n")[0])
+    p.add_argument("--victim", default="", help="export directory or model URI (default: the paper preset's victim)")
+    p.add_argument("--defense", action="append", default=[],
+                   help="a defense config (inline JSON, a .json/.yaml file or a bare name); repeat for more")
+    p.add_argument("--queryset", default="handwriting", help=f"the attacker's pool, of {', '.join(data.QUERYSETS)}")
+    p.add_argument("--budget", type=integer, default=0, help="attacker queries (default: the paper preset's)")
+    p.add_argument("--seed", type=integer, default=0, help="the Knockoff draw (a sweep point's seed)")
+    p.add_argument("--gate-taus", default="", help="comma-separated taus of the max-probability gate to report")
+    p.add_argument("--max-drop", type=float, default=1.0, help="the selection's cap on the drop, points")
+    p.add_argument("--max-l1", type=float, default=1.0, help="the selection's cap on the mean L1")
+    p.add_argument("--out", default="", help="also write the result as JSON to this path")
+    a = p.parse_args(argv)
+    data.check_queryset(a.queryset)
+    taus = _floats(a.gate_taus, "gate-taus")
+    configs = [parse_defense(d) for d in a.defense]
+    if not configs and not taus:
+        p.error("nothing to screen: give --defense (repeatable) and/or --gate-taus")
+    preset = get_preset("paper")
+    victim, path = resolve_victim(preset, a.victim, progress=False)
+    misinformation = None
+    if any(needs_misinformation(c) for c in configs):
+        misinformation = resolve_misinformation(preset, victim, str(path), progress=False)
+    result = screen(victim, configs, a.queryset, a.budget or preset.budget, a.seed, taus, a.max_drop, a.max_l1,
+                    misinformation)
+    print(table(result))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""screen: a defense config's benign cost and attacker-side flips without a clone, cross-checked against evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlflow_project.lab import screen as sc
+from mlflow_project.lab.evaluate import EvalConfig, evaluate
+
+MAD1 = {"name": "mad", "epsilon": 1.0, "norm": "l1"}
+GATED = {"name": "ood_gated", "tau": 0.9, "inside": {"name": "mad_argmax", "epsilon": 1.0},
+         "outside": {"name": "mad", "epsilon": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def screened(digits_victim):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return sc.screen(digits_victim, [{"name": "identity"}, {"name": "label_only"}, MAD1, GATED], "mnist5k",
+                         budget=600, seed=3, taus=(0.0, 0.5, 0.9, 1.01))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_top1_keeping_defenses_are_bounded_by_label_only_and_mad_is_not(screened):
+    identity, label_only, mad, gated = screened["rows"]
+    assert screened["queries"] == 600
+    for r in (identity, label_only):
+        assert r["query_top1_flip_rate"] == 0.0 and r["top1_flip_rate"] == 0.0 and r["accuracy_drop_points"] == 0.0
+        assert r["within_caps"] and r["bound"].startswith("strongest >= label_only")
+    assert identity["perturbation_l1_mean"] == 0.0 and identity["query_l1_mean"] == 0.0
+    assert mad["perturbation_l1_mean"] == pytest.approx(1.0, abs=1e-5) and mad["query_top1_flip_rate"] > 0
+    assert mad["bound"] == ""
+    # the gate spares the confident test rows that MAD flips: fewer benign flips, and fewer attacker flips
+    assert gated["top1_flip_rate"] < mad["top1_flip_rate"]
+    assert 0 < gated["query_top1_flip_rate"] <= mad["query_top1_flip_rate"]
+
+
+def test_gate_rates_are_monotone_and_bounded(screened, digits_victim):
+    g = screened["gate"]
+    assert [x["tau"] for x in g] == [0.0, 0.5, 0.9, 1.01]
+    assert g[0] == {"tau": 0.0, "test": 0.0, "test_correct": 0.0, "queries": 0.0}
+    assert g[-1]["test"] == 1.0 and g[-1]["queries"] == 1.0
+    assert g[-1]["test_correct"] == pytest.approx(screened["victim_accuracy"])
+    for a, b in zip(g, g[1:], strict=False):
+        assert a["test"] <= b["test"] and a["queries"] <= b["queries"] and a["test_correct"] <= b["test_correct"]
+    for x in g:
+        assert x["test_correct"] <= x["test"]
+    # the gated config's flips happen only on gated rows: at most the gate's share at its tau
+    gated = screened["rows"][3]
+    assert gated["top1_flip_rate"] <= g[2]["test"] and gated["query_top1_flip_rate"] <= g[2]["queries"]
+
+
+@pytest.mark.parametrize("config", [MAD1, GATED], ids=["mad", "ood_gated"])
+def test_figures_match_what_evaluate_measures_with_a_clone(config, digits_victim, digits_victim_dir, screened):
+    """The independent path: evaluate answers the same Knockoff draw through LocalOracle and trains a clone; its
+    defender metrics and attacker-query flip rate are screen's, to float precision."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = evaluate(EvalConfig(dataset="digits", victim=str(digits_victim_dir), defense=config, queryset="mnist5k",
+                                budget=600, epochs=1, seed=3), digits_victim, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    mine = screened["rows"][{"mad": 2, "ood_gated": 3}[config["name"]]]
+    for key in ("defender_accuracy", "perturbation_l1_mean", "top1_flip_rate", "defender_nll", "query_top1_flip_rate"):
+        assert mine[key] == pytest.approx(r.metrics[key], abs=1e-9), key
+
+
+def test_cli_prints_the_table_and_writes_json(digits_victim_dir, tmp_path, capsys):
+    out = tmp_path / "screen.json"
+    result = sc.main(["--victim", str(digits_victim_dir), "--queryset", "digits", "--budget", "300",
+                      "--gate-taus", "0.7,0.9", "--defense", "label_only", "--defense", json.dumps(MAD1),
+                      "--max-drop", "0", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "gate max p < tau fires on" in text and "label_only" in text and "mad(epsilon=1" in text
+    assert json.loads(out.read_text())["rows"][1]["label"] == result["rows"][1]["label"]
+    assert [r["within_caps"] for r in result["rows"]] == [True, result["rows"][1]["accuracy_drop_points"] <= 0]
+
+
+def test_bad_arguments_say_what_is_allowed(digits_victim_dir):
+    with pytest.raises(SystemExit):
+        sc.main(["--victim", str(digits_victim_dir)])  # nothing to screen
+    with pytest.raises(ValueError, match="gate-taus: comma-separated numbers"):
+        sc.main(["--victim", str(digits_victim_dir), "--gate-taus", "0.5,high"])
+    with pytest.raises(ValueError, match="mnist5k"):
+        sc.main(["--victim", str(digits_victim_dir), "--queryset", "emnist", "--defense", "label_only"])
