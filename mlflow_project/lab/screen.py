@@ -41,6 +41,7 @@ from mlflow_project.lab.attacks import AttackConfig, knockoff_queries
 from mlflow_project.lab.evaluate import defender_metrics, parse_defense
 from mlflow_project.lab.oracles import build_victim_defense
 from mlflow_project.lab.training import predict_probs
+from plugins.measures import measures
 
 
 def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: torch.Tensor,
@@ -67,12 +68,12 @@ def screen_config(victim, config: Mapping[str, Any], test_x: torch.Tensor, test_
     defense = build_victim_defense(victim.model, config, victim.spec.num_classes, misinformation=misinformation)
     tilde = defense(probs_test, test_x).probs
     metrics, _ = defender_metrics(probs_test, tilde, test_y)
-    answers = defense(probs_queries, queries).probs.to(probs_queries.dtype)
-    query_flips = (answers.argmax(1) != probs_queries.argmax(1)).double().mean().item()
+    asked = measures(probs_queries, defense(probs_queries, queries).probs)
+    query_flips = asked["top1_flip"].mean().item()
     row = {"label": describe(dict(config)), "defense_config": json.dumps(dict(config), sort_keys=True), **metrics,
            "accuracy_drop_points": accuracy_drop_points(metrics),
            "query_top1_flip_rate": query_flips,
-           "query_l1_mean": (answers - probs_queries).abs().sum(1).mean().item(),
+           "query_l1_mean": asked["l1"].mean().item(),
            "queries": len(queries)}
     row["within_caps"] = within_caps(row, max_drop, max_l1)
     row["bound"] = "strongest >= label_only (no query flips)" if query_flips == 0.0 else ""
@@ -113,15 +114,8 @@ def table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{what}: comma-separated numbers, e.g. 0.5,0.7,0.9; got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from mlflow_project.sweep.presets import get_preset
+    from mlflow_project.sweep.presets import get_preset, parse_grid
     from mlflow_project.sweep.run import needs_misinformation, resolve_misinformation, resolve_victim
 
     p = argparse.ArgumentParser(prog="python -m mlflow_project.lab.screen", description=__doc__.split("\n")[0])
@@ -137,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="", help="also write the result as JSON to this path")
     a = p.parse_args(argv)
     data.check_queryset(a.queryset)
-    taus = _floats(a.gate_taus, "gate-taus")
+    taus = parse_grid("gate-taus", a.gate_taus)
     configs = [parse_defense(d) for d in a.defense]
     if not configs and not taus:
         p.error("nothing to screen: give --defense (repeatable) and/or --gate-taus")

@@ -85,7 +85,7 @@ def test_cli_prints_the_table_and_writes_json(digits_victim_dir, tmp_path, capsy
 def test_bad_arguments_say_what_is_allowed(digits_victim_dir):
     with pytest.raises(SystemExit):
         sc.main(["--victim", str(digits_victim_dir)])  # nothing to screen
-    with pytest.raises(ValueError, match="gate-taus: comma-separated numbers"):
+    with pytest.raises(ValueError, match="gate-taus: expected a comma-separated list of numbers"):
         sc.main(["--victim", str(digits_victim_dir), "--gate-taus", "0.5,high"])
     with pytest.raises(ValueError, match="mnist5k"):
         sc.main(["--victim", str(digits_victim_dir), "--queryset", "emnist", "--defense", "label_only"])
