@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--threads", type=integer, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--attack-options", default="",
                    help='JSON object of attack settings over the paper preset\'s (attacks.AttackConfig fields), e.g. '
-                        '\'{"jb_release_augmentation": true}\' for JBDA / JB-self as the authors\' release runs them')
+                        '\'{"jb_release_augmentation": true}\' for the JB attacks as the authors\' release runs them')
     p.add_argument("--out", default="results/table1.csv", help="the CSV (appended to; rows already in it are skipped)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--report", default="", help="comma-separated table1 CSVs: print their table and run nothing")

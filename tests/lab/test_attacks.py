@@ -11,6 +11,7 @@ from mlflow_project.lab.attacks import (
     AttackConfig,
     jacobian_step,
     release_augmentation,
+    release_top3,
     run_attack,
     train_top1_twin,
 )
@@ -196,8 +197,50 @@ def test_release_augmentation_steps_away_from_the_label_and_clips_in_normalised_
     queries, rows = release_augmentation(model, x, c, selfish, 0)
     assert torch.allclose(queries, x - (away - x)) and torch.equal(rows, away)
     assert torch.equal(release_augmentation(model, x, c, release, 0)[0], away)
-    with pytest.raises(ValueError, match="jb_release_augmentation: applies to jbda and jbself"):
-        tiny("jbtop3", 10, spec, jb_release_augmentation=True)
+    with pytest.raises(ValueError, match="jb_release_augmentation: applies to jbda, jbself, jbtop3"):
+        tiny("knockoff", 10, spec, jb_release_augmentation=True)
+
+
+def test_release_top3_is_targeted_pgd_on_the_logit_and_a_constant_shift_on_negative_rounds(digits_victim, pool):
+    """jbtop3 as the authors' release runs it: 8 PGD steps of eps / 10 on the target's logit, towards each of the
+    substitute's top-3 other classes, unclipped; where the sign is negative its clamp has min > max and every
+    query is x + eps, the same for all three targets."""
+    spec, model, x, c, gen, _ = step_setup(digits_victim, pool)
+    cfg = tiny("jbtop3", 10, spec, jb_release_augmentation=True)
+    eps = cfg.jb_step / spec.std
+    q = release_top3(model, x, c, cfg, 0)
+    assert torch.equal(jacobian_step(model, x, c, cfg, 0, gen), q)  # jacobian_step dispatches to it
+    assert q.shape == (3 * len(x), *x.shape[1:])
+    rows = x.repeat_interleave(3, dim=0)  # row 0's three targets first
+    delta = q - rows
+    assert delta.abs().max().item() <= 0.8 * eps + 1e-6 and delta.abs().max().item() > 0.7 * eps
+    with torch.no_grad():
+        logits = model(x)
+    others = logits.scatter(1, c.unsqueeze(1), float("-inf"))
+    target = others.topk(3, dim=1).indices.reshape(-1)
+    with torch.no_grad():
+        before = model(rows).gather(1, target.unsqueeze(1))
+        after = model(q).gather(1, target.unsqueeze(1))
+    assert (after > before).double().mean().item() > 0.95  # each query raises its own target's logit
+    assert q.min().item() < x.min().item() - 0.1 * eps  # no clip: dark pixels go below the darkest input
+    # round(3 / 5) = 1: the negative round; the clamp returns eps everywhere
+    dark = release_top3(model, x, c, cfg, 3)
+    assert torch.allclose(dark - rows, torch.full_like(rows, -eps), atol=1e-6)
+    assert torch.equal(dark[0::3], dark[1::3]) and torch.equal(dark[0::3], dark[2::3])
+
+
+def test_release_top3_keeps_its_rows_and_appends_the_first_rows_targets(digits_victim, pool):
+    oracle = LocalOracle(digits_victim.model, budget=1000)
+    cfg = tiny("jbtop3", 150, digits_victim.spec, jb_release_augmentation=True, jb_tau=1)
+    res = run_attack(oracle, pool, make_clone_for(digits_victim), cfg, progress=False)
+    x = res.transfer_x
+    # 20 seed images, + 60 (3 per row), then 70 more: 3 each for the first ceil(70 / 3) = 24 rows, truncated
+    assert oracle.queries == res.queries == len(x) == 150 and [h["transfer_size"] for h in res.history] == [80, 150]
+    seeds = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:20]]
+    assert torch.equal(x[:20], seeds)  # unlike the release's jbda / jbself, the rows stay
+    # jb_tau 1: round 1 is a negative round, so its queries are the first 24 rows shifted by -eps, 3 copies each
+    eps = cfg.jb_step / cfg.pixel_std
+    assert torch.allclose(x[80:], x[:24].repeat_interleave(3, dim=0)[:70] - eps, atol=1e-6)
 
 
 def test_release_augmentation_overwrites_the_rows_it_augments_and_appends_them_again(digits_victim, pool):
