@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in (("budget", a.budget), ("epochs", a.epochs), ("victim_epochs", a.victim_epochs))
                  if v}
     preset = get_preset(a.preset, **overrides)
-    grid = defense_grid(preset)[: a.points or None]
-    _, victim = sw.resolve_victim(preset, progress=False)
+    vict, victim = sw.resolve_victim(preset, progress=False)
+    calibrated = sw.calibrate_ood_gated(preset, vict, victim, False) if preset.ood_gated_max_drop > 0 else None
+    grid = defense_grid(preset, calibrated)[: a.points or None]
     print(f"preset {preset.name}: {preset.dataset} {preset.attack} on {preset.queryset}, budget {preset.budget}, "
           f"clone epochs {preset.epochs}, {len(grid)} points; victim {victim}")
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")

@@ -21,6 +21,9 @@ the defense flips.
 share of test rows, of correctly answered test rows and of the attacker's queries it fires on. The correct
 share bounds the drop of any composition that flips every gated row (MAD at l1 1 does, on this victim).
 
+:func:`calibrate_tau`: the largest tau at which an (inside, outside) pair stays within a benign drop (the sweep's
+``--ood-gated-max-drop``).
+
 The victim is the paper preset's unless ``--victim`` names one; defenses that need a misinformation model get
 the sweep's (trained once and cached beside the victim).
 """
@@ -57,6 +60,51 @@ def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: to
                     "test_correct": (gated & correct).double().mean().item(),
                     "queries": (conf_q < tau).double().mean().item()})
     return out
+
+
+# The taus calibrate_tau considers: 0.5 to 0.995 in steps of 0.005 (a 10-class victim's top probability is rarely
+# under 0.5 on its own test set, and at 1 the gate takes every row).
+CALIBRATION_TAUS = tuple(round(0.5 + 0.005 * i, 3) for i in range(100))
+
+
+def calibrate_tau(victim, inside: Mapping[str, Any], outside: Mapping[str, Any], max_drop: float,
+                  surrogate_seed: int = 0, misinformation: Path | None = None,
+                  taus: Sequence[float] = CALIBRATION_TAUS) -> dict[str, Any]:
+    """The largest tau of ``taus`` at which ``ood_gated(tau, inside, outside)`` (hard gate) costs at most
+    ``max_drop`` points of top-1 accuracy on the victim's test set: ``{"tau", "drop", "gated"}`` (drop in points,
+    gated the share of test rows under the gate).
+
+    Both inner defenses answer every test row once and each tau is a row-wise choice between the two answers
+    (the hard gate's: ``max p < tau`` gets ``outside``); the tau found is then checked with the real ood_gated
+    defense, and the next lower one taken until that check holds too (an inner defense whose answer depends on
+    its batch, such as random_noise, can differ between the two). The drop is calibrated on the test set it is
+    measured on, so the sweep meets it by construction: calibrate a deployment's tau on its own benign traffic.
+    Raises ValueError when no tau of ``taus`` is within ``max_drop``."""
+    from mlflow_project.sweep.select import accuracy_drop_points
+
+    spec = victim.spec
+    test_x, test_y = data.load_raw(spec.dataset, "test")
+    test_x = data.adapt(test_x, spec)
+    probs = predict_probs(victim.model, test_x)
+    answers = [build_victim_defense(victim.model, dict(c), spec.num_classes, surrogate_seed=surrogate_seed,
+                                    misinformation=misinformation)(probs, test_x).probs for c in (inside, outside)]
+    top1_in, top1_out = (a.argmax(1) == test_y for a in answers)
+    conf = probs.max(1).values
+    victim_acc = (probs.argmax(1) == test_y).double().mean().item()
+    for tau in sorted(taus, reverse=True):
+        gated = conf < tau
+        if 100 * (victim_acc - torch.where(gated, top1_out, top1_in).double().mean().item()) > max_drop:
+            continue
+        config = {"name": "ood_gated", "tau": float(tau), "inside": dict(inside), "outside": dict(outside)}
+        defense = build_victim_defense(victim.model, config, spec.num_classes, surrogate_seed=surrogate_seed,
+                                       misinformation=misinformation)
+        metrics, _ = defender_metrics(probs, defense(probs, test_x).probs, test_y)
+        drop = accuracy_drop_points(metrics)
+        if drop <= max_drop:
+            return {"tau": float(tau), "drop": drop, "gated": gated.double().mean().item()}
+    raise ValueError(f"ood_gated_max_drop: no tau in [{min(taus)}, {max(taus)}] keeps ood_gated(inside="
+                     f"{dict(inside)}, outside={dict(outside)}) within {max_drop} points on {spec.dataset}'s test "
+                     f"set; allow a larger drop or choose other inner defenses")
 
 
 def screen_config(victim, config: Mapping[str, Any], test_x: torch.Tensor, test_y: torch.Tensor,

@@ -13,7 +13,9 @@ Three presets (``--preset``), each overridable field by field from the command l
   authors' normalised units (0.1 x 0.3081 = 0.0308 in [0, 1] pixels), sign flipped every 5 rounds, a fresh
   substitute each round trained 20 epochs with SGD lr 0.1 momentum 0.9 weight decay 5e-4, JB-top3 querying
   all three targets. The grid adds MAD's l1 budgets 0.6-0.95 (where a one-hot target flips uncertain rows
-  but spares confident ones) and the ood_gated composition. About 6-10 minutes per point with 2 threads here.
+  but spares confident ones) and two ood_gated points, MAD-argmax or label_only inside and MAD outside, each
+  at the tau calibrated on the victim to a 0.9-point drop (``ood_gated_max_drop``). About 6-10 minutes per
+  point with 2 threads here.
 
 Three opt-in grids, empty in every preset so the presets' existing grids (and their point keys) are unchanged:
 ``adaptive_misinformation_taus`` (e.g. 0.5,0.7,0.9,0.95; its misinformation model is trained once per victim
@@ -33,6 +35,7 @@ and mnist5k are MNIST-like and use MNIST's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -80,6 +83,9 @@ class Preset:
     ood_gated_inside: tuple[str, ...] = ("identity", "mad_argmax")
     ood_gated_outside: tuple[str, ...] = ("mad", "label_only")
     ood_gated_epsilon: float = 1.0  # the l1 budget of the inner MAD-family defenses of ood_gated points
+    # > 0: every (inside, outside) pair also gets the point at the largest tau whose drop on the victim's test set
+    # is at most this many points (calibrated on the victim when the sweep starts: lab.screen.calibrate_tau)
+    ood_gated_max_drop: float = 0.0
     seeds: tuple[int, ...] = ()  # every point once per seed; () = (seed,)
     monitor: str = ""  # a monitor config (JSON); "" = no monitored points
     monitor_points: tuple[str, ...] = ("identity",)  # labels of the points that get a monitored twin
@@ -114,6 +120,9 @@ class Preset:
             raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {self.max_drop}")
         if not 0 <= self.max_l1 <= 2:
             raise ValueError(f"max_l1: must be in [0, 2] (mean L1 between two probability vectors); got {self.max_l1}")
+        if not 0 <= self.ood_gated_max_drop <= 100:
+            raise ValueError(f"ood_gated_max_drop: must be in [0, 100] accuracy points (0: off); got "
+                             f"{self.ood_gated_max_drop}")
         bad = [t for t in self.ood_gated_taus if not 0 < t <= 1]
         if bad:
             raise ValueError(f"ood_gated_taus: each tau must be in (0, 1]; got {bad}")
@@ -156,11 +165,15 @@ PAPER_PROTOCOL: dict[str, Any] = {
         "jb_top3_all": True,
     },
 }
+# ood_gated: MAD at l1 1 outside flips every row the gate sends it, so the benign drop is about the share of
+# correctly answered test rows under the gate, and tau is the victim's, not the preset's: on two paper victims the
+# largest tau within 0.9 points was 0.58 and 0.565 (RESULTS.md). Inside, MAD-argmax or label_only (identity
+# hands the soft attacker every confident posterior as it is).
 PRESETS["paper"] = Preset(
     name="paper", queryset="handwriting", victim_epochs=30, **PAPER_PROTOCOL,
     mad_epsilons=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), mad_argmax_epsilons=(0.5, 1.0, 2.0),
     reverse_sigmoid_betas=(0.1, 0.5, 1.0), random_noise_epsilons=(), rounding_decimals=(),
-    ood_gated_taus=(0.7, 0.9),
+    ood_gated_max_drop=0.9, ood_gated_inside=("mad_argmax", "label_only"), ood_gated_outside=("mad",),
 )
 
 # Fields a command line may override (the grids take comma-separated lists).
@@ -202,8 +215,13 @@ def parse_grid(key: str, value: Any) -> tuple:
     return tuple(value)
 
 
-def defense_grid(preset: Preset) -> list[dict[str, Any]]:
-    """The defense configs of a sweep, undefended first, in a stable order."""
+def defense_grid(preset: Preset, calibrated_taus: Mapping[tuple[str, str], float] | None = None
+                 ) -> list[dict[str, Any]]:
+    """The defense configs of a sweep, undefended first, in a stable order.
+
+    ``calibrated_taus``: with ``preset.ood_gated_max_drop`` set, the tau calibrated on the victim for each
+    (inside, outside) pair of the preset (``sweep.run.calibrate_ood_gated``); each adds that pair's point unless
+    ``ood_gated_taus`` already has it."""
     grid: list[dict[str, Any]] = [{"name": "identity"}]
     grid += [{"name": "mad", "epsilon": float(e), "norm": "l1"} for e in preset.mad_epsilons]
     grid += [{"name": "mad_argmax", "epsilon": float(e), "norm": "l1"} for e in preset.mad_argmax_epsilons]
@@ -217,8 +235,16 @@ def defense_grid(preset: Preset) -> list[dict[str, Any]]:
     grid += [{"name": "adaptive_misinformation", "tau": float(t)} for t in preset.adaptive_misinformation_taus]
     grid += [{"name": "gradient_redirection", "epsilon": float(e), "target": target}
              for e in preset.gradient_redirection_epsilons for target in GRADIENT_REDIRECTION_TARGETS]
+    pairs = [(inside, outside) for inside in preset.ood_gated_inside for outside in preset.ood_gated_outside]
     grid += [ood_gated_config(float(t), inside, outside, preset.ood_gated_epsilon) for t in preset.ood_gated_taus
-             for inside in preset.ood_gated_inside for outside in preset.ood_gated_outside]
+             for inside, outside in pairs]
+    if preset.ood_gated_max_drop > 0:
+        missing = [pair for pair in pairs if pair not in (calibrated_taus or {})]
+        if missing:
+            raise ValueError(f"ood_gated_max_drop: the taus are calibrated on the victim (sweep.run.calibrate_ood_gated"
+                             f"); no calibrated tau for the (inside, outside) pairs {missing}")
+        grid += [ood_gated_config(float(calibrated_taus[pair]), *pair, preset.ood_gated_epsilon) for pair in pairs
+                 if float(calibrated_taus[pair]) not in preset.ood_gated_taus]
     if preset.monitor:
         twins = [{**c, "monitor": monitor_config(preset)} for c in grid if describe(c) in preset.monitor_points]
         if not twins:

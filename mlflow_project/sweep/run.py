@@ -26,6 +26,15 @@ the victim stays the same); the seed is part of a point's key, not of the sweep'
 only the new (point, seed) pairs under the same parent. ``--multi-seed-points identity,label_only,mad(epsilon=0.9)``
 restricts the extra seeds to those points (labels as in the CSV; the rest of the grid runs the first seed).
 
+ood_gated's tau belongs to the victim, not to the preset: MAD at l1 1 outside the gate flips every row the gate
+takes, so the benign drop is about the share of correctly answered test rows under ``max p < tau``, which differs
+from victim to victim (the largest tau within 0.9 points was 0.58 on one paper victim and 0.565 on another).
+``--ood-gated-max-drop D`` (the paper preset's default is 0.9; 0 turns it off) calibrates it when the sweep
+starts: each (``--ood-gated-inside``, ``--ood-gated-outside``) pair also gets the point at the largest tau whose
+drop on the victim's test set is at most D (:func:`calibrate_ood_gated`, :func:`mlflow_project.lab.screen.
+calibrate_tau`); stderr says which tau, and ``sweep.json`` on the parent run holds the grid. ``--ood-gated-taus``
+adds fixed taus beside it.
+
 Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every (point,
 seed) run, its metrics, run id and thread count, then the grid's points finished at other thread counts, status
 ``other_threads``: :func:`preferred_rows`), ``points_mean.csv`` (one row per point: the mean over its seeds and the
@@ -179,6 +188,27 @@ def needs_misinformation(defense: Mapping[str, Any]) -> bool:
     from plugins import needs
 
     return needs(defense, "misinformation")
+
+
+def calibrate_ood_gated(preset: Preset, vict, victim_path: str, progress: bool) -> dict[tuple[str, str], float]:
+    """``ood_gated_max_drop``: for each (inside, outside) pair of the preset, the largest tau whose benign drop on
+    the victim's test set stays within it (:func:`mlflow_project.lab.screen.calibrate_tau`), said on stderr."""
+    from mlflow_project.lab.screen import calibrate_tau
+    from mlflow_project.sweep.presets import ood_gated_config
+
+    taus: dict[tuple[str, str], float] = {}
+    for inside in preset.ood_gated_inside:
+        for outside in preset.ood_gated_outside:
+            config = ood_gated_config(1.0, inside, outside, preset.ood_gated_epsilon)
+            misinformation = resolve_misinformation(preset, vict, victim_path, progress) \
+                if needs_misinformation(config) else None
+            found = calibrate_tau(vict, config["inside"], config["outside"], preset.ood_gated_max_drop,
+                                  surrogate_seed=preset.surrogate_seed, misinformation=misinformation)
+            taus[(inside, outside)] = found["tau"]
+            print(f"ood_gated_max_drop {preset.ood_gated_max_drop:g}: tau {found['tau']:g} for inside={inside}, "
+                  f"outside={outside} (benign drop {found['drop']:.2f} points; the gate takes "
+                  f"{100 * found['gated']:.2f} % of the test rows)", file=sys.stderr)
+    return taus
 
 
 # ---------------------------------------------------------------------------------------------- the victim
@@ -564,7 +594,9 @@ def run_sweep(
     if vict.spec.dataset != preset.dataset:
         raise ValueError(f"victim: {victim_path} was trained on {vict.spec.dataset!r} but the sweep's dataset is "
                          f"{preset.dataset!r}")
-    configs = [dict(c) for c in (grid if grid is not None else defense_grid(preset))]
+    calibrated = calibrate_ood_gated(preset, vict, victim_path, progress) \
+        if grid is None and preset.ood_gated_max_drop > 0 else None
+    configs = [dict(c) for c in (grid if grid is not None else defense_grid(preset, calibrated))]
     if not configs:
         raise ValueError("grid: the sweep has no points; enable at least one defense")
     # the thread count each point trains its clones at: a Ray task's CPUs, or this process's torch threads
@@ -873,9 +905,13 @@ def _parser() -> argparse.ArgumentParser:
                  "top_k_ks", "ood_gated_taus"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
     p.add_argument("--ood-gated-inside", default="", help="ood_gated points' in-distribution defenses, comma-separated "
-                   "(default: the preset's, identity,mad_argmax)")
+                   "(default: the preset's: identity,mad_argmax; paper mad_argmax,label_only)")
     p.add_argument("--ood-gated-outside", default="", help="ood_gated points' out-of-distribution defenses, "
-                   "comma-separated (default: the preset's, mad,label_only)")
+                   "comma-separated (default: the preset's: mad,label_only; paper mad)")
+    p.add_argument("--ood-gated-max-drop", type=float, default=-1.0,
+                   help="> 0: each (inside, outside) pair also gets the ood_gated point at the largest tau whose "
+                        "benign drop on the victim's test set is at most this many points (calibrated when the "
+                        "sweep starts); 0: off; default: the preset's (paper 0.9, others 0)")
     p.add_argument("--no-label-only", action="store_true", help="leave the label-only point out of the grid")
     p.add_argument("--monitor", default="", help="a monitor config (JSON): monitored twins of --monitor-points")
     p.add_argument("--monitor-points", default="", help="labels of the points that get a monitored twin "
@@ -918,6 +954,7 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
         "top_k_ks": a.top_k_ks,
         "ood_gated_inside": split_labels(a.ood_gated_inside) or None,
         "ood_gated_outside": split_labels(a.ood_gated_outside) or None,
+        "ood_gated_max_drop": a.ood_gated_max_drop if a.ood_gated_max_drop >= 0 else None,
         "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,
         "monitor": a.monitor, "monitor_points": split_labels(a.monitor_points) or None,
     }

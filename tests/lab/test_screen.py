@@ -89,3 +89,27 @@ def test_bad_arguments_say_what_is_allowed(digits_victim_dir):
         sc.main(["--victim", str(digits_victim_dir), "--gate-taus", "0.5,high"])
     with pytest.raises(ValueError, match="mnist5k"):
         sc.main(["--victim", str(digits_victim_dir), "--queryset", "emnist", "--defense", "label_only"])
+
+
+def test_calibrate_tau_is_the_largest_tau_within_the_drop(digits_victim):
+    """Against the slow path: the real ood_gated defense's drop at every tau of the grid, through screen_config."""
+    from mlflow_project.lab import data
+
+    inside, outside = {"name": "label_only"}, MAD1
+    taus = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.3 .. 0.95
+    test_x, test_y = data.load_raw("digits", "test")
+    test_x = data.adapt(test_x, digits_victim.spec)
+    probs = sc.predict_probs(digits_victim.model, test_x)
+    drops = {t: sc.screen_config(digits_victim, {"name": "ood_gated", "tau": t, "inside": inside, "outside": outside},
+                                 test_x, test_y, probs, test_x[:8], probs[:8], 1.0, 1.0)["accuracy_drop_points"]
+             for t in taus}
+    levels = sorted(set(drops.values()))
+    assert len(levels) >= 3, drops  # the grid spans several drops, so the choice below is not trivial
+    for max_drop in levels[1:-1]:
+        found = sc.calibrate_tau(digits_victim, inside, outside, max_drop, taus=taus)
+        assert found["tau"] == max(t for t in taus if drops[t] <= max_drop)
+        assert found["drop"] == pytest.approx(drops[found["tau"]], abs=1e-9)
+        assert found["gated"] == pytest.approx((probs.max(1).values < found["tau"]).double().mean().item())
+    with pytest.raises(ValueError, match=r"ood_gated_max_drop: no tau in \[0.3, 0.95\] keeps ood_gated"):
+        sc.calibrate_tau(digits_victim, MAD1, outside, 0.0, taus=taus)
+    assert sc.CALIBRATION_TAUS[0] == 0.5 and sc.CALIBRATION_TAUS[-1] == 0.995 and len(sc.CALIBRATION_TAUS) == 100

@@ -348,18 +348,31 @@ def test_presets_follow_the_paper_gammas_and_validate():
     assert {g["gamma"] for g in defense_grid(get_preset("quick")) if g["name"] == "reverse_sigmoid"} == {0.4}
     assert {g["gamma"] for g in defense_grid(get_preset("tiny")) if g["name"] == "reverse_sigmoid"} == {0.2}
     paper = get_preset("paper")
-    names = {g["name"] for g in defense_grid(paper)}
+    calibrated = {("mad_argmax", "mad"): 0.58, ("label_only", "mad"): 0.565}
+    names = {g["name"] for g in defense_grid(paper, calibrated)}
     assert names == {"identity", "mad", "mad_argmax", "reverse_sigmoid", "label_only", "ood_gated"}
-    assert {0.6, 0.7, 0.8, 0.9, 0.95} <= {g["epsilon"] for g in defense_grid(paper) if g["name"] == "mad"}
+    assert {0.6, 0.7, 0.8, 0.9, 0.95} <= {g["epsilon"] for g in defense_grid(paper, calibrated) if g["name"] == "mad"}
     assert (paper.budget, paper.epochs, paper.clone_lr, paper.clone_batch_size, paper.queryset) == (
         50_000, 30, 0.1, 64, "handwriting")
     assert paper.attack_options["momentum"] == 0.5 and paper.attack_options["weight_decay"] == 0.0
-    gated = [g for g in defense_grid(paper) if g["name"] == "ood_gated"]
-    assert {(g["inside"]["name"], g["outside"]["name"]) for g in gated} == {
-        ("identity", "mad"), ("identity", "label_only"), ("mad_argmax", "mad"), ("mad_argmax", "label_only")}
+    # the paper preset's ood_gated points: one per (inside, outside) pair at its tau calibrated on the victim
+    gated = [g for g in defense_grid(paper, calibrated) if g["name"] == "ood_gated"]
+    assert paper.ood_gated_max_drop == 0.9 and paper.ood_gated_taus == ()
+    assert [(g["tau"], g["inside"]["name"], g["outside"]["name"]) for g in gated] == [
+        (0.58, "mad_argmax", "mad"), (0.565, "label_only", "mad")]
+    with pytest.raises(ValueError, match=r"ood_gated_max_drop: the taus are calibrated on the victim .*"
+                                         r"\('label_only', 'mad'\)"):
+        defense_grid(paper, {("mad_argmax", "mad"): 0.58})
+    # explicit taus come first; a calibrated tau already among them is not a second point
+    both = get_preset("paper", ood_gated_taus="0.58,0.7")
+    assert [(g["tau"], g["inside"]["name"]) for g in defense_grid(both, calibrated) if g["name"] == "ood_gated"] == [
+        (0.58, "mad_argmax"), (0.58, "label_only"), (0.7, "mad_argmax"), (0.7, "label_only"), (0.565, "label_only")]
+    with pytest.raises(ValueError, match=r"ood_gated_max_drop: must be in \[0, 100\]"):
+        get_preset("paper", ood_gated_max_drop=-0.5)
     one = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-taus", "0.9",
                                                        "--ood-gated-inside", "mad_argmax",
-                                                       "--ood-gated-outside", "label_only"]))
+                                                       "--ood-gated-outside", "label_only",
+                                                       "--ood-gated-max-drop", "0"]))
     assert [(g["tau"], g["inside"], g["outside"]["name"]) for g in defense_grid(one) if g["name"] == "ood_gated"] == [
         (0.9, {"name": "mad_argmax", "epsilon": 1.0, "norm": "l1"}, "label_only")]
     assert get_preset("quick", seeds="0,1,2").all_seeds == (0, 1, 2) and get_preset("quick").all_seeds == (0,)
@@ -509,8 +522,8 @@ def test_a_fresh_store_imports_the_points_of_an_earlier_points_csv_and_runs_only
 
 
 def test_the_top_k_grid_is_opt_in_and_validated():
-    assert not [c for c in defense_grid(get_preset("paper")) if c["name"] == "top_k"]
-    grid = defense_grid(get_preset("paper", top_k_ks="2,3"))
+    assert not [c for c in defense_grid(get_preset("paper", ood_gated_max_drop=0)) if c["name"] == "top_k"]
+    grid = defense_grid(get_preset("paper", top_k_ks="2,3", ood_gated_max_drop=0))
     assert [c for c in grid if c["name"] == "top_k"] == [{"name": "top_k", "k": 2}, {"name": "top_k", "k": 3}]
     assert describe({"name": "top_k", "k": 2}) == "top_k(k=2)"
     with pytest.raises(ValueError, match="top_k_ks"):

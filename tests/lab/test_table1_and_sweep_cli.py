@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_sweep_entry_point_with_seeds_and_the_l1_cap(digits_victim_dir, tmp_path
               "attack": "knockoff", "queryset": "digits", "budget": 300, "epochs": 3,
               "multi_seed_points": "identity,label_only", "max_l1": 0.5, "mad_epsilons": "none",
               "reverse_sigmoid_betas": "none", "random_noise_epsilons": "none", "rounding_decimals": "none",
+              "ood_gated_inside": "label_only", "ood_gated_outside": "mad", "ood_gated_max_drop": 1.5,
               "results_dir": str(tmp_path / "out")}
     proc = mlflow_run("sweep", params, uri)
     assert "selection:" in proc.stdout
@@ -68,8 +70,14 @@ def test_sweep_entry_point_with_seeds_and_the_l1_cap(digits_victim_dir, tmp_path
     with (tmp_path / "out" / "points_mean.csv").open() as f:
         means = {r["label"]: r for r in csv.DictReader(f)}
     assert means["identity"]["n_seeds"] == "2" and means["mad_argmax(epsilon=0.5)"]["n_seeds"] == "1"
+    # ood_gated_max_drop: the tau calibrated on the victim's test set, said on stderr, and the point within it
+    said = re.search(r"ood_gated_max_drop 1.5: tau ([0-9.]+) for inside=label_only, outside=mad", proc.stderr)
+    assert said, proc.stderr[-2000:]
+    gated = means[f"ood_gated(tau={float(said.group(1)):g}, inside=label_only, outside=mad(epsilon=1))"]
+    drop = 100 * (float(gated["victim_accuracy"]) - float(gated["defender_accuracy"]))
+    assert 0 <= drop <= 1.5 + 1e-9 and gated["n_seeds"] == "1"
     again = mlflow_run("sweep", params, uri)
-    assert "(0 new, 5 reused)" in again.stdout
+    assert "(0 new, 6 reused)" in again.stdout
 
 
 def test_table1_attack_options_run_the_release_augmentation_as_its_own_rows(digits_victim_dir, tmp_path):
