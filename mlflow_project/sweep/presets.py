@@ -120,6 +120,9 @@ class Preset:
             raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {self.max_drop}")
         if not 0 <= self.max_l1 <= 2:
             raise ValueError(f"max_l1: must be in [0, 2] (mean L1 between two probability vectors); got {self.max_l1}")
+        if not 0 < self.ood_gated_epsilon <= 2:
+            raise ValueError(f"ood_gated_epsilon: the inner MAD-family l1 budget must be in (0, 2] (2 reaches every "
+                             f"vertex of the simplex); got {self.ood_gated_epsilon}")
         if not 0 <= self.ood_gated_max_drop <= 100:
             raise ValueError(f"ood_gated_max_drop: must be in [0, 100] accuracy points (0: off); got "
                              f"{self.ood_gated_max_drop}")

@@ -908,6 +908,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the preset's: identity,mad_argmax; paper mad_argmax,label_only)")
     p.add_argument("--ood-gated-outside", default="", help="ood_gated points' out-of-distribution defenses, "
                    "comma-separated (default: the preset's: mad,label_only; paper mad)")
+    p.add_argument("--ood-gated-epsilon", type=float, default=-1.0,
+                   help="the l1 budget of ood_gated points' inner MAD-family defenses, in (0, 2] (default: the "
+                        "preset's, 1; at 2 MAD's answer is a vertex, a one-hot row)")
     p.add_argument("--ood-gated-max-drop", type=float, default=-1.0,
                    help="> 0: each (inside, outside) pair also gets the ood_gated point at the largest tau whose "
                         "benign drop on the victim's test set is at most this many points (calibrated when the "
@@ -955,6 +958,7 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
         "ood_gated_inside": split_labels(a.ood_gated_inside) or None,
         "ood_gated_outside": split_labels(a.ood_gated_outside) or None,
         "ood_gated_max_drop": a.ood_gated_max_drop if a.ood_gated_max_drop >= 0 else None,
+        "ood_gated_epsilon": a.ood_gated_epsilon if a.ood_gated_epsilon > 0 else None,
         "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,
         "monitor": a.monitor, "monitor_points": split_labels(a.monitor_points) or None,
     }

@@ -367,6 +367,11 @@ def test_presets_follow_the_paper_gammas_and_validate():
     both = get_preset("paper", ood_gated_taus="0.58,0.7")
     assert [(g["tau"], g["inside"]["name"]) for g in defense_grid(both, calibrated) if g["name"] == "ood_gated"] == [
         (0.58, "mad_argmax"), (0.58, "label_only"), (0.7, "mad_argmax"), (0.7, "label_only"), (0.565, "label_only")]
+    with pytest.raises(ValueError, match=r"ood_gated_epsilon: the inner MAD-family l1 budget must be in \(0, 2\]"):
+        get_preset("paper", ood_gated_epsilon=2.5)
+    two = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-epsilon", "2"]))
+    assert [g["outside"] for g in defense_grid(two, calibrated) if g["name"] == "ood_gated"] == [
+        {"name": "mad", "epsilon": 2.0, "norm": "l1"}] * 2
     with pytest.raises(ValueError, match=r"ood_gated_max_drop: must be in \[0, 100\]"):
         get_preset("paper", ood_gated_max_drop=-0.5)
     one = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-taus", "0.9",

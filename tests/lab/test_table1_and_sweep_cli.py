@@ -62,6 +62,7 @@ def test_sweep_entry_point_with_seeds_and_the_l1_cap(digits_victim_dir, tmp_path
               "multi_seed_points": "identity,label_only", "max_l1": 0.5, "mad_epsilons": "none",
               "reverse_sigmoid_betas": "none", "random_noise_epsilons": "none", "rounding_decimals": "none",
               "ood_gated_inside": "label_only", "ood_gated_outside": "mad", "ood_gated_max_drop": 1.5,
+              "ood_gated_epsilon": 2,
               "results_dir": str(tmp_path / "out")}
     proc = mlflow_run("sweep", params, uri)
     assert "selection:" in proc.stdout
@@ -73,7 +74,7 @@ def test_sweep_entry_point_with_seeds_and_the_l1_cap(digits_victim_dir, tmp_path
     # ood_gated_max_drop: the tau calibrated on the victim's test set, said on stderr, and the point within it
     said = re.search(r"ood_gated_max_drop 1.5: tau ([0-9.]+) for inside=label_only, outside=mad", proc.stderr)
     assert said, proc.stderr[-2000:]
-    gated = means[f"ood_gated(tau={float(said.group(1)):g}, inside=label_only, outside=mad(epsilon=1))"]
+    gated = means[f"ood_gated(tau={float(said.group(1)):g}, inside=label_only, outside=mad(epsilon=2))"]
     drop = 100 * (float(gated["victim_accuracy"]) - float(gated["defender_accuracy"]))
     assert 0 <= drop <= 1.5 + 1e-9 and gated["n_seeds"] == "1"
     again = mlflow_run("sweep", params, uri)
