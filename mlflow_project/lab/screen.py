@@ -62,6 +62,13 @@ def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: to
     return out
 
 
+def victim_test_set(victim) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The victim's test set as it sees it (adapted inputs), its labels and the victim's probabilities on it."""
+    test_x, test_y = data.load_raw(victim.spec.dataset, "test")
+    test_x = data.adapt(test_x, victim.spec)
+    return test_x, test_y, predict_probs(victim.model, test_x)
+
+
 # The taus calibrate_tau considers: 0.5 to 0.995 in steps of 0.005 (a 10-class victim's top probability is rarely
 # under 0.5 on its own test set, and at 1 the gate takes every row).
 CALIBRATION_TAUS = tuple(round(0.5 + 0.005 * i, 3) for i in range(100))
@@ -83,9 +90,7 @@ def calibrate_tau(victim, inside: Mapping[str, Any], outside: Mapping[str, Any],
     from mlflow_project.sweep.select import accuracy_drop_points
 
     spec = victim.spec
-    test_x, test_y = data.load_raw(spec.dataset, "test")
-    test_x = data.adapt(test_x, spec)
-    probs = predict_probs(victim.model, test_x)
+    test_x, test_y, probs = victim_test_set(victim)
     answers = [build_victim_defense(victim.model, dict(c), spec.num_classes, surrogate_seed=surrogate_seed,
                                     misinformation=misinformation)(probs, test_x).probs for c in (inside, outside)]
     top1_in, top1_out = (a.argmax(1) == test_y for a in answers)
@@ -133,11 +138,10 @@ def screen(victim, configs: Sequence[Mapping[str, Any]], queryset: str, budget: 
            misinformation: Path | None = None) -> dict[str, Any]:
     """Screen ``configs`` on ``victim``: {"rows": one per config, "gate": gate_rates, "queries": n}."""
     spec = victim.spec
-    test_x, test_y = data.load_raw(spec.dataset, "test")
-    test_x = data.adapt(test_x, spec)
+    test_x, test_y, probs_test = victim_test_set(victim)
     pool = data.query_set(queryset, spec, victim_dataset=spec.dataset)
     queries = knockoff_queries(pool, AttackConfig(name="knockoff", budget=budget, seed=seed))
-    probs_test, probs_queries = predict_probs(victim.model, test_x), predict_probs(victim.model, queries)
+    probs_queries = predict_probs(victim.model, queries)
     rows = [screen_config(victim, c, test_x, test_y, probs_test, queries, probs_queries, max_drop, max_l1,
                           misinformation) for c in configs]
     return {"rows": rows, "gate": gate_rates(probs_test, test_y, probs_queries, taus), "queries": len(queries),

@@ -238,7 +238,7 @@ def defense_grid(preset: Preset, calibrated_taus: Mapping[tuple[str, str], float
     grid += [{"name": "adaptive_misinformation", "tau": float(t)} for t in preset.adaptive_misinformation_taus]
     grid += [{"name": "gradient_redirection", "epsilon": float(e), "target": target}
              for e in preset.gradient_redirection_epsilons for target in GRADIENT_REDIRECTION_TARGETS]
-    pairs = [(inside, outside) for inside in preset.ood_gated_inside for outside in preset.ood_gated_outside]
+    pairs = ood_gated_pairs(preset)
     grid += [ood_gated_config(float(t), inside, outside, preset.ood_gated_epsilon) for t in preset.ood_gated_taus
              for inside, outside in pairs]
     if preset.ood_gated_max_drop > 0:
@@ -274,6 +274,11 @@ def inner_config(name: str, epsilon: float) -> dict[str, Any]:
     if name in ("mad", "mad_argmax"):
         return {"name": name, "epsilon": float(epsilon), "norm": "l1"}
     return {"name": name}
+
+
+def ood_gated_pairs(preset: Preset) -> list[tuple[str, str]]:
+    """The (inside, outside) inner-defense pairs of a preset's ood_gated points, in grid order."""
+    return [(inside, outside) for inside in preset.ood_gated_inside for outside in preset.ood_gated_outside]
 
 
 def ood_gated_config(tau: float, inside: str, outside: str, epsilon: float) -> dict[str, Any]:

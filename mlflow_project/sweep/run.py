@@ -194,20 +194,19 @@ def calibrate_ood_gated(preset: Preset, vict, victim_path: str, progress: bool) 
     """``ood_gated_max_drop``: for each (inside, outside) pair of the preset, the largest tau whose benign drop on
     the victim's test set stays within it (:func:`mlflow_project.lab.screen.calibrate_tau`), said on stderr."""
     from mlflow_project.lab.screen import calibrate_tau
-    from mlflow_project.sweep.presets import ood_gated_config
+    from mlflow_project.sweep.presets import inner_config, ood_gated_pairs
 
     taus: dict[tuple[str, str], float] = {}
-    for inside in preset.ood_gated_inside:
-        for outside in preset.ood_gated_outside:
-            config = ood_gated_config(1.0, inside, outside, preset.ood_gated_epsilon)
-            misinformation = resolve_misinformation(preset, vict, victim_path, progress) \
-                if needs_misinformation(config) else None
-            found = calibrate_tau(vict, config["inside"], config["outside"], preset.ood_gated_max_drop,
-                                  surrogate_seed=preset.surrogate_seed, misinformation=misinformation)
-            taus[(inside, outside)] = found["tau"]
-            print(f"ood_gated_max_drop {preset.ood_gated_max_drop:g}: tau {found['tau']:g} for inside={inside}, "
-                  f"outside={outside} (benign drop {found['drop']:.2f} points; the gate takes "
-                  f"{100 * found['gated']:.2f} % of the test rows)", file=sys.stderr)
+    for inside, outside in ood_gated_pairs(preset):
+        configs = [inner_config(name, preset.ood_gated_epsilon) for name in (inside, outside)]
+        misinformation = resolve_misinformation(preset, vict, victim_path, progress) \
+            if any(needs_misinformation(c) for c in configs) else None
+        found = calibrate_tau(vict, *configs, preset.ood_gated_max_drop, surrogate_seed=preset.surrogate_seed,
+                              misinformation=misinformation)
+        taus[(inside, outside)] = found["tau"]
+        print(f"ood_gated_max_drop {preset.ood_gated_max_drop:g}: tau {found['tau']:g} for inside={inside}, "
+              f"outside={outside} (benign drop {found['drop']:.2f} points; the gate takes "
+              f"{100 * found['gated']:.2f} % of the test rows)", file=sys.stderr)
     return taus
 
 
