@@ -160,9 +160,11 @@ def seed_table(points: Sequence[dict], per_seed: Sequence[dict] = ()) -> str:
                      f"{notes} |")
     lines += ["", "Clone accuracies in %, mean over the point's seeds [min-max]; strongest = the better of the "
               "soft-label clone and its top-1 twin per seed. A difference is 'inside the seed spread' when the "
-              "two min-max ranges overlap (the selection calls such a win noise). 'Paired by seed': the difference "
-              "seed by seed on the seeds both points share (same queries, same clone initialisation) at the same "
-              "torch thread count, with its mean; information beside the range rule, not a test. Threads: the "
+              "two min-max ranges overlap. 'Paired by seed': the difference seed by seed on the seeds both points "
+              "share (same queries, same clone initialisation) at the same torch thread count, its mean, and a "
+              "one-sided exact sign test of 'lower'. The selection counts a win over label_only outside the seed "
+              "spread, or inside it when the sign test gives p <= 0.05 (5 of 5 paired seeds lower); anything "
+              "else is noise (sweep/select.py). Threads: the "
               "torch thread counts the point's clones were trained at ('-': not recorded); a clone trained at "
               "another count is another sample, not the same clone."]
     return "\n".join(lines)

@@ -7,13 +7,23 @@
   (``attacker_accuracy_strongest``, the better of the soft and the top-1 clone; ties: higher defender
   accuracy, then smaller L1). The grid must hold the ``label_only`` point: a defense is recommended only if it
   does better against the strongest attacker than label_only (which costs benign users every probability but
-  no top-1 accuracy), and by more than the seeds' noise: when the points carry several seeds (the sweep's
-  per-point means, with ``attacker_accuracy_strongest_min`` / ``_max``), the candidate's worst seed must be
-  below label_only's best seed; with one seed on both sides the spread is unknown and a strict win counts,
-  and the reason says so. If nothing does, the selection says so and recommends label_only, or the undefended
-  point when label_only itself breaks the caps; never a point that only wins against the soft attacker, or
-  only by noise. Given the per-seed rows, the reason also gives the point's difference from label_only seed by
-  seed (:func:`paired_note`: same queries and initialisation per seed), as information beside the rule.
+  no top-1 accuracy), and by more than the seeds' noise. A win beyond noise is either
+  (a) by range: when the points carry several seeds (the sweep's per-point means, with
+  ``attacker_accuracy_strongest_min`` / ``_max``), the candidate's worst seed is below label_only's best seed,
+  and label_only was measured with at least as many seeds as the candidate (a one-seed label_only has no
+  spread to be outside of; the reason says to give it the candidate's seeds); with one seed on both sides the
+  spread is unknown, a strict win counts and the reason says so; or
+  (b) paired by seed: given the per-seed rows, the candidate is lower than label_only on so many of the seeds
+  both were measured with (at one torch thread count) that a one-sided exact sign test gives
+  p <= :data:`PAIRED_ALPHA` (``scipy.stats.binomtest``): with 5 paired seeds, lower on all 5 (p = 1/32). A seed
+  fixes the attacker's queries and its clones' initialisation, so the paired difference removes the seed's own
+  effect that the range comparison keeps; 0.05 is the range rule's own false-positive rate at 3 seeds a side
+  (3 exchangeable values all below 3 others: 1/C(6,3) = 1/20), so (b) is no looser than (a) at the headline
+  seed count.
+  If nothing does, the selection says so and recommends label_only, or the undefended point when label_only
+  itself breaks the caps; never a point that only wins against the soft attacker, or only by noise. Given the
+  per-seed rows, the reason also gives the point's difference from label_only seed by seed
+  (:func:`paired_note`).
 - :func:`tag_recommended`: tag that child run ``stealguard.recommended=true`` and remove the tag from every other
   run of the same sweep; the parent run records ``stealguard.recommended_run_id``.
 - :func:`find_recommended_run`: what the registry step calls to get the recommended run (of one sweep, or the
@@ -83,20 +93,29 @@ def strongest_range(point: Mapping[str, Any]) -> tuple[float, float]:
     return strongest(point), strongest(point)
 
 
-def spread_known(point: Mapping[str, Any]) -> bool:
-    """Whether the point was measured with more than one seed (``n_seeds``, as the sweep's means carry it)."""
+def n_seeds(point: Mapping[str, Any]) -> int:
+    """How many seeds a point was measured with (``n_seeds``, as the sweep's means carry it; 1 if absent)."""
     try:
-        return int(float(point.get("n_seeds") or 1)) > 1
+        return max(1, int(float(point.get("n_seeds") or 1)))
     except (TypeError, ValueError):
-        return False
+        return 1
+
+
+def spread_known(point: Mapping[str, Any]) -> bool:
+    """Whether the point was measured with more than one seed."""
+    return n_seeds(point) > 1
 
 
 def inside_spread(candidate: Mapping[str, Any], floor: Mapping[str, Any]) -> bool:
     """Whether ``candidate``'s win over ``floor`` is inside the seeds' noise: some seed of the candidate did no
     better than some seed of ``floor`` (their min-max ranges of the strongest attacker's accuracy overlap; a
-    one-seed point's range is its value). With one seed on both sides nothing is known, and this is False."""
+    one-seed point's range is its value), or ``floor`` was measured with fewer seeds than ``candidate`` (its
+    range is then narrower than it would be, so being outside it says little). With one seed on both sides
+    nothing is known, and this is False."""
     if not (spread_known(candidate) or spread_known(floor)):
         return False
+    if n_seeds(floor) < n_seeds(candidate):
+        return True
     return strongest_range(candidate)[1] >= strongest_range(floor)[0]
 
 
@@ -123,28 +142,64 @@ def by_seed(per_seed: Iterable[Mapping[str, Any]], defense_config: str) -> dict[
     return out
 
 
-def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
-                per_seed: Sequence[Mapping[str, Any]], name: str) -> str:
-    """``p`` minus ``ref`` seed by seed, on the seeds both were measured with (at least 2), in points, and on how
-    many of those seeds ``p`` is lower. A seed fixes the attacker's queries and its clones' initialisation, so a
-    paired difference removes the seed's own effect that a min-max range comparison keeps. Information only:
-    the selection still calls a win inside the seed spread noise (with 3 seeds no paired test is conclusive).
-    A seed is paired only at the same torch thread count: at another count the clones train differently
-    (:func:`mlflow_project.sweep.run.threaded_key`), and the note says which seeds that left out."""
+@dataclass(frozen=True)
+class Paired:
+    """``p`` minus ``ref`` seed by seed (:func:`paired`): the seeds both were measured with at one thread count,
+    the differences in accuracy points, and the seeds left out because their thread counts differ."""
+    seeds: tuple[int, ...]
+    diffs: tuple[float, ...]
+    apart: tuple[str, ...]
+
+    @property
+    def lower(self) -> int:
+        return sum(d < 0 for d in self.diffs)
+
+    @property
+    def p_value(self) -> float:
+        """One-sided exact sign test of "``p`` is lower than ``ref``" (a tie counts as not lower); 1.0 with no
+        paired seed."""
+        if not self.seeds:
+            return 1.0
+        from scipy.stats import binomtest
+
+        return float(binomtest(self.lower, len(self.seeds), 0.5, alternative="greater").pvalue)
+
+
+# (b) of the module doc: the paired sign test's level; 1/20, the range rule's false-positive rate at 3 seeds a side
+PAIRED_ALPHA = 0.05
+
+
+def paired(p: Mapping[str, Any], ref: Mapping[str, Any] | None, per_seed: Sequence[Mapping[str, Any]]) -> Paired:
+    """``p`` against ``ref`` seed by seed in the sweep's per-seed rows. A seed is paired only at the same torch
+    thread count: at another count the clones train differently (:func:`mlflow_project.sweep.run.threaded_key`)."""
     if not per_seed or ref is None or ref is p or "defense_config" not in p or "defense_config" not in ref:
-        return ""
+        return Paired((), (), ())
     mine, theirs = by_seed(per_seed, p["defense_config"]), by_seed(per_seed, ref["defense_config"])
     both = sorted(set(mine) & set(theirs))
-    shared = [s for s in both if mine[s][1] == theirs[s][1]]
-    apart = [f"seed {s} at {mine[s][1] or '?'} vs {theirs[s][1] or '?'} threads" for s in both if s not in shared]
-    left_out = f"; not paired: {', '.join(apart)}" if apart else ""
-    if len(shared) < 2:
-        return f"paired by seed vs {name}: too few seeds at one thread count{left_out}" if apart else ""
-    diffs = [100 * (mine[s][0] - theirs[s][0]) for s in shared]
-    lower = sum(d < 0 for d in diffs)
+    shared = tuple(s for s in both if mine[s][1] == theirs[s][1])
+    apart = tuple(f"seed {s} at {mine[s][1] or '?'} vs {theirs[s][1] or '?'} threads" for s in both
+                  if s not in shared)
+    return Paired(shared, tuple(100 * (mine[s][0] - theirs[s][0]) for s in shared), apart)
+
+
+def paired_win(p: Mapping[str, Any], ref: Mapping[str, Any], per_seed: Sequence[Mapping[str, Any]]) -> bool:
+    """(b) of the module doc: ``p`` is lower than ``ref`` on enough paired seeds (sign test p <= PAIRED_ALPHA)."""
+    return paired(p, ref, per_seed).p_value <= PAIRED_ALPHA
+
+
+def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
+                per_seed: Sequence[Mapping[str, Any]], name: str) -> str:
+    """``p`` minus ``ref`` seed by seed, on the seeds both were measured with (at least 2), in points, on how
+    many of those seeds ``p`` is lower, and the one-sided sign test's p-value (:class:`Paired`); the note says
+    which seeds a differing thread count left out."""
+    pair = paired(p, ref, per_seed)
+    left_out = f"; not paired: {', '.join(pair.apart)}" if pair.apart else ""
+    if len(pair.seeds) < 2:
+        return f"paired by seed vs {name}: too few seeds at one thread count{left_out}" if pair.apart else ""
+    diffs = pair.diffs
     return (f"paired by seed vs {name}: {sum(diffs) / len(diffs):+.1f} ("
-            + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, shared))}; lower on "
-            f"{lower} of {len(shared)}{left_out})")
+            + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, pair.seeds))}; lower on "
+            f"{pair.lower} of {len(pair.seeds)}, sign test p = {pair.p_value:.3g}{left_out})")
 
 
 def within_caps(point: Mapping[str, Any], max_drop: float, max_l1: float) -> bool:
@@ -156,9 +211,9 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0, max_l1: f
            per_seed: Sequence[Mapping[str, Any]] = ()) -> Selection:
     """The operating point (see the module doc) and why it was chosen. Points need ``defense`` (the defense's
     name), victim/defender accuracy, the attacker accuracy and ``perturbation_l1_mean``. ``per_seed``: the
-    sweep's rows, one per point and seed; with them the reason adds the chosen (or the nearest noisy) point's
-    difference from label_only paired by seed (:func:`paired_note`; information only, the rule stays the
-    min-max one)."""
+    sweep's rows, one per point and seed; with them a win may also count by the paired sign test ((b) of the
+    module doc), and the reason adds the chosen (or the nearest noisy) point's difference from label_only paired
+    by seed (:func:`paired_note`)."""
     if not 0 <= max_drop <= 100:
         raise ValueError(f"max_drop: must be in [0, 100] accuracy points; got {max_drop}")
     if not max_l1 >= 0:
@@ -185,22 +240,31 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0, max_l1: f
     floor = min(label_only, key=key)
     caps = f"drop <= {max_drop:g} points, mean L1 <= {max_l1:g}"
     winners = [p for p in eligible if p.get("defense") != LABEL_ONLY and strongest(p) < strongest(floor)]
-    beyond_noise = [p for p in winners if not inside_spread(p, floor)]
-    if beyond_noise:
-        best = min(beyond_noise, key=key)
+    by_range = [p for p in winners if not inside_spread(p, floor)]
+    by_pairs = [p for p in winners if p not in by_range and paired_win(p, floor, per_seed)]
+    if by_range or by_pairs:
+        best = min(by_range + by_pairs, key=key)
         gain = 100 * (strongest(floor) - strongest(best))
-        spread = ("outside the seed spread" if spread_known(best) or spread_known(floor)
-                  else "one seed each, so the spread is unknown")
-        paired = paired_note(best, floor, per_seed, "label_only")
+        pair = paired(best, floor, per_seed)
+        if best in by_pairs:
+            why = (f"inside the min-max seed spread, but lower on {pair.lower} of {len(pair.seeds)} paired seeds: "
+                   f"sign test p = {pair.p_value:.3g} <= {PAIRED_ALPHA:g}")
+        elif spread_known(best) or spread_known(floor):
+            why = "outside the seed spread"
+        else:
+            why = "one seed each, so the spread is unknown"
+        note = paired_note(best, floor, per_seed, "label_only")
         return Selection(best, f"{best.get('label', best['defense'])} is the lowest strongest-attacker accuracy "
-                               f"within {caps}, {gain:.2f} points below label_only ({spread})"
-                               + (f"; {paired}" if paired else ""), True)
+                               f"within {caps}, {gain:.2f} points below label_only ({why})"
+                               + (f"; {note}" if note else ""), True)
     noise = ""
     if winners:
         near = min(winners, key=key)
-        paired = paired_note(near, floor, per_seed, "label_only")
+        note = paired_note(near, floor, per_seed, "label_only")
+        few = (f" (label_only has {n_seeds(floor)} seed(s) against its {n_seeds(near)}: measure label_only at the "
+               "same seeds)" if n_seeds(floor) < n_seeds(near) else "")
         noise = (f"; {near.get('label', near['defense'])} is {100 * (strongest(floor) - strongest(near)):.2f} points "
-                 "lower, inside the seed spread: noise" + (f" ({paired})" if paired else ""))
+                 f"lower, inside the seed spread{few}: noise" + (f" ({note})" if note else ""))
     if within_caps(floor, max_drop, max_l1):
         return Selection(floor, f"no defense within {caps} beats label_only against the strongest attacker "
                                 f"({100 * strongest(floor):.2f}%){noise}; recommending label_only", False)

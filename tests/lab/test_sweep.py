@@ -201,8 +201,8 @@ def test_a_win_over_label_only_inside_the_seed_spread_is_noise_and_not_chosen():
 
 def test_the_selection_reason_gives_the_noisy_win_paired_by_seed():
     """The in-distribution case (2026-12-02): MAD 0.7 lower than label_only on each of the 3 seeds, but the
-    min-max ranges overlap. The rule still calls it noise and recommends label_only; the reason adds the paired
-    per-seed differences, and only on the seeds both points share."""
+    min-max ranges overlap and 3 of 3 is no paired win (sign test p = 1/8 > 0.05). Noise: label_only is
+    recommended; the reason adds the paired per-seed differences, and only on the seeds both points share."""
     def seeds(defense, values, **extra):
         config = json.dumps({"name": defense, **extra})
         return [{"defense_config": config, "seed": s, "attacker_accuracy_strongest": v}
@@ -219,7 +219,7 @@ def test_the_selection_reason_gives_the_noisy_win_paired_by_seed():
     sel = choose([und, mad, lab], per_seed=per_seed)
     assert sel.point is lab and not sel.beats_label_only
     assert ("mad is 1.03 points lower, inside the seed spread: noise (paired by seed vs label_only: -1.0 "
-            "(-2.0 / -0.5 / -0.6 on seeds 0,1,2; lower on 3 of 3))") in sel.reason
+            "(-2.0 / -0.5 / -0.6 on seeds 0,1,2; lower on 3 of 3, sign test p = 0.125))") in sel.reason
     assert "paired" not in choose([und, mad, lab]).reason  # without the per-seed rows: the rule alone
     # a real win carries its paired difference too
     mad_far = seeds("mad", [0.60, 0.65, 0.62], epsilon=0.7)
@@ -227,6 +227,76 @@ def test_the_selection_reason_gives_the_noisy_win_paired_by_seed():
            "attacker_accuracy_strongest_max": 0.65}
     sel = choose([und, far, lab], per_seed=[*lab_seeds, *mad_far])
     assert sel.point is far and "; paired by seed vs label_only: -12.7 (-10.0 / -15.0 / -13.0" in sel.reason
+
+
+def _seeded(defense: str, values: list[float], **extra) -> tuple[dict, list[dict]]:
+    """A point with the mean / min / max of ``values`` over seeds 0.. and its per-seed rows."""
+    config = json.dumps({"name": defense, **extra})
+    rows = [{"defense_config": config, "seed": s, "attacker_accuracy_strongest": v, "threads": 1}
+            for s, v in enumerate(values)]
+    point = {**_point(defense, 0.9228, 0.9143 if defense != "label_only" else 0.9228, sum(values) / len(values),
+                      l1=0.09 if defense != "label_only" else 0.07),
+             "n_seeds": len(values), "attacker_accuracy_strongest_min": min(values),
+             "attacker_accuracy_strongest_max": max(values), "defense_config": config}
+    return point, rows
+
+
+def test_a_win_lower_on_every_one_of_5_paired_seeds_counts_though_the_ranges_overlap():
+    """Session 13's paper-protocol measurement: ood_gated(tau 0.565, label_only inside, MAD l1 2 outside) is
+    38.0 / 35.2 / 34.5 / 31.5 / 34.0 % against label_only's 43.8 / 37.4 / 43.3 / 40.7 / 41.9 %: the ranges
+    overlap by 0.6 points (38.0 >= 37.4), but it is lower on all 5 paired seeds (sign test p = 1/32 <= 0.05)."""
+    und, und_rows = _seeded("identity", [0.535])
+    lab, lab_rows = _seeded("label_only", [0.438, 0.374, 0.433, 0.407, 0.419])
+    ood, ood_rows = _seeded("ood_gated", [0.380, 0.352, 0.345, 0.315, 0.340], tau=0.565)
+    sel = choose([und, ood, lab], per_seed=[*und_rows, *lab_rows, *ood_rows])
+    assert sel.point is ood and sel.beats_label_only
+    assert ("6.78 points below label_only (inside the min-max seed spread, but lower on 5 of 5 paired seeds: "
+            "sign test p = 0.0312 <= 0.05)") in sel.reason
+    assert "-5.8 / -2.2 / -8.8 / -9.2 / -7.9 on seeds 0,1,2,3,4; lower on 5 of 5" in sel.reason
+    # without the per-seed rows only the range rule speaks: noise
+    assert choose([und, ood, lab]).point is lab
+    # 4 paired seeds, or one seed where it is not lower, or a seed at another thread count: not enough
+    four = [r for r in [*lab_rows, *ood_rows] if r["seed"] < 4]
+    assert choose([und, ood, lab], per_seed=four).point is lab
+    flipped = [*lab_rows, *ood_rows[:4], {**ood_rows[4], "attacker_accuracy_strongest": 0.42}]
+    assert choose([und, ood, lab], per_seed=flipped).point is lab
+    other_threads = [*lab_rows, *ood_rows[:4], {**ood_rows[4], "threads": 2}]
+    sel = choose([und, ood, lab], per_seed=other_threads)
+    assert sel.point is lab and "not paired: seed 4 at 2 vs 1 threads" in sel.reason
+    # a tie on a seed is not "lower"
+    tied = [*lab_rows, *ood_rows[:4], {**ood_rows[4], "attacker_accuracy_strongest": 0.419}]
+    assert choose([und, ood, lab], per_seed=tied).point is lab
+
+
+def test_paired_sign_test_matches_a_direct_count():
+    """Paired.p_value against the exact binomial tail, computed by hand: P(X >= k), X ~ Bin(n, 1/2)."""
+    from math import comb
+
+    from mlflow_project.sweep.select import paired
+
+    for values in ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.5, 0.1, 0.5, 0.1, 0.5, 0.1, 0.5]):
+        ref, ref_rows = _seeded("label_only", [0.3] * len(values))
+        p, rows = _seeded("mad", values, epsilon=0.7)
+        pair = paired(p, ref, [*ref_rows, *rows])
+        n, k = len(values), sum(v < 0.3 for v in values)
+        assert pair.lower == k and len(pair.seeds) == n
+        assert pair.p_value == pytest.approx(sum(comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+    assert paired(p, ref, []).p_value == 1.0
+
+
+def test_a_label_only_with_fewer_seeds_than_the_candidate_is_no_range_to_be_outside_of():
+    """Session 13's seed-0-only sweep: label_only at 1 seed (43.8 %), the candidate at 3 seeds [34.5-38.0]. The
+    ranges do not overlap, but label_only's has no width; the win is noise until label_only has the seeds."""
+    und, _ = _seeded("identity", [0.535])
+    lab, _ = _seeded("label_only", [0.438])
+    ood, _ = _seeded("ood_gated", [0.380, 0.352, 0.345], tau=0.565)
+    sel = choose([und, ood, lab])
+    assert sel.point is lab and not sel.beats_label_only
+    assert "inside the seed spread (label_only has 1 seed(s) against its 3: measure label_only at the same seeds)" \
+        in sel.reason
+    lab3, _ = _seeded("label_only", [0.438, 0.420, 0.430])  # with its seeds, outside the spread: a win
+    sel = choose([und, ood, lab3])
+    assert sel.point is ood and "outside the seed spread" in sel.reason
 
 
 def test_a_point_over_max_l1_is_not_chosen_and_label_only_over_the_caps_falls_back_to_undefended():

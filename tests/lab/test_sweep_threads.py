@@ -150,8 +150,8 @@ def test_seeds_pair_only_at_one_thread_count():
     mad = {"defense_config": json.dumps({"name": "mad"})}
     lab = {"defense_config": json.dumps({"name": "label_only"})}
     note = paired_note(mad, lab, per_seed, "label_only")
-    assert note == ("paired by seed vs label_only: +0.0 (-1.0 / +1.0 on seeds 1,2; lower on 1 of 2; "
-                    "not paired: seed 0 at 2 vs 1 threads)")
+    assert note == ("paired by seed vs label_only: +0.0 (-1.0 / +1.0 on seeds 1,2; lower on 1 of 2, "
+                    "sign test p = 0.75; not paired: seed 0 at 2 vs 1 threads)")
     note = paired_note(mad, lab, per_seed[:2] + per_seed[3:5], "label_only")
     assert note == ("paired by seed vs label_only: too few seeds at one thread count; not paired: seed 0 at 2 vs 1 "
                     "threads")
