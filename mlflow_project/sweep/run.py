@@ -37,14 +37,15 @@ adds fixed taus beside it.
 
 Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every (point,
 seed) run, its metrics, run id and thread count, then the grid's points finished at other thread counts, status
-``other_threads``: :func:`preferred_rows`), ``points_mean.csv`` (one row per point: the mean over its seeds and the
-min/max of each attacker accuracy), ``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` (strongest
-attacker), ``attacker_soft_vs_l1.png``, ``attacker_top1_vs_l1.png`` and ``selection.json``. The selection
-(:func:`select.choose`, on the per-point means) picks, among points whose defender accuracy dropped by at most
-``--max-drop`` points and whose mean L1 is at most ``--max-l1``, the lowest strongest-attacker accuracy, and only
-if it beats label_only (else label_only, or the undefended point); it prints why and tags the point's run (its
-first seed's) ``stealguard.recommended=true`` (:func:`select.find_recommended_run` and ``register --sweep-run``
-find it again).
+``other_threads``: :func:`preferred_rows`, and the grid's points finished in the store at seeds this run was not
+given, status ``stored``, e.g. a second driver's seeds of the same sweep: :func:`stored_rows`), ``points_mean.csv``
+(one row per point: the mean over its seeds and the min/max of each attacker accuracy),
+``attacker_vs_defender_accuracy.png``, ``attacker_vs_l1.png`` (strongest attacker), ``attacker_soft_vs_l1.png``,
+``attacker_top1_vs_l1.png`` and ``selection.json``. The selection (:func:`select.choose`, on the per-point means)
+picks, among points whose defender accuracy dropped by at most ``--max-drop`` points and whose mean L1 is at most
+``--max-l1``, the lowest strongest-attacker accuracy, and only if it beats label_only (else label_only, or the
+undefended point); it prints why and tags the point's run (its first seed's) ``stealguard.recommended=true``
+(:func:`select.find_recommended_run` and ``register --sweep-run`` find it again).
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ NUMERIC_COLUMNS = (*METRIC_COLUMNS, "accuracy_drop_points", "seconds", "epsilon"
                    "k", "seed", "n_seeds", *(f"{c}_{e}" for c in SPREAD_COLUMNS for e in ("min", "max")))
 PROTOCOL_VERSION = 2  # part of every key: points recorded before the attackers were a set are not reused
 OTHER_THREADS = "other_threads"  # a row's status: a finished point of the grid at another thread count (a stand-in)
+# a row's status: a finished (point, seed) of the grid in this sweep's store that this run was not asked for (e.g.
+# another driver's seeds of the same sweep, run beside this one): the parent's outputs hold every finished seed
+STORED = "stored"
 PARENT_KIND = "sweep"
 POINT_KIND = "sweep_point"
 EXECUTORS = ("local", "ray")
@@ -353,6 +357,24 @@ def other_count_rows(done: Mapping[str, Any], spec: SweepSpec,
         if tags.get(MEASUREMENT_KEY_TAG) in order and threads != str(spec.threads):
             found.append((order[tags[MEASUREMENT_KEY_TAG]], int(threads) if threads.isdigit() else 0, key, run))
     return [_reused_row(*todo[i], run, key, status=OTHER_THREADS) for i, _, key, run in sorted(found)]
+
+
+def stored_rows(done: Mapping[str, Any], spec: SweepSpec,
+                todo: Sequence[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+    """Rows (status ``stored``) of the finished runs of the grid's points, at the sweep's thread count, at seeds
+    that ``todo`` does not hold: two drivers of one sweep (say seeds 0 and 1,2 side by side) share its parent run,
+    and whichever finishes last writes the parent's outputs from every seed either measured, not only its own."""
+    asked = {spec.point_key(d, s) for d, s in todo}
+    seeds = sorted({int(float(run.data.params["seed"])) for run in done.values()
+                    if _is_number(run.data.params.get("seed"))})
+    configs = list({json.dumps(d, sort_keys=True): d for d, _ in todo}.values())
+    out = []
+    for seed in seeds:
+        for defense in configs:
+            key = spec.point_key(defense, seed)
+            if key in done and key not in asked:
+                out.append(_reused_row(defense, seed, done[key], key, status=STORED))
+    return out
 
 
 def preferred_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -624,7 +646,7 @@ def run_sweep(
             run = done.get(spec.point_key(defense, seed))
             if run is not None:
                 rows.append(_reused_row(defense, seed, run, spec.point_key(defense, seed)))
-        rows += other_count_rows(done, spec, todo)
+        rows += other_count_rows(done, spec, todo) + stored_rows(done, spec, todo)
         if not rows:
             raise LookupError(f"report_only: sweep {sweep_key} has no finished point yet, at {threads} torch threads "
                               f"or any other (points recorded before the thread count was part of the point key "
@@ -704,7 +726,8 @@ def run_sweep(
             if shared:
                 shared.save()
         new = len(jobs)
-        rows = [r for r in slots if r is not None] + other_count_rows(done, spec, todo)
+        done = finished_points(client, experiment_id, sweep_key)  # again: another driver may have finished seeds
+        rows = [r for r in slots if r is not None] + other_count_rows(done, spec, todo) + stored_rows(done, spec, todo)
         bar.close()
 
         recommended, artifacts = _finish(client, experiment_id, sweep_key, parent_id, rows, out_dir, preset, caps)

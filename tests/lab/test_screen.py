@@ -112,4 +112,4 @@ def test_calibrate_tau_is_the_largest_tau_within_the_drop(digits_victim):
         assert found["gated"] == pytest.approx((probs.max(1).values < found["tau"]).double().mean().item())
     with pytest.raises(ValueError, match=r"ood_gated_max_drop: no tau in \[0.3, 0.95\] keeps ood_gated"):
         sc.calibrate_tau(digits_victim, MAD1, outside, 0.0, taus=taus)
-    assert sc.CALIBRATION_TAUS[0] == 0.5 and sc.CALIBRATION_TAUS[-1] == 0.995 and len(sc.CALIBRATION_TAUS) == 100
+    assert sc.CALIBRATION_TAUS[0] == 0.1 and sc.CALIBRATION_TAUS[-1] == 0.995 and len(sc.CALIBRATION_TAUS) == 180

@@ -542,6 +542,28 @@ def test_seeds_are_points_of_one_sweep_and_adding_seeds_runs_only_the_new_ones(t
         sw.point_seeds(get_preset("tiny", seeds="0,1", multi_seed_points=("nope",)), grid)
 
 
+def test_a_second_driver_of_the_same_sweep_reports_the_first_ones_seeds_too(tmp_path, victim_dir, tracking_uri):
+    """Two drivers of one sweep (seeds 0, then seeds 1 with the same grid) share its parent run; the second's
+    outputs, logged to that parent, hold both seeds (seed 0's rows as status ``stored``), not only its own."""
+    grid = [{"name": "identity"}, {"name": "label_only"}]
+    first = sw.run_sweep(get_preset("tiny", seeds="0"), victim=victim_dir, tracking_uri=tracking_uri,
+                         experiment="drivers", results_dir=tmp_path / "a", progress=False, grid=grid)
+    second = sw.run_sweep(get_preset("tiny", seeds="1"), victim=victim_dir, tracking_uri=tracking_uri,
+                          experiment="drivers", results_dir=tmp_path / "b", progress=False, grid=grid)
+    assert second.parent_run_id == first.parent_run_id and second.new_points == 2
+    assert [(p["label"], int(p["seed"]), p["status"]) for p in sw.read_points(second.artifacts["csv"])] == [
+        ("identity", 1, "new"), ("label_only", 1, "new"), ("identity", 0, "stored"), ("label_only", 0, "stored")]
+    assert {p["label"]: int(p["n_seeds"]) for p in sw.read_points(second.artifacts["csv_mean"])} == {
+        "identity": 2, "label_only": 2}
+    by_run = {p["run_id"] for p in first.points}
+    assert {p["run_id"] for p in second.points if p["status"] == "stored"} == by_run  # the first driver's runs
+    report = sw.run_sweep(get_preset("tiny", seeds="0"), victim=victim_dir, tracking_uri=tracking_uri,
+                          experiment="drivers", results_dir=tmp_path / "c", progress=False, grid=grid,
+                          report_only=True)
+    assert sorted((p["label"], int(p["seed"])) for p in report.points) == [
+        ("identity", 0), ("identity", 1), ("label_only", 0), ("label_only", 1)]
+
+
 def test_point_labels_split_on_top_level_commas_only():
     text = "identity, ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), outside=label_only),mad(epsilon=0.9)"
     assert sw.split_labels(text) == ("identity", "ood_gated(tau=0.9, inside=mad_argmax(epsilon=1), "
