@@ -5,7 +5,7 @@ Steps (each prints what it does):
 2. sweep defenses against a Knockoff attacker with out-of-distribution queries (the ``quick`` preset with
    ``mnist5k``: 5,000 real MNIST digits against the Fashion-MNIST victim), every point attacked by the soft and
    the top-1 clone; selection takes the strongest of the two within max_drop and max_l1 and never recommends a
-   point that is not strictly below label_only (sweep/select.py), so the recommendation may honestly be
+   point that is not below label_only by more than the seeds' noise (sweep/select.py), so it may honestly be
    label_only or identity: the demo prints why it chose what it chose;
 3. register that defense config as a new MLflow model version and move the ``production`` alias to it;
 4. build two archives: the production one from ``models:/<name>@production``, with the per-client monitor in
@@ -197,8 +197,9 @@ def sweep_and_promote(cfg: DemoConfig, victim_dir: Path, victim_uri: str, name: 
     config = json.loads(rec["defense_config"])
     say(f"selection rule: the lowest strongest-attacker accuracy (max of the soft and the top-1 clone) within a "
         f"defender-accuracy drop <= {preset.max_drop:g} points and a mean L1 <= {preset.max_l1:g}, and only if "
-        "below label_only's by more than the seed spread (strictly, with one seed); else label_only (or identity "
-        "when label_only breaks the caps)")
+        "below label_only's by more than the seeds' noise (outside the min-max spread, or lower on enough paired "
+        "seeds for a sign test at p <= 0.05; with one seed a side no win counts); else label_only (or identity when "
+        "label_only breaks the caps)")
     say(f"label_only: strongest attacker {point_line(label_only)}")
     say(f"chosen: {rec['label']}: strongest attacker {point_line(rec)}")
     say(f"why: {rec['selection_reason']}")

@@ -11,8 +11,10 @@
   (a) by range: when the points carry several seeds (the sweep's per-point means, with
   ``attacker_accuracy_strongest_min`` / ``_max``), the candidate's worst seed is below label_only's best seed,
   and label_only was measured with at least as many seeds as the candidate (a one-seed label_only has no
-  spread to be outside of; the reason says to give it the candidate's seeds); with one seed on both sides the
-  spread is unknown, a strict win counts and the reason says so; or
+  spread to be outside of; the reason says to give it the candidate's seeds). With one seed on both sides the
+  spread is unknown and no win counts: the reason says so and to add seeds (measured 2026-12-07: the demo's
+  one-seed quick sweep had ood_gated 0.04 points under label_only at a 0.86-point benign cost; over HTTP that
+  defense's clone was 3.1 points under the undefended twin's and label_only's 3.6 under it); or
   (b) paired by seed: given the per-seed rows, the candidate is lower than label_only on so many of the seeds
   both were measured with (at one torch thread count) that a one-sided exact sign test gives
   p <= :data:`PAIRED_ALPHA` (``scipy.stats.binomtest``): with 5 paired seeds, lower on all 5 (p = 1/32). A seed
@@ -110,10 +112,10 @@ def inside_spread(candidate: Mapping[str, Any], floor: Mapping[str, Any]) -> boo
     """Whether ``candidate``'s win over ``floor`` is inside the seeds' noise: some seed of the candidate did no
     better than some seed of ``floor`` (their min-max ranges of the strongest attacker's accuracy overlap; a
     one-seed point's range is its value), or ``floor`` was measured with fewer seeds than ``candidate`` (its
-    range is then narrower than it would be, so being outside it says little). With one seed on both sides
-    nothing is known, and this is False."""
+    range is then narrower than it would be, so being outside it says little), or both have one seed (nothing is
+    known about the spread, so no difference is beyond it)."""
     if not (spread_known(candidate) or spread_known(floor)):
-        return False
+        return True
     if n_seeds(floor) < n_seeds(candidate):
         return True
     return strongest_range(candidate)[1] >= strongest_range(floor)[0]
@@ -249,10 +251,8 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0, max_l1: f
         if best in by_pairs:
             why = (f"inside the min-max seed spread, but lower on {pair.lower} of {len(pair.seeds)} paired seeds: "
                    f"sign test p = {pair.p_value:.3g} <= {PAIRED_ALPHA:g}")
-        elif spread_known(best) or spread_known(floor):
-            why = "outside the seed spread"
         else:
-            why = "one seed each, so the spread is unknown"
+            why = "outside the seed spread"
         note = paired_note(best, floor, per_seed, "label_only")
         return Selection(best, f"{best.get('label', best['defense'])} is the lowest strongest-attacker accuracy "
                                f"within {caps}, {gain:.2f} points below label_only ({why})"
@@ -261,8 +261,13 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0, max_l1: f
     if winners:
         near = min(winners, key=key)
         note = paired_note(near, floor, per_seed, "label_only")
-        few = (f" (label_only has {n_seeds(floor)} seed(s) against its {n_seeds(near)}: measure label_only at the "
-               "same seeds)" if n_seeds(floor) < n_seeds(near) else "")
+        if not (spread_known(near) or spread_known(floor)):
+            few = " (one seed each, so the spread is unknown: measure both at more seeds, e.g. --seeds 0,1,2)"
+        elif n_seeds(floor) < n_seeds(near):
+            few = (f" (label_only has {n_seeds(floor)} seed(s) against its {n_seeds(near)}: measure label_only at "
+                   "the same seeds)")
+        else:
+            few = ""
         noise = (f"; {near.get('label', near['defense'])} is {100 * (strongest(floor) - strongest(near)):.2f} points "
                  f"lower, inside the seed spread{few}: noise" + (f" ({note})" if note else ""))
     if within_caps(floor, max_drop, max_l1):

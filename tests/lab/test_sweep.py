@@ -133,13 +133,17 @@ def test_sweep_tags_exactly_the_selected_point(tiny):
     assert json.loads(run.data.params["defense_config"])["name"] == expected["defense"]
 
 
-def _point(name, victim, defender, attacker, l1=0.1, soft=None, top1=None):
-    """A point; ``attacker`` is the strongest attacker's accuracy (soft / top-1 default to it)."""
+def _point(name, victim, defender, attacker, l1=0.1, soft=None, top1=None, n_seeds=3):
+    """A point; ``attacker`` is the strongest attacker's accuracy (soft / top-1 default to it), the same on each of
+    its ``n_seeds`` seeds (so a difference between two points is outside their spread unless a test says
+    otherwise)."""
     soft = attacker if soft is None else soft
     top1 = attacker if top1 is None else top1
     return {"defense": name, "label": name, "victim_accuracy": victim, "defender_accuracy": defender,
             "attacker_accuracy": max(soft, top1), "attacker_accuracy_strongest": max(soft, top1),
-            "attacker_accuracy_soft": soft, "attacker_accuracy_top1": top1, "perturbation_l1_mean": l1}
+            "attacker_accuracy_strongest_min": max(soft, top1), "attacker_accuracy_strongest_max": max(soft, top1),
+            "attacker_accuracy_soft": soft, "attacker_accuracy_top1": top1, "perturbation_l1_mean": l1,
+            "n_seeds": n_seeds}
 
 
 def test_select_point_respects_the_drop_and_breaks_ties():
@@ -191,12 +195,15 @@ def test_a_win_over_label_only_inside_the_seed_spread_is_noise_and_not_chosen():
              "attacker_accuracy_strongest_max": 0.326}
     sel = choose([und, three, lab])
     assert sel.point is three and sel.beats_label_only and "outside the seed spread" in sel.reason
-    one = {**mad, "attacker_accuracy_strongest": 0.385}  # one seed, below label_only's worst seed: counted
+    one = {**mad, **{f"attacker_accuracy_strongest{k}": 0.385 for k in ("", "_min", "_max")}}
+    # one seed, below label_only's worst seed: counted
     assert choose([und, one, lab]).point is one
-    # one seed on both sides: nothing is known about the spread; a strict win counts and the reason says so
-    sel = choose([_point("identity", 0.9, 0.9, 0.5), _point("mad", 0.9, 0.9, 0.44),
-                  _point("label_only", 0.9, 0.9, 0.45)])
-    assert sel.point["defense"] == "mad" and "one seed each, so the spread is unknown" in sel.reason
+    # one seed on both sides: nothing is known about the spread, so no win counts, and the reason says so
+    sel = choose([_point("identity", 0.9, 0.9, 0.5, n_seeds=1), _point("mad", 0.9, 0.9, 0.44, n_seeds=1),
+                  _point("label_only", 0.9, 0.9, 0.45, n_seeds=1)])
+    assert sel.point["defense"] == "label_only" and not sel.beats_label_only
+    assert ("mad is 1.00 points lower, inside the seed spread (one seed each, so the spread is unknown: measure both "
+            "at more seeds, e.g. --seeds 0,1,2): noise") in sel.reason
 
 
 def test_the_selection_reason_gives_the_noisy_win_paired_by_seed():
@@ -343,7 +350,7 @@ def test_selection_tags_the_right_run_and_clears_the_old_tag(tracking_uri):
         return sorted(r.info.run_name for r in sweep_child_runs(client, exp, key)
                       if r.data.tags.get(RECOMMENDED_TAG) == "true")
 
-    rows = [{**r, "n_seeds": 1} for r in rows]
+    rows = [{**r, "n_seeds": 3} for r in rows]  # seeds that agree: every difference is outside the spread
     best = sw.select_and_tag(client, exp, key, par.info.run_id, rows, (1.0, 1.0))
     assert best["run_id"] == ids["mad_argmax"] and tagged() == ["mad_argmax"]
     assert client.get_run(par.info.run_id).data.tags["stealguard.recommended_run_id"] == ids["mad_argmax"]
