@@ -13,8 +13,8 @@ Three presets (``--preset``), each overridable field by field from the command l
   authors' normalised units (0.1 x 0.3081 = 0.0308 in [0, 1] pixels), sign flipped every 5 rounds, a fresh
   substitute each round trained 20 epochs with SGD lr 0.1 momentum 0.9 weight decay 5e-4, JB-top3 querying
   all three targets. The grid adds MAD's l1 budgets 0.6-0.95 (where a one-hot target flips uncertain rows
-  but spares confident ones) and two ood_gated points, MAD-argmax or label_only inside and MAD outside, each
-  at the tau calibrated on the victim to a 0.9-point drop (``ood_gated_max_drop``). About 6-10 minutes per
+  but spares confident ones) and an ood_gated point, label_only inside and MAD at l1 2 outside (every answer
+  one-hot), at the tau calibrated on the victim to a 0.9-point drop (``ood_gated_max_drop``). About 6-10 minutes per
   point with 2 threads here.
 
 Three opt-in grids, empty in every preset so the presets' existing grids (and their point keys) are unchanged:
@@ -168,15 +168,19 @@ PAPER_PROTOCOL: dict[str, Any] = {
         "jb_top3_all": True,
     },
 }
-# ood_gated: MAD at l1 1 outside flips every row the gate sends it, so the benign drop is about the share of
-# correctly answered test rows under the gate, and tau is the victim's, not the preset's: on two paper victims the
-# largest tau within 0.9 points was 0.58 and 0.565 (RESULTS.md). Inside, MAD-argmax or label_only (identity
-# hands the soft attacker every confident posterior as it is).
+# ood_gated: MAD outside flips every row the gate sends it, so the benign drop is about the share of correctly
+# answered test rows under the gate, and tau is the victim's, not the preset's: on two paper victims the largest tau
+# within 0.9 points was 0.58 and 0.565 (RESULTS.md), so the sweep calibrates it. The pair is the measured best
+# (RESULTS.md, "Paper protocol on the session-13 victim"): label_only inside and MAD at l1 2 outside, which answers
+# a one-hot row on MAD's target, so every answer is one-hot: 34.6 % [31.5-38.0] against label_only's 41.4 %, lower
+# on 5 of 5 paired seeds, at a 0.85-point drop. MAD at l1 1 outside leaves half of a gated row's mass on the
+# victim's answer and the soft clone learns from it (44.1 %); MAD-argmax inside leaks the ranking the same way
+# (session 12: 40.0 %, noise against label_only). Pass --ood-gated-inside / --ood-gated-epsilon for those.
 PRESETS["paper"] = Preset(
     name="paper", queryset="handwriting", victim_epochs=30, **PAPER_PROTOCOL,
     mad_epsilons=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), mad_argmax_epsilons=(0.5, 1.0, 2.0),
     reverse_sigmoid_betas=(0.1, 0.5, 1.0), random_noise_epsilons=(), rounding_decimals=(),
-    ood_gated_max_drop=0.9, ood_gated_inside=("mad_argmax", "label_only"), ood_gated_outside=("mad",),
+    ood_gated_max_drop=0.9, ood_gated_inside=("label_only",), ood_gated_outside=("mad",), ood_gated_epsilon=2.0,
 )
 
 # Fields a command line may override (the grids take comma-separated lists).

@@ -927,12 +927,12 @@ def _parser() -> argparse.ArgumentParser:
                  "top_k_ks", "ood_gated_taus"):
         p.add_argument(f"--{name.replace('_', '-')}", default="", help="comma-separated grid, or 'none'")
     p.add_argument("--ood-gated-inside", default="", help="ood_gated points' in-distribution defenses, comma-separated "
-                   "(default: the preset's: identity,mad_argmax; paper mad_argmax,label_only)")
+                   "(default: the preset's: identity,mad_argmax; paper label_only)")
     p.add_argument("--ood-gated-outside", default="", help="ood_gated points' out-of-distribution defenses, "
                    "comma-separated (default: the preset's: mad,label_only; paper mad)")
     p.add_argument("--ood-gated-epsilon", type=float, default=-1.0,
                    help="the l1 budget of ood_gated points' inner MAD-family defenses, in (0, 2] (default: the "
-                        "preset's, 1; at 2 MAD's answer is a vertex, a one-hot row)")
+                        "preset's: paper 2, others 1; at 2 MAD's answer is a vertex, a one-hot row)")
     p.add_argument("--ood-gated-max-drop", type=float, default=-1.0,
                    help="> 0: each (inside, outside) pair also gets the ood_gated point at the largest tau whose "
                         "benign drop on the victim's test set is at most this many points (calibrated when the "

@@ -425,30 +425,35 @@ def test_presets_follow_the_paper_gammas_and_validate():
     assert {g["gamma"] for g in defense_grid(get_preset("quick")) if g["name"] == "reverse_sigmoid"} == {0.4}
     assert {g["gamma"] for g in defense_grid(get_preset("tiny")) if g["name"] == "reverse_sigmoid"} == {0.2}
     paper = get_preset("paper")
-    calibrated = {("mad_argmax", "mad"): 0.58, ("label_only", "mad"): 0.565}
+    calibrated = {("label_only", "mad"): 0.565}
     names = {g["name"] for g in defense_grid(paper, calibrated)}
     assert names == {"identity", "mad", "mad_argmax", "reverse_sigmoid", "label_only", "ood_gated"}
     assert {0.6, 0.7, 0.8, 0.9, 0.95} <= {g["epsilon"] for g in defense_grid(paper, calibrated) if g["name"] == "mad"}
     assert (paper.budget, paper.epochs, paper.clone_lr, paper.clone_batch_size, paper.queryset) == (
         50_000, 30, 0.1, 64, "handwriting")
     assert paper.attack_options["momentum"] == 0.5 and paper.attack_options["weight_decay"] == 0.0
-    # the paper preset's ood_gated points: one per (inside, outside) pair at its tau calibrated on the victim
+    # the paper preset's ood_gated point: the measured best pair (label_only inside, MAD l1 2 outside: every answer
+    # one-hot) at its tau calibrated on the victim
     gated = [g for g in defense_grid(paper, calibrated) if g["name"] == "ood_gated"]
     assert paper.ood_gated_max_drop == 0.9 and paper.ood_gated_taus == ()
-    assert [(g["tau"], g["inside"]["name"], g["outside"]["name"]) for g in gated] == [
-        (0.58, "mad_argmax", "mad"), (0.565, "label_only", "mad")]
+    assert gated == [{"name": "ood_gated", "tau": 0.565, "inside": {"name": "label_only"},
+                      "outside": {"name": "mad", "epsilon": 2.0, "norm": "l1"}}]
     with pytest.raises(ValueError, match=r"ood_gated_max_drop: the taus are calibrated on the victim .*"
                                          r"\('label_only', 'mad'\)"):
         defense_grid(paper, {("mad_argmax", "mad"): 0.58})
     # explicit taus come first; a calibrated tau already among them is not a second point
-    both = get_preset("paper", ood_gated_taus="0.58,0.7")
-    assert [(g["tau"], g["inside"]["name"]) for g in defense_grid(both, calibrated) if g["name"] == "ood_gated"] == [
+    pairs = get_preset("paper", ood_gated_inside="mad_argmax,label_only", ood_gated_epsilon=1.0)
+    with_argmax = {("mad_argmax", "mad"): 0.58, ("label_only", "mad"): 0.565}
+    assert [(g["tau"], g["inside"]["name"]) for g in defense_grid(pairs, with_argmax) if g["name"] == "ood_gated"] == [
+        (0.58, "mad_argmax"), (0.565, "label_only")]
+    both = get_preset("paper", ood_gated_taus="0.58,0.7", ood_gated_inside="mad_argmax,label_only")
+    assert [(g["tau"], g["inside"]["name"]) for g in defense_grid(both, with_argmax) if g["name"] == "ood_gated"] == [
         (0.58, "mad_argmax"), (0.58, "label_only"), (0.7, "mad_argmax"), (0.7, "label_only"), (0.565, "label_only")]
     with pytest.raises(ValueError, match=r"ood_gated_epsilon: the inner MAD-family l1 budget must be in \(0, 2\]"):
         get_preset("paper", ood_gated_epsilon=2.5)
-    two = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-epsilon", "2"]))
-    assert [g["outside"] for g in defense_grid(two, calibrated) if g["name"] == "ood_gated"] == [
-        {"name": "mad", "epsilon": 2.0, "norm": "l1"}] * 2
+    one = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-epsilon", "1"]))
+    assert [g["outside"] for g in defense_grid(one, calibrated) if g["name"] == "ood_gated"] == [
+        {"name": "mad", "epsilon": 1.0, "norm": "l1"}]
     with pytest.raises(ValueError, match=r"ood_gated_max_drop: must be in \[0, 100\]"):
         get_preset("paper", ood_gated_max_drop=-0.5)
     one = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-taus", "0.9",
@@ -456,7 +461,7 @@ def test_presets_follow_the_paper_gammas_and_validate():
                                                        "--ood-gated-outside", "label_only",
                                                        "--ood-gated-max-drop", "0"]))
     assert [(g["tau"], g["inside"], g["outside"]["name"]) for g in defense_grid(one) if g["name"] == "ood_gated"] == [
-        (0.9, {"name": "mad_argmax", "epsilon": 1.0, "norm": "l1"}, "label_only")]
+        (0.9, {"name": "mad_argmax", "epsilon": 2.0, "norm": "l1"}, "label_only")]  # the preset's inner l1 2
     assert get_preset("quick", seeds="0,1,2").all_seeds == (0, 1, 2) and get_preset("quick").all_seeds == (0,)
     assert get_preset("quick", mad_epsilons="0.2,0.4").mad_epsilons == (0.2, 0.4)
     with pytest.raises(ValueError, match="preset"):
