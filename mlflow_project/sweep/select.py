@@ -193,15 +193,17 @@ def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
                 per_seed: Sequence[Mapping[str, Any]], name: str) -> str:
     """``p`` minus ``ref`` seed by seed, on the seeds both were measured with (at least 2), in points, on how
     many of those seeds ``p`` is lower, and the one-sided sign test's p-value (:class:`Paired`); the note says
-    which seeds a differing thread count left out."""
+    which seeds a differing thread count left out. When the test counts the win ((b) of the module doc), the
+    note says so: a report row then reads as the selection does, whatever the range rule says."""
     pair = paired(p, ref, per_seed)
     left_out = f"; not paired: {', '.join(pair.apart)}" if pair.apart else ""
     if len(pair.seeds) < 2:
         return f"paired by seed vs {name}: too few seeds at one thread count{left_out}" if pair.apart else ""
     diffs = pair.diffs
+    verdict = f" <= {PAIRED_ALPHA:g}: a win beyond noise" if pair.p_value <= PAIRED_ALPHA else ""
     return (f"paired by seed vs {name}: {sum(diffs) / len(diffs):+.1f} ("
             + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, pair.seeds))}; lower on "
-            f"{pair.lower} of {len(pair.seeds)}, sign test p = {pair.p_value:.3g}{left_out})")
+            f"{pair.lower} of {len(pair.seeds)}, sign test p = {pair.p_value:.3g}{verdict}{left_out})")
 
 
 def within_caps(point: Mapping[str, Any], max_drop: float, max_l1: float) -> bool:
