@@ -114,7 +114,7 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], x: str, path: str | Path,
         raise ValueError("no points to plot")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.0, 3.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(6.6, 3.8), dpi=100)
     for name, mine in curves(points).items():
         if name == "identity":
             continue
@@ -141,8 +141,10 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], x: str, path: str | Path,
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # outside the axes: with a dozen defenses "best" finds no free corner and hides points (measured on the
+    # session-13 grid: MAD-argmax and reverse sigmoid sat under the legend)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
