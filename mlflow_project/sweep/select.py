@@ -144,6 +144,10 @@ def by_seed(per_seed: Iterable[Mapping[str, Any]], defense_config: str) -> dict[
     return out
 
 
+# (b) of the module doc: the paired sign test's level; 1/20, the range rule's false-positive rate at 3 seeds a side
+PAIRED_ALPHA = 0.05
+
+
 @dataclass(frozen=True)
 class Paired:
     """``p`` minus ``ref`` seed by seed (:func:`paired`): the seeds both were measured with at one thread count,
@@ -166,9 +170,10 @@ class Paired:
 
         return float(binomtest(self.lower, len(self.seeds), 0.5, alternative="greater").pvalue)
 
-
-# (b) of the module doc: the paired sign test's level; 1/20, the range rule's false-positive rate at 3 seeds a side
-PAIRED_ALPHA = 0.05
+    @property
+    def wins(self) -> bool:
+        """(b) of the module doc: lower on enough paired seeds that the sign test gives p <= PAIRED_ALPHA."""
+        return self.p_value <= PAIRED_ALPHA
 
 
 def paired(p: Mapping[str, Any], ref: Mapping[str, Any] | None, per_seed: Sequence[Mapping[str, Any]]) -> Paired:
@@ -186,7 +191,7 @@ def paired(p: Mapping[str, Any], ref: Mapping[str, Any] | None, per_seed: Sequen
 
 def paired_win(p: Mapping[str, Any], ref: Mapping[str, Any], per_seed: Sequence[Mapping[str, Any]]) -> bool:
     """(b) of the module doc: ``p`` is lower than ``ref`` on enough paired seeds (sign test p <= PAIRED_ALPHA)."""
-    return paired(p, ref, per_seed).p_value <= PAIRED_ALPHA
+    return paired(p, ref, per_seed).wins
 
 
 def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
@@ -200,7 +205,7 @@ def paired_note(p: Mapping[str, Any], ref: Mapping[str, Any] | None,
     if len(pair.seeds) < 2:
         return f"paired by seed vs {name}: too few seeds at one thread count{left_out}" if pair.apart else ""
     diffs = pair.diffs
-    verdict = f" <= {PAIRED_ALPHA:g}: a win beyond noise" if pair.p_value <= PAIRED_ALPHA else ""
+    verdict = f" <= {PAIRED_ALPHA:g}: a win beyond noise" if pair.wins else ""
     return (f"paired by seed vs {name}: {sum(diffs) / len(diffs):+.1f} ("
             + " / ".join(f"{d:+.1f}" for d in diffs) + f" on seeds {','.join(map(str, pair.seeds))}; lower on "
             f"{pair.lower} of {len(pair.seeds)}, sign test p = {pair.p_value:.3g}{verdict}{left_out})")

@@ -183,15 +183,15 @@ def test_the_seed_table_says_when_the_paired_sign_test_counts_a_win_inside_the_s
     def at(config, attacker, seed, defender=0.897):
         return {**point(config, defender, attacker, 0.7), "attacker_accuracy_strongest": attacker, "seed": seed}
 
-    def mad_row(mine):
+    def mad_row(sweep, mine):
         lab = (0.438, 0.374, 0.433, 0.407, 0.419)
         rows = [at({"name": "label_only"}, a, s, 0.90) for s, a in enumerate(lab)]
         rows += [at(mad, a, s) for s, a in enumerate(mine)] + [at({"name": "identity"}, 0.55, 0, 0.90)]
-        path = write_csv(tmp_path / f"s-{len(list(tmp_path.iterdir())):04d}" / "points.csv", rows)
+        path = write_csv(tmp_path / sweep / "points.csv", rows)
         return next(ln for ln in sweep_report.table(path).splitlines() if ln.startswith("| mad(epsilon=0.7) | 5 |"))
 
-    row = mad_row((0.380, 0.352, 0.345, 0.315, 0.340))
+    row = mad_row("s-0005", (0.380, 0.352, 0.345, 0.315, 0.340))
     assert "vs label_only: -6.8 (inside the seed spread)" in row
     assert "lower on 5 of 5, sign test p = 0.0312 <= 0.05: a win beyond noise)" in row
-    row = mad_row((0.380, 0.380, 0.345, 0.315, 0.340))  # seed 1 above label_only's 37.4: 4 of 5, p = 0.1875
+    row = mad_row("s-0004", (0.380, 0.380, 0.345, 0.315, 0.340))  # seed 1 above label_only's 37.4: 4 of 5, p = 0.1875
     assert "lower on 4 of 5, sign test p = 0.188)" in row and "beyond noise" not in row
