@@ -254,12 +254,8 @@ def choose(points: Sequence[Mapping[str, Any]], max_drop: float = 1.0, max_l1: f
     if by_range or by_pairs:
         best = min(by_range + by_pairs, key=key)
         gain = 100 * (strongest(floor) - strongest(best))
-        pair = paired(best, floor, per_seed)
-        if best in by_pairs:
-            why = (f"inside the min-max seed spread, but lower on {pair.lower} of {len(pair.seeds)} paired seeds: "
-                   f"sign test p = {pair.p_value:.3g} <= {PAIRED_ALPHA:g}")
-        else:
-            why = "outside the seed spread"
+        # the paired note that follows gives the seeds, the count and the p-value: "why" only names the rule
+        why = "inside the min-max seed spread, but a paired win" if best in by_pairs else "outside the seed spread"
         note = paired_note(best, floor, per_seed, "label_only")
         return Selection(best, f"{best.get('label', best['defense'])} is the lowest strongest-attacker accuracy "
                                f"within {caps}, {gain:.2f} points below label_only ({why})"

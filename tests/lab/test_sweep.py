@@ -257,9 +257,10 @@ def test_a_win_lower_on_every_one_of_5_paired_seeds_counts_though_the_ranges_ove
     ood, ood_rows = _seeded("ood_gated", [0.380, 0.352, 0.345, 0.315, 0.340], tau=0.565)
     sel = choose([und, ood, lab], per_seed=[*und_rows, *lab_rows, *ood_rows])
     assert sel.point is ood and sel.beats_label_only
-    assert ("6.78 points below label_only (inside the min-max seed spread, but lower on 5 of 5 paired seeds: "
-            "sign test p = 0.0312 <= 0.05)") in sel.reason
-    assert "-5.8 / -2.2 / -8.8 / -9.2 / -7.9 on seeds 0,1,2,3,4; lower on 5 of 5" in sel.reason
+    assert ("6.78 points below label_only (inside the min-max seed spread, but a paired win); paired by seed vs "
+            "label_only: -6.8 (-5.8 / -2.2 / -8.8 / -9.2 / -7.9 on seeds 0,1,2,3,4; lower on 5 of 5, sign test "
+            "p = 0.0312 <= 0.05: a win beyond noise)") in sel.reason
+    assert sel.reason.count("sign test") == 1
     # without the per-seed rows only the range rule speaks: noise
     assert choose([und, ood, lab]).point is lab
     # 4 paired seeds, or one seed where it is not lower, or a seed at another thread count: not enough
