@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> None:
                  if v}
     preset = get_preset(a.preset, **overrides)
     vict, victim = sw.resolve_victim(preset, progress=False)
-    calibrated = sw.calibrate_ood_gated(preset, vict, victim, False) if preset.ood_gated_max_drop > 0 else None
-    grid = defense_grid(preset, calibrated)[: a.points or None]
+    gaussian = sw.fit_ood_gaussian(preset, vict)
+    calibrated = sw.calibrate_ood_gated(preset, vict, victim, False, gaussian) \
+        if preset.ood_gated_max_drop > 0 else None
+    grid = defense_grid(preset, calibrated, gaussian)[: a.points or None]
     print(f"preset {preset.name}: {preset.dataset} {preset.attack} on {preset.queryset}, budget {preset.budget}, "
           f"clone epochs {preset.epochs}, {len(grid)} points; victim {victim}")
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")

@@ -22,7 +22,8 @@ share of test rows, of correctly answered test rows and of the attacker's querie
 share bounds the drop of any composition that flips every gated row (MAD at l1 1 does, on this victim).
 
 :func:`calibrate_tau`: the largest tau at which an (inside, outside) pair stays within a benign drop (the sweep's
-``--ood-gated-max-drop``).
+``--ood-gated-max-drop``), for the max-probability gate or, given :func:`fit_gaussian`'s statistics, the Gaussian
+score's (plugins.ood.PosteriorGaussian; ``--fit-gaussian`` prints them as an ood_gated config's ``gaussian``).
 
 The victim is the paper preset's unless ``--victim`` names one; defenses that need a misinformation model get
 the sweep's (trained once and cached beside the victim).
@@ -45,6 +46,7 @@ from mlflow_project.lab.evaluate import defender_metrics, parse_defense
 from mlflow_project.lab.oracles import build_victim_defense
 from mlflow_project.lab.training import predict_probs
 from plugins.measures import measures
+from plugins.ood import PosteriorGaussian, fit_posterior_gaussian, gaussian_typicality
 
 
 def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: torch.Tensor,
@@ -74,35 +76,56 @@ def victim_test_set(victim) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # victim: on the demo's 2-epoch one (89.48 %) even tau 0.5 gates 1.67 % of the test set's correct rows, tau 0.45
 # 0.83 %, and the largest tau within a 0.9-point drop is under 0.5 (measured 2026-12-07, lab.screen).
 CALIBRATION_TAUS = tuple(round(0.1 + 0.005 * i, 3) for i in range(180))
+# The Gaussian score's typicality is a chi-square tail probability: an in-distribution row is rarely below 1e-3
+# and an out-of-distribution one can be below 1e-30, so its taus are log-spaced, 10^-0.3 (0.501) down to 1e-15
+# (20 per decade).
+GAUSSIAN_CALIBRATION_TAUS = tuple(float(f"{10 ** (-e / 20):.3g}") for e in range(6, 301))
+
+
+def fit_gaussian(victim) -> PosteriorGaussian:
+    """The Gaussian score's statistics (plugins.ood.fit_posterior_gaussian) on the victim's posteriors over its
+    own training set, each row's class its top-1 (what a deployment can recompute from the model alone)."""
+    train_x, _ = data.load_raw(victim.spec.dataset, "train")
+    return fit_posterior_gaussian(predict_probs(victim.model, data.adapt(train_x, victim.spec)))
+
+
+def gate_fields(gaussian: PosteriorGaussian | None) -> dict[str, Any]:
+    """The ood_gated config fields that select the gate's score: none for max_prob (the default)."""
+    return {} if gaussian is None else {"score": "gaussian", "gaussian": gaussian.model_dump()}
 
 
 def calibrate_tau(victim, inside: Mapping[str, Any], outside: Mapping[str, Any], max_drop: float,
                   surrogate_seed: int = 0, misinformation: Path | None = None,
-                  taus: Sequence[float] = CALIBRATION_TAUS) -> dict[str, Any]:
+                  taus: Sequence[float] | None = None, gaussian: PosteriorGaussian | None = None) -> dict[str, Any]:
     """The largest tau of ``taus`` at which ``ood_gated(tau, inside, outside)`` (hard gate) costs at most
     ``max_drop`` points of top-1 accuracy on the victim's test set: ``{"tau", "drop", "gated"}`` (drop in points,
-    gated the share of test rows under the gate).
+    gated the share of test rows under the gate). The gate's score is the maximum probability, or with
+    ``gaussian`` the Gaussian typicality; ``taus`` default to :data:`CALIBRATION_TAUS` and
+    :data:`GAUSSIAN_CALIBRATION_TAUS` respectively.
 
     Both inner defenses answer every test row once and each tau is a row-wise choice between the two answers
-    (the hard gate's: ``max p < tau`` gets ``outside``); the tau found is then checked with the real ood_gated
+    (the hard gate's: ``s < tau`` gets ``outside``); the tau found is then checked with the real ood_gated
     defense, and the next lower one taken until that check holds too (an inner defense whose answer depends on
     its batch, such as random_noise, can differ between the two). The drop is calibrated on the test set it is
     measured on, so the sweep meets it by construction: calibrate a deployment's tau on its own benign traffic.
     Raises ValueError when no tau of ``taus`` is within ``max_drop``."""
     from mlflow_project.sweep.select import accuracy_drop_points
 
+    if taus is None:
+        taus = CALIBRATION_TAUS if gaussian is None else GAUSSIAN_CALIBRATION_TAUS
     spec = victim.spec
     test_x, test_y, probs = victim_test_set(victim)
     answers = [build_victim_defense(victim.model, dict(c), spec.num_classes, surrogate_seed=surrogate_seed,
                                     misinformation=misinformation)(probs, test_x).probs for c in (inside, outside)]
     top1_in, top1_out = (a.argmax(1) == test_y for a in answers)
-    conf = probs.max(1).values
+    conf = probs.max(1).values if gaussian is None else gaussian_typicality(probs, gaussian)
     victim_acc = (probs.argmax(1) == test_y).double().mean().item()
     for tau in sorted(taus, reverse=True):
         gated = conf < tau
         if 100 * (victim_acc - torch.where(gated, top1_out, top1_in).double().mean().item()) > max_drop:
             continue
-        config = {"name": "ood_gated", "tau": float(tau), "inside": dict(inside), "outside": dict(outside)}
+        config = {"name": "ood_gated", "tau": float(tau), "inside": dict(inside), "outside": dict(outside),
+                  **gate_fields(gaussian)}
         defense = build_victim_defense(victim.model, config, spec.num_classes, surrogate_seed=surrogate_seed,
                                        misinformation=misinformation)
         metrics, _ = defender_metrics(probs, defense(probs, test_x).probs, test_y)
@@ -183,14 +206,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-drop", type=float, default=1.0, help="the selection's cap on the drop, points")
     p.add_argument("--max-l1", type=float, default=1.0, help="the selection's cap on the mean L1")
     p.add_argument("--out", default="", help="also write the result as JSON to this path")
+    p.add_argument("--fit-gaussian", default="", metavar="PATH",
+                   help="write the Gaussian gate's statistics fitted on the victim's training posteriors to PATH "
+                        "(JSON: an ood_gated config's 'gaussian', with score 'gaussian')")
     a = p.parse_args(argv)
     data.check_queryset(a.queryset)
     taus = parse_grid("gate-taus", a.gate_taus)
     configs = [parse_defense(d) for d in a.defense]
-    if not configs and not taus:
-        p.error("nothing to screen: give --defense (repeatable) and/or --gate-taus")
+    if not configs and not taus and not a.fit_gaussian:
+        p.error("nothing to screen: give --defense (repeatable), --gate-taus and/or --fit-gaussian")
     preset = get_preset("paper")
     victim, path = resolve_victim(preset, a.victim, progress=False)
+    if a.fit_gaussian:
+        Path(a.fit_gaussian).write_text(json.dumps(fit_gaussian(victim).model_dump()) + "\n")
+        print(f"the Gaussian gate's statistics on {path}'s training posteriors: {a.fit_gaussian}")
+        if not configs and not taus:
+            return {"gaussian": a.fit_gaussian}
     misinformation = None
     if any(needs_misinformation(c) for c in configs):
         misinformation = resolve_misinformation(preset, victim, str(path), progress=False)

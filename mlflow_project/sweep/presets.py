@@ -37,7 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, get_args
+
+from plugins.defenses.ood_gated import OodGatedConfig
+
+# ood_gated's gate scores (plugins.defenses.ood_gated: its config's ``score``): max_prob, gaussian.
+OOD_GATED_SCORES: tuple[str, ...] = get_args(OodGatedConfig.model_fields["score"].annotation)
 
 # The paper's reverse-sigmoid gamma per victim dataset (Orekondy et al. 2020, Sec. 6 / appendix).
 REVERSE_SIGMOID_GAMMA = {"mnist": 0.2, "mnist5k": 0.2, "digits": 0.2, "fashion_mnist": 0.4, "cifar10": 0.1}
@@ -83,6 +88,9 @@ class Preset:
     ood_gated_inside: tuple[str, ...] = ("identity", "mad_argmax")
     ood_gated_outside: tuple[str, ...] = ("mad", "label_only")
     ood_gated_epsilon: float = 1.0  # the l1 budget of the inner MAD-family defenses of ood_gated points
+    # the gate's in-distribution score of ood_gated points, each a point of its own: max_prob and/or gaussian (the
+    # class-conditional Gaussian of plugins.ood, fitted on the victim's training posteriors when the sweep starts)
+    ood_gated_scores: tuple[str, ...] = ("max_prob",)
     # > 0: every (inside, outside) pair also gets the point at the largest tau whose drop on the victim's test set
     # is at most this many points (calibrated on the victim when the sweep starts: lab.screen.calibrate_tau)
     ood_gated_max_drop: float = 0.0
@@ -126,6 +134,10 @@ class Preset:
         if not 0 <= self.ood_gated_max_drop <= 100:
             raise ValueError(f"ood_gated_max_drop: must be in [0, 100] accuracy points (0: off); got "
                              f"{self.ood_gated_max_drop}")
+        bad = [v for v in self.ood_gated_scores if v not in OOD_GATED_SCORES]
+        if bad or not self.ood_gated_scores:
+            raise ValueError(f"ood_gated_scores: each must be one of {', '.join(OOD_GATED_SCORES)} (at least one); got "
+                             f"{list(self.ood_gated_scores)}")
         bad = [t for t in self.ood_gated_taus if not 0 < t <= 1]
         if bad:
             raise ValueError(f"ood_gated_taus: each tau must be in (0, 1]; got {bad}")
@@ -186,7 +198,7 @@ PRESETS["paper"] = Preset(
 # Fields a command line may override (the grids take comma-separated lists).
 OVERRIDABLE = tuple(f.name for f in fields(Preset) if f.name not in ("name", "extra", "attack_options"))
 TUPLE_FIELDS = {f.name for f in fields(Preset) if str(f.type).startswith("tuple")}
-STRING_TUPLES = {"ood_gated_inside", "ood_gated_outside", "multi_seed_points", "monitor_points"}
+STRING_TUPLES = {"ood_gated_inside", "ood_gated_outside", "ood_gated_scores", "multi_seed_points", "monitor_points"}
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:
@@ -222,13 +234,14 @@ def parse_grid(key: str, value: Any) -> tuple:
     return tuple(value)
 
 
-def defense_grid(preset: Preset, calibrated_taus: Mapping[tuple[str, str], float] | None = None
-                 ) -> list[dict[str, Any]]:
+def defense_grid(preset: Preset, calibrated_taus: Mapping[tuple[str, str, str], float] | None = None,
+                 gaussian: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The defense configs of a sweep, undefended first, in a stable order.
 
     ``calibrated_taus``: with ``preset.ood_gated_max_drop`` set, the tau calibrated on the victim for each
-    (inside, outside) pair of the preset (``sweep.run.calibrate_ood_gated``); each adds that pair's point unless
-    ``ood_gated_taus`` already has it."""
+    (inside, outside, score) gate of the preset (``sweep.run.calibrate_ood_gated``); each adds that gate's point
+    unless ``ood_gated_taus`` already has it. ``gaussian``: the fitted statistics (plugins.ood.PosteriorGaussian
+    as a dict) the points with score ``gaussian`` carry (``sweep.run.fit_ood_gaussian``)."""
     grid: list[dict[str, Any]] = [{"name": "identity"}]
     grid += [{"name": "mad", "epsilon": float(e), "norm": "l1"} for e in preset.mad_epsilons]
     grid += [{"name": "mad_argmax", "epsilon": float(e), "norm": "l1"} for e in preset.mad_argmax_epsilons]
@@ -242,16 +255,20 @@ def defense_grid(preset: Preset, calibrated_taus: Mapping[tuple[str, str], float
     grid += [{"name": "adaptive_misinformation", "tau": float(t)} for t in preset.adaptive_misinformation_taus]
     grid += [{"name": "gradient_redirection", "epsilon": float(e), "target": target}
              for e in preset.gradient_redirection_epsilons for target in GRADIENT_REDIRECTION_TARGETS]
-    pairs = ood_gated_pairs(preset)
-    grid += [ood_gated_config(float(t), inside, outside, preset.ood_gated_epsilon) for t in preset.ood_gated_taus
-             for inside, outside in pairs]
+    gates = ood_gated_gates(preset)
+    if gaussian is None and "gaussian" in preset.ood_gated_scores and (preset.ood_gated_taus or
+                                                                       preset.ood_gated_max_drop > 0):
+        raise ValueError("ood_gated_scores: score 'gaussian' needs the statistics fitted on the victim "
+                         "(sweep.run.fit_ood_gaussian); none given")
+    grid += [ood_gated_config(float(t), *gate, preset.ood_gated_epsilon, gaussian) for t in preset.ood_gated_taus
+             for gate in gates]
     if preset.ood_gated_max_drop > 0:
-        missing = [pair for pair in pairs if pair not in (calibrated_taus or {})]
+        missing = [gate for gate in gates if gate not in (calibrated_taus or {})]
         if missing:
             raise ValueError(f"ood_gated_max_drop: the taus are calibrated on the victim (sweep.run.calibrate_ood_gated"
-                             f"); no calibrated tau for the (inside, outside) pairs {missing}")
-        grid += [ood_gated_config(float(calibrated_taus[pair]), *pair, preset.ood_gated_epsilon) for pair in pairs
-                 if float(calibrated_taus[pair]) not in preset.ood_gated_taus]
+                             f"); no calibrated tau for the (inside, outside, score) gates {missing}")
+        grid += [ood_gated_config(float(calibrated_taus[gate]), *gate, preset.ood_gated_epsilon, gaussian)
+                 for gate in gates if float(calibrated_taus[gate]) not in preset.ood_gated_taus]
     if preset.monitor:
         twins = [{**c, "monitor": monitor_config(preset)} for c in grid if describe(c) in preset.monitor_points]
         if not twins:
@@ -280,14 +297,19 @@ def inner_config(name: str, epsilon: float) -> dict[str, Any]:
     return {"name": name}
 
 
-def ood_gated_pairs(preset: Preset) -> list[tuple[str, str]]:
-    """The (inside, outside) inner-defense pairs of a preset's ood_gated points, in grid order."""
-    return [(inside, outside) for inside in preset.ood_gated_inside for outside in preset.ood_gated_outside]
+def ood_gated_gates(preset: Preset) -> list[tuple[str, str, str]]:
+    """The (inside, outside, score) gates of a preset's ood_gated points, in grid order."""
+    return [(inside, outside, score) for score in preset.ood_gated_scores for inside in preset.ood_gated_inside
+            for outside in preset.ood_gated_outside]
 
 
-def ood_gated_config(tau: float, inside: str, outside: str, epsilon: float) -> dict[str, Any]:
-    return {"name": "ood_gated", "tau": tau, "inside": inner_config(inside, epsilon),
-            "outside": inner_config(outside, epsilon)}
+def ood_gated_config(tau: float, inside: str, outside: str, score: str, epsilon: float,
+                     gaussian: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    config = {"name": "ood_gated", "tau": tau, "inside": inner_config(inside, epsilon),
+              "outside": inner_config(outside, epsilon)}
+    if score == "gaussian":
+        config.update(score="gaussian", gaussian=dict(gaussian))
+    return config
 
 
 GRADIENT_REDIRECTION_TARGETS = ("reverse", "shift")
@@ -312,5 +334,6 @@ def describe(config: dict[str, Any]) -> str:
         return name
     target = f", target={config['target']}" if name == "gradient_redirection" and "target" in config else ""
     if name == "ood_gated":
-        target = f", inside={describe(config['inside'])}, outside={describe(config['outside'])}"
+        score = f", score={config['score']}" if config.get("score", "max_prob") != "max_prob" else ""
+        target = f"{score}, inside={describe(config['inside'])}, outside={describe(config['outside'])}"
     return f"{name}({key}={config[key]:g}{target})"

@@ -33,7 +33,9 @@ from victim to victim (the largest tau within 0.9 points was 0.58 on one paper v
 starts: each (``--ood-gated-inside``, ``--ood-gated-outside``) pair also gets the point at the largest tau whose
 drop on the victim's test set is at most D (:func:`calibrate_ood_gated`, :func:`mlflow_project.lab.screen.
 calibrate_tau`); stderr says which tau, and ``sweep.json`` on the parent run holds the grid. ``--ood-gated-taus``
-adds fixed taus beside it.
+adds fixed taus beside it. ``--ood-gated-scores max_prob,gaussian`` gives each pair a point per gate score: the
+maximum probability, and the class-conditional Gaussian on the posterior's logits (plugins.ood), fitted on the
+victim's training posteriors when the sweep starts (:func:`fit_ood_gaussian`) and calibrated the same way.
 
 Outputs, written to ``--results-dir`` and logged as artifacts of the parent run: ``points.csv`` (every (point,
 seed) run, its metrics, run id and thread count, then the grid's points finished at other thread counts, status
@@ -194,22 +196,38 @@ def needs_misinformation(defense: Mapping[str, Any]) -> bool:
     return needs(defense, "misinformation")
 
 
-def calibrate_ood_gated(preset: Preset, vict, victim_path: str, progress: bool) -> dict[tuple[str, str], float]:
-    """``ood_gated_max_drop``: for each (inside, outside) pair of the preset, the largest tau whose benign drop on
-    the victim's test set stays within it (:func:`mlflow_project.lab.screen.calibrate_tau`), said on stderr."""
-    from mlflow_project.lab.screen import calibrate_tau
-    from mlflow_project.sweep.presets import inner_config, ood_gated_pairs
+def fit_ood_gaussian(preset: Preset, vict) -> dict[str, Any] | None:
+    """The Gaussian gate's statistics on the victim (:func:`mlflow_project.lab.screen.fit_gaussian`), as the dict
+    an ood_gated config holds, when the preset has ood_gated points with score ``gaussian``; else None."""
+    if "gaussian" not in preset.ood_gated_scores or not (preset.ood_gated_taus or preset.ood_gated_max_drop > 0):
+        return None
+    from mlflow_project.lab.screen import fit_gaussian
 
-    taus: dict[tuple[str, str], float] = {}
-    for inside, outside in ood_gated_pairs(preset):
+    return fit_gaussian(vict).model_dump()
+
+
+def calibrate_ood_gated(preset: Preset, vict, victim_path: str, progress: bool,
+                        gaussian: Mapping[str, Any] | None = None) -> dict[tuple[str, str, str], float]:
+    """``ood_gated_max_drop``: for each (inside, outside, score) gate of the preset, the largest tau whose benign
+    drop on the victim's test set stays within it (:func:`mlflow_project.lab.screen.calibrate_tau`), said on
+    stderr. Score ``gaussian`` needs ``gaussian``, the statistics of :func:`fit_ood_gaussian`."""
+    from mlflow_project.lab.screen import calibrate_tau
+    from mlflow_project.sweep.presets import inner_config, ood_gated_gates
+    from plugins.ood import PosteriorGaussian
+
+    taus: dict[tuple[str, str, str], float] = {}
+    for inside, outside, score in ood_gated_gates(preset):
         configs = [inner_config(name, preset.ood_gated_epsilon) for name in (inside, outside)]
         misinformation = resolve_misinformation(preset, vict, victim_path, progress) \
             if any(needs_misinformation(c) for c in configs) else None
+        if score == "gaussian" and gaussian is None:
+            raise ValueError("calibrate_ood_gated: score 'gaussian' needs the fitted statistics (fit_ood_gaussian)")
         found = calibrate_tau(vict, *configs, preset.ood_gated_max_drop, surrogate_seed=preset.surrogate_seed,
-                              misinformation=misinformation)
-        taus[(inside, outside)] = found["tau"]
+                              misinformation=misinformation,
+                              gaussian=PosteriorGaussian.model_validate(gaussian) if score == "gaussian" else None)
+        taus[(inside, outside, score)] = found["tau"]
         print(f"ood_gated_max_drop {preset.ood_gated_max_drop:g}: tau {found['tau']:g} for inside={inside}, "
-              f"outside={outside} (benign drop {found['drop']:.2f} points; the gate takes "
+              f"outside={outside}, score={score} (benign drop {found['drop']:.2f} points; the gate takes "
               f"{100 * found['gated']:.2f} % of the test rows)", file=sys.stderr)
     return taus
 
@@ -615,9 +633,10 @@ def run_sweep(
     if vict.spec.dataset != preset.dataset:
         raise ValueError(f"victim: {victim_path} was trained on {vict.spec.dataset!r} but the sweep's dataset is "
                          f"{preset.dataset!r}")
-    calibrated = calibrate_ood_gated(preset, vict, victim_path, progress) \
+    gaussian = fit_ood_gaussian(preset, vict) if grid is None else None
+    calibrated = calibrate_ood_gated(preset, vict, victim_path, progress, gaussian) \
         if grid is None and preset.ood_gated_max_drop > 0 else None
-    configs = [dict(c) for c in (grid if grid is not None else defense_grid(preset, calibrated))]
+    configs = [dict(c) for c in (grid if grid is not None else defense_grid(preset, calibrated, gaussian))]
     if not configs:
         raise ValueError("grid: the sweep has no points; enable at least one defense")
     # the thread count each point trains its clones at: a Ray task's CPUs, or this process's torch threads
@@ -933,6 +952,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ood-gated-epsilon", type=float, default=-1.0,
                    help="the l1 budget of ood_gated points' inner MAD-family defenses, in (0, 2] (default: the "
                         "preset's: paper 2, others 1; at 2 MAD's answer is a vertex, a one-hot row)")
+    p.add_argument("--ood-gated-scores", default="",
+                   help="the gate scores of ood_gated points, comma-separated: max_prob (the maximum probability), "
+                        "gaussian (a class-conditional Gaussian on the posterior's logits, fitted on the victim's "
+                        "training posteriors when the sweep starts); each a point of its own (default: max_prob)")
     p.add_argument("--ood-gated-max-drop", type=float, default=-1.0,
                    help="> 0: each (inside, outside) pair also gets the ood_gated point at the largest tau whose "
                         "benign drop on the victim's test set is at most this many points (calibrated when the "
@@ -979,6 +1002,7 @@ def preset_from_args(a: argparse.Namespace) -> Preset:
         "top_k_ks": a.top_k_ks,
         "ood_gated_inside": split_labels(a.ood_gated_inside) or None,
         "ood_gated_outside": split_labels(a.ood_gated_outside) or None,
+        "ood_gated_scores": split_labels(a.ood_gated_scores) or None,
         "ood_gated_max_drop": a.ood_gated_max_drop if a.ood_gated_max_drop >= 0 else None,
         "ood_gated_epsilon": a.ood_gated_epsilon if a.ood_gated_epsilon > 0 else None,
         "seeds": a.seeds, "multi_seed_points": split_labels(a.multi_seed_points) or None,

@@ -20,6 +20,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -165,8 +166,9 @@ def test_sweep_points_nest_under_the_mlflow_run(store, victim, sweep):
             ] == [run_id]
 
 
-def test_a_sweep_in_a_fresh_store_imports_the_points_csv_and_runs_only_the_new_top_k_point(store, victim, sweep):
-    """`-P import_from=<points.csv>` (a session's store is gone, its CSV committed) and `-P top_k_ks=2`."""
+def test_a_sweep_in_a_fresh_store_imports_the_points_csv_and_runs_only_the_new_points(store, victim, sweep):
+    """`-P import_from=<points.csv>` (a session's store is gone, its CSV committed), `-P top_k_ks=2` and an
+    ood_gated point with the Gaussian gate (`-P ood_gated_scores=gaussian`), fitted and calibrated on the victim."""
     root = store["root"] / "fresh"
     root.mkdir()
     uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
@@ -174,17 +176,32 @@ def test_a_sweep_in_a_fresh_store_imports_the_points_csv_and_runs_only_the_new_t
     exp = client.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").resolve().as_uri())
     csv_path = store["root"] / "sweep" / "points.csv"
     run_id, stdout = mlflow_run("sweep", {"preset": "tiny", "victim": victim["dir"], "budget": 100, "epochs": 1,
-                                          "top_k_ks": "2", "import_from": csv_path, "results_dir": root / "out"},
-                                cli_env(uri))
+                                          "top_k_ks": "2", "import_from": csv_path, "results_dir": root / "out",
+                                          "ood_gated_scores": "gaussian", "ood_gated_max_drop": 3,
+                                          "ood_gated_inside": "label_only", "ood_gated_outside": "mad",
+                                          "ood_gated_epsilon": 2}, cli_env(uri))
     grid = defense_grid(get_preset("tiny"))
-    assert f"{len(grid) + 1} points (1 new, {len(grid)} reused, {len(grid)} of them imported)" in stdout
+    assert f"{len(grid) + 2} points (2 new, {len(grid)} reused, {len(grid)} of them imported)" in stdout
     parent = the_run(client, run_id, "sweep", "sweep")
     assert parent.data.params["top_k_ks"] == "2" and parent.data.params["import_from"] == str(csv_path)
+    assert parent.data.params["ood_gated_scores"] == "gaussian"
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
     imported = {c.data.params["defense_config"] for c in children if "stealguard.imported_from" in c.data.tags}
     assert imported == {json.dumps(g, sort_keys=True) for g in grid}
-    (new,) = [c for c in children if "stealguard.imported_from" not in c.data.tags]
-    assert json.loads(new.data.params["defense_config"]) == {"name": "top_k", "k": 2} and new.info.status == "FINISHED"
+    new = {json.loads(c.data.params["defense_config"])["name"]: c for c in children
+           if "stealguard.imported_from" not in c.data.tags}
+    assert sorted(new) == ["ood_gated", "top_k"] and all(c.info.status == "FINISHED" for c in new.values())
+    assert json.loads(new["top_k"].data.params["defense_config"]) == {"name": "top_k", "k": 2}
+    gated = json.loads(new["ood_gated"].data.params["defense_config"])
+    from mlflow_project.lab import screen
+    from mlflow_project.lab.evaluate import load_victim
+
+    ours = screen.fit_gaussian(load_victim(victim["dir"])).model_dump()  # this process's threads: equal to rounding
+    assert gated["score"] == "gaussian" and gated["gaussian"].keys() == ours.keys()
+    for key in ours:
+        assert np.allclose(gated["gaussian"][key], ours[key], rtol=1e-5, atol=1e-7), key
+    assert gated["outside"] == {"name": "mad", "epsilon": 2.0, "norm": "l1"} and 0 < gated["tau"] <= 0.501
+    assert "score=gaussian" in new["ood_gated"].data.tags["stealguard.label"]
 
 
 @pytest.fixture(scope="module")

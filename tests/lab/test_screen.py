@@ -113,3 +113,33 @@ def test_calibrate_tau_is_the_largest_tau_within_the_drop(digits_victim):
     with pytest.raises(ValueError, match=r"ood_gated_max_drop: no tau in \[0.3, 0.95\] keeps ood_gated"):
         sc.calibrate_tau(digits_victim, MAD1, outside, 0.0, taus=taus)
     assert sc.CALIBRATION_TAUS[0] == 0.1 and sc.CALIBRATION_TAUS[-1] == 0.995 and len(sc.CALIBRATION_TAUS) == 180
+
+
+def test_the_gaussian_gate_is_fitted_on_the_training_posteriors_and_calibrated_like_max_prob(
+        digits_victim, digits_victim_dir, tmp_path):
+    """--fit-gaussian writes what fit_gaussian fits (the victim's training posteriors); calibrate_tau with it is the
+    largest typicality tau within the drop, against the real ood_gated defense at every tau of a grid."""
+    from mlflow_project.lab import data
+    from plugins.ood import PosteriorGaussian, fit_posterior_gaussian, gaussian_typicality
+
+    out = tmp_path / "gaussian.json"
+    sc.main(["--victim", str(digits_victim_dir), "--fit-gaussian", str(out)])
+    stats = PosteriorGaussian.model_validate(json.loads(out.read_text()))
+    train_x, _ = data.load_raw("digits", "train")
+    expected = fit_posterior_gaussian(sc.predict_probs(digits_victim.model, data.adapt(train_x, digits_victim.spec)))
+    assert stats == expected == sc.fit_gaussian(digits_victim)
+    inside, outside = {"name": "label_only"}, MAD1
+    taus = (1e-12, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5)
+    test_x, test_y, probs = sc.victim_test_set(digits_victim)
+    gate = {"score": "gaussian", "gaussian": stats.model_dump()}
+    drops = {t: sc.screen_config(digits_victim, {"name": "ood_gated", "tau": t, "inside": inside, "outside": outside,
+                                                 **gate}, test_x, test_y, probs, test_x[:8], probs[:8], 1.0,
+                                 1.0)["accuracy_drop_points"] for t in taus}
+    levels = sorted(set(drops.values()))
+    assert len(levels) >= 3, drops
+    typical = gaussian_typicality(probs, stats)
+    for max_drop in levels[1:-1]:
+        found = sc.calibrate_tau(digits_victim, inside, outside, max_drop, taus=taus, gaussian=stats)
+        assert found["tau"] == max(t for t in taus if drops[t] <= max_drop)
+        assert found["gated"] == pytest.approx((typical < found["tau"]).double().mean().item())
+    assert sc.GAUSSIAN_CALIBRATION_TAUS[0] == 0.501 and sc.GAUSSIAN_CALIBRATION_TAUS[-1] == 1e-15

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_project.lab.evaluate import evaluate
@@ -426,7 +427,7 @@ def test_presets_follow_the_paper_gammas_and_validate():
     assert {g["gamma"] for g in defense_grid(get_preset("quick")) if g["name"] == "reverse_sigmoid"} == {0.4}
     assert {g["gamma"] for g in defense_grid(get_preset("tiny")) if g["name"] == "reverse_sigmoid"} == {0.2}
     paper = get_preset("paper")
-    calibrated = {("label_only", "mad"): 0.565}
+    calibrated = {("label_only", "mad", "max_prob"): 0.565}
     names = {g["name"] for g in defense_grid(paper, calibrated)}
     assert names == {"identity", "mad", "mad_argmax", "reverse_sigmoid", "label_only", "ood_gated"}
     assert {0.6, 0.7, 0.8, 0.9, 0.95} <= {g["epsilon"] for g in defense_grid(paper, calibrated) if g["name"] == "mad"}
@@ -440,11 +441,11 @@ def test_presets_follow_the_paper_gammas_and_validate():
     assert gated == [{"name": "ood_gated", "tau": 0.565, "inside": {"name": "label_only"},
                       "outside": {"name": "mad", "epsilon": 2.0, "norm": "l1"}}]
     with pytest.raises(ValueError, match=r"ood_gated_max_drop: the taus are calibrated on the victim .*"
-                                         r"\('label_only', 'mad'\)"):
-        defense_grid(paper, {("mad_argmax", "mad"): 0.58})
+                                         r"\('label_only', 'mad', 'max_prob'\)"):
+        defense_grid(paper, {("mad_argmax", "mad", "max_prob"): 0.58})
     # explicit taus come first; a calibrated tau already among them is not a second point
     pairs = get_preset("paper", ood_gated_inside="mad_argmax,label_only", ood_gated_epsilon=1.0)
-    with_argmax = {("mad_argmax", "mad"): 0.58, ("label_only", "mad"): 0.565}
+    with_argmax = {("mad_argmax", "mad", "max_prob"): 0.58, ("label_only", "mad", "max_prob"): 0.565}
     assert [(g["tau"], g["inside"]["name"]) for g in defense_grid(pairs, with_argmax) if g["name"] == "ood_gated"] == [
         (0.58, "mad_argmax"), (0.565, "label_only")]
     both = get_preset("paper", ood_gated_taus="0.58,0.7", ood_gated_inside="mad_argmax,label_only")
@@ -463,6 +464,26 @@ def test_presets_follow_the_paper_gammas_and_validate():
                                                        "--ood-gated-max-drop", "0"]))
     assert [(g["tau"], g["inside"], g["outside"]["name"]) for g in defense_grid(one) if g["name"] == "ood_gated"] == [
         (0.9, {"name": "mad_argmax", "epsilon": 2.0, "norm": "l1"}, "label_only")]  # the preset's inner l1 2
+    # the gaussian score: a point per score, each carrying the statistics fitted on the victim
+    from plugins import validate_config
+    from plugins.ood import fit_posterior_gaussian
+
+    stats = fit_posterior_gaussian(torch.softmax(torch.randn(200, 10) * 4, 1)).model_dump()
+    scores = sw.preset_from_args(sw._parser().parse_args(["--preset", "paper", "--ood-gated-scores",
+                                                          "max_prob,gaussian"]))
+    assert scores.ood_gated_scores == ("max_prob", "gaussian")
+    gated = [g for g in defense_grid(scores, {**calibrated, ("label_only", "mad", "gaussian"): 3e-4}, stats)
+             if g["name"] == "ood_gated"]
+    assert [(g["tau"], g.get("score", "max_prob")) for g in gated] == [(0.565, "max_prob"), (3e-4, "gaussian")]
+    assert gated[1]["gaussian"] == stats and validate_config(gated[1]).gaussian.model_dump() == stats
+    assert describe(gated[1]) == "ood_gated(tau=0.0003, score=gaussian, inside=label_only, outside=mad(epsilon=2))"
+    with pytest.raises(ValueError, match="score 'gaussian' needs the statistics fitted on the victim"):
+        defense_grid(scores, {**calibrated, ("label_only", "mad", "gaussian"): 3e-4})
+    with pytest.raises(ValueError, match=r"no calibrated tau for the \(inside, outside, score\) gates "
+                                         r"\[\('label_only', 'mad', 'gaussian'\)\]"):
+        defense_grid(scores, calibrated, stats)
+    with pytest.raises(ValueError, match="ood_gated_scores: each must be one of max_prob, gaussian"):
+        get_preset("paper", ood_gated_scores="energy")
     assert get_preset("quick", seeds="0,1,2").all_seeds == (0, 1, 2) and get_preset("quick").all_seeds == (0,)
     assert get_preset("quick", mad_epsilons="0.2,0.4").mad_epsilons == (0.2, 0.4)
     with pytest.raises(ValueError, match="preset"):
