@@ -440,6 +440,34 @@ def test_ood_gated_is_served_with_its_inner_defenses_resources(serve, tmp_path):
     assert (distance(y, got, "l1") <= 0.8 + 1e-6).all()
 
 
+def test_ood_gated_with_the_gaussian_gate_is_served_as_the_plugin_answers(serve):
+    """The Gaussian gate's statistics travel in the defense config (archive, handler); the served answer is the
+    plugin's on the victim's posteriors, and statistics of another class count are refused at load."""
+    from plugins.ood import fit_posterior_gaussian, gaussian_typicality
+
+    probe = serve({"name": "identity"})
+    fit = probe.victim_probs(torch.tensor(rows(400, seed=3)))
+    stats = fit_posterior_gaussian(fit, torch.arange(400) % fit.shape[1])  # near-uniform victim: not every top-1
+    x = torch.tensor(rows(8, seed=11))  # the test archives' max_rows
+    y = probe.victim_probs(x)
+    typical = gaussian_typicality(y, stats)
+    tau = float(typical.median())  # half the rows on each side of the gate
+    cfg = {"name": "ood_gated", "tau": tau, "score": "gaussian", "gaussian": stats.model_dump(),
+           "inside": {"name": "identity"}, "outside": {"name": "label_only"}}
+    s = serve(cfg)
+    a = s.one({"instances": x.tolist()})
+    assert a.status == 200 and a.headers["X-StealGuard-Defense"] == "ood_gated@unversioned"
+    got = torch.tensor([r["probabilities"] for r in a.json["predictions"]], dtype=torch.float64)
+    inside = typical >= tau
+    assert 0 < int(inside.sum()) < 8
+    assert torch.allclose(got[inside], y[inside], atol=1e-6)
+    onehot = torch.nn.functional.one_hot(y.argmax(1), y.shape[1]).to(torch.float64)
+    assert torch.equal(got[~inside], onehot[~inside])
+    other = fit_posterior_gaussian(torch.softmax(torch.randn(60, 3) * 3, 1))
+    with pytest.raises(Exception, match="fitted for K = 3 classes; this victim has"):
+        serve({**cfg, "gaussian": other.model_dump()})
+
+
 def test_ood_gated_without_the_surrogate_its_inner_mad_needs_is_refused(serve, caplog):
     cfg = {"name": "ood_gated", "inside": {"name": "identity"}, "outside": {"name": "mad", "epsilon": 0.8}}
     with pytest.raises(Exception, match="surrogate"):
