@@ -21,6 +21,10 @@ the defense flips.
 share of test rows, of correctly answered test rows and of the attacker's queries it fires on. The correct
 share bounds the drop of any composition that flips every gated row (MAD at l1 1 does, on this victim).
 
+``--gate-fractions 0.005,0.01,0.02``: per gate score (ood_gated's ``max_prob`` and ``gaussian``), the tau that
+takes that share of the test set and the share of the attacker's queries it takes there (:func:`score_rates`):
+which score separates the thief's queries from benign traffic on this victim.
+
 :func:`calibrate_tau`: the largest tau at which an (inside, outside) pair stays within a benign drop (the sweep's
 ``--ood-gated-max-drop``), for the max-probability gate or, given :func:`fit_gaussian`'s statistics, the Gaussian
 score's (plugins.ood.PosteriorGaussian; ``--fit-gaussian`` prints them as an ood_gated config's ``gaussian``).
@@ -61,6 +65,21 @@ def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: to
         out.append({"tau": float(tau), "test": gated.double().mean().item(),
                     "test_correct": (gated & correct).double().mean().item(),
                     "queries": (conf_q < tau).double().mean().item()})
+    return out
+
+
+def score_rates(scores_test: torch.Tensor, test_correct: torch.Tensor, scores_queries: torch.Tensor,
+                fractions: Sequence[float]) -> list[dict[str, float]]:
+    """Per share f of the test set: the tau at which the gate ``score < tau`` takes f of the test rows (the
+    f-quantile of the test scores), and the shares of test rows, correctly answered test rows (of all test rows)
+    and attacker queries it takes there: how well a gate score tells the thief's queries from benign traffic."""
+    out = []
+    for f in fractions:
+        tau = torch.quantile(scores_test.double(), float(f)).item()
+        gated, asked = scores_test < tau, scores_queries < tau
+        out.append({"fraction": float(f), "tau": tau, "test": gated.double().mean().item(),
+                    "test_correct": (gated & test_correct).double().mean().item(),
+                    "queries": asked.double().mean().item()})
     return out
 
 
@@ -160,8 +179,9 @@ def screen_config(victim, config: Mapping[str, Any], test_x: torch.Tensor, test_
 
 def screen(victim, configs: Sequence[Mapping[str, Any]], queryset: str, budget: int, seed: int,
            taus: Sequence[float] = (), max_drop: float = 1.0, max_l1: float = 1.0,
-           misinformation: Path | None = None) -> dict[str, Any]:
-    """Screen ``configs`` on ``victim``: {"rows": one per config, "gate": gate_rates, "queries": n}."""
+           misinformation: Path | None = None, fractions: Sequence[float] = ()) -> dict[str, Any]:
+    """Screen ``configs`` on ``victim``: {"rows": one per config, "gate": gate_rates, "scores": per gate score
+    (max_prob, gaussian) its :func:`score_rates` at the test-set shares ``fractions``, "queries": n}."""
     spec = victim.spec
     test_x, test_y, probs_test = victim_test_set(victim)
     pool = data.query_set(queryset, spec, victim_dataset=spec.dataset)
@@ -169,8 +189,15 @@ def screen(victim, configs: Sequence[Mapping[str, Any]], queryset: str, budget: 
     probs_queries = predict_probs(victim.model, queries)
     rows = [screen_config(victim, c, test_x, test_y, probs_test, queries, probs_queries, max_drop, max_l1,
                           misinformation) for c in configs]
-    return {"rows": rows, "gate": gate_rates(probs_test, test_y, probs_queries, taus), "queries": len(queries),
-            "victim_accuracy": (probs_test.argmax(1) == test_y).double().mean().item()}
+    scores: dict[str, list[dict[str, float]]] = {}
+    if fractions:
+        gaussian = fit_gaussian(victim)
+        correct = probs_test.argmax(1) == test_y
+        for name, score in (("max_prob", lambda p: p.double().amax(1)),
+                            ("gaussian", lambda p: gaussian_typicality(p, gaussian))):
+            scores[name] = score_rates(score(probs_test), correct, score(probs_queries), fractions)
+    return {"rows": rows, "gate": gate_rates(probs_test, test_y, probs_queries, taus), "scores": scores,
+            "queries": len(queries), "victim_accuracy": (probs_test.argmax(1) == test_y).double().mean().item()}
 
 
 def table(result: Mapping[str, Any]) -> str:
@@ -179,6 +206,11 @@ def table(result: Mapping[str, Any]) -> str:
         lines += ["gate max p < tau fires on:   tau     test  test, correct  attacker queries"]
         lines += [f"{'':29s}{g['tau']:5.3g}  {100 * g['test']:6.2f}%  {100 * g['test_correct']:12.2f}%  "
                   f"{100 * g['queries']:15.2f}%" for g in result["gate"]]
+        lines.append("")
+    for name, rates in result.get("scores", {}).items():
+        lines += [f"gate score {name} < tau takes:  test share  tau        test, correct  attacker queries"]
+        lines += [f"{'':31s}{100 * g['fraction']:8.2f}%  {g['tau']:9.3g}  {100 * g['test_correct']:12.2f}%  "
+                  f"{100 * g['queries']:15.2f}%" for g in rates]
         lines.append("")
     lines.append(f"victim accuracy {100 * result['victim_accuracy']:.2f}%, {result['queries']} attacker queries")
     head = f"{'defense':70s} {'drop':>6s} {'L1':>6s} {'flips':>7s} {'q flips':>8s} {'q L1':>6s} {'NLL':>6s}  caps"
@@ -206,27 +238,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-drop", type=float, default=1.0, help="the selection's cap on the drop, points")
     p.add_argument("--max-l1", type=float, default=1.0, help="the selection's cap on the mean L1")
     p.add_argument("--out", default="", help="also write the result as JSON to this path")
+    p.add_argument("--gate-fractions", default="",
+                   help="comma-separated shares of the test set (e.g. 0.005,0.01,0.02): per gate score (max_prob, "
+                        "gaussian) the tau that gates that share and the share of attacker queries it takes")
     p.add_argument("--fit-gaussian", default="", metavar="PATH",
                    help="write the Gaussian gate's statistics fitted on the victim's training posteriors to PATH "
                         "(JSON: an ood_gated config's 'gaussian', with score 'gaussian')")
     a = p.parse_args(argv)
     data.check_queryset(a.queryset)
     taus = parse_grid("gate-taus", a.gate_taus)
+    fractions = parse_grid("gate-fractions", a.gate_fractions)
+    if any(not 0 < f < 1 for f in fractions):
+        p.error(f"--gate-fractions: each share must be in (0, 1); got {list(fractions)}")
     configs = [parse_defense(d) for d in a.defense]
-    if not configs and not taus and not a.fit_gaussian:
-        p.error("nothing to screen: give --defense (repeatable), --gate-taus and/or --fit-gaussian")
+    if not configs and not taus and not fractions and not a.fit_gaussian:
+        p.error("nothing to screen: give --defense (repeatable), --gate-taus, --gate-fractions and/or --fit-gaussian")
     preset = get_preset("paper")
     victim, path = resolve_victim(preset, a.victim, progress=False)
     if a.fit_gaussian:
         Path(a.fit_gaussian).write_text(json.dumps(fit_gaussian(victim).model_dump()) + "\n")
         print(f"the Gaussian gate's statistics on {path}'s training posteriors: {a.fit_gaussian}")
-        if not configs and not taus:
+        if not configs and not taus and not fractions:
             return {"gaussian": a.fit_gaussian}
     misinformation = None
     if any(needs_misinformation(c) for c in configs):
         misinformation = resolve_misinformation(preset, victim, str(path), progress=False)
     result = screen(victim, configs, a.queryset, a.budget or preset.budget, a.seed, taus, a.max_drop, a.max_l1,
-                    misinformation)
+                    misinformation, fractions)
     print(table(result))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

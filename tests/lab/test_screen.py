@@ -143,3 +143,20 @@ def test_the_gaussian_gate_is_fitted_on_the_training_posteriors_and_calibrated_l
         assert found["tau"] == max(t for t in taus if drops[t] <= max_drop)
         assert found["gated"] == pytest.approx((typical < found["tau"]).double().mean().item())
     assert sc.GAUSSIAN_CALIBRATION_TAUS[0] == 0.501 and sc.GAUSSIAN_CALIBRATION_TAUS[-1] == 1e-15
+
+
+def test_score_rates_take_the_asked_share_of_the_test_set(digits_victim, capsys):
+    """score_rates against a direct count; screen reports both gate scores and the table prints them."""
+    scores_test = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], dtype=torch.float64)
+    correct = torch.tensor([True, False] * 5)
+    scores_q = torch.tensor([0.05, 0.15, 0.95, 0.35], dtype=torch.float64)
+    (r,) = sc.score_rates(scores_test, correct, scores_q, [0.25])
+    assert r["tau"] == pytest.approx(0.325) and r["test"] == 0.3 and r["test_correct"] == 0.2
+    assert r["queries"] == 0.5
+    res = sc.screen(digits_victim, [], "mnist5k", budget=400, seed=0, fractions=(0.01, 0.05))
+    assert set(res["scores"]) == {"max_prob", "gaussian"}
+    for rates in res["scores"].values():
+        assert [g["fraction"] for g in rates] == [0.01, 0.05]
+        assert all(abs(g["test"] - g["fraction"]) <= 0.02 and 0 <= g["queries"] <= 1 for g in rates)
+    print(sc.table(res))
+    assert "gate score gaussian < tau takes" in capsys.readouterr().out
