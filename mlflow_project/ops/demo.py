@@ -5,9 +5,10 @@ Steps (each prints what it does):
 2. sweep defenses against a Knockoff attacker with out-of-distribution queries (the ``quick`` preset with
    ``mnist5k``: 5,000 real MNIST digits against the Fashion-MNIST victim, at the HTTP thief's budget and clone
    epochs; :data:`DEMO_SWEEP`: ood_gated under the maximum-probability and the Gaussian gate, 3 seeds for
-   identity, label_only and ood_gated), every point attacked by the soft and the top-1 clone; selection takes the strongest of the two within max_drop and max_l1 and never recommends a
-   point that is not below label_only by more than the seeds' noise (sweep/select.py), so it may honestly be
-   label_only or identity: the demo prints why it chose what it chose;
+   identity, label_only and ood_gated), every point attacked by the soft and the top-1 clone; selection takes
+   the strongest of the two within max_drop and max_l1 and never recommends a point that is not below
+   label_only by more than the seeds' noise (sweep/select.py), so it may honestly be label_only or identity:
+   the demo prints why it chose what it chose;
 3. register that defense config as a new MLflow model version and move the ``production`` alias to it;
 4. build two archives: the production one from ``models:/<name>@production``, with the per-client monitor in
    ``harden`` mode (:data:`DEMO_MONITOR`, SQLite store under the run directory), and an undefended twin
