@@ -193,6 +193,15 @@ def victim(cfg: DemoConfig) -> tuple[Path, str, str, float]:
 # ------------------------------------------------------------------------------------------ 2-3. sweep, registry
 
 
+def shown(config: dict[str, Any]) -> str:
+    """A defense config as the demo prints it: JSON, with a Gaussian gate's fitted statistics (K x K floats)
+    summarised (the registered config and the archive hold them whole)."""
+    if isinstance(config.get("gaussian"), dict):
+        k = len(config["gaussian"].get("means", []))
+        config = {**config, "gaussian": f"<fitted: {k} class means of the log-ratios, shared precision>"}
+    return json.dumps(config, sort_keys=True)
+
+
 def demo_preset(cfg: DemoConfig):
     """The demo's sweep preset: ``cfg.preset`` on ``cfg.dataset`` / ``cfg.queryset`` at the HTTP thief's budget and
     clone epochs, with ``cfg.sweep_overrides`` (default :data:`DEMO_SWEEP`) on top."""
@@ -237,7 +246,7 @@ def sweep_and_promote(cfg: DemoConfig, victim_dir: Path, victim_uri: str, name: 
         say(f"'{config['name']}' is randomised: a secret generated for this run keys it (STEALGUARD_SECRET in this "
             "process while registering and packaging, then in TorchServe's environment; never written or printed, "
             "MLflow and the archive get its fingerprint only)")
-    say(f"registering {json.dumps(config)} in MLflow as {name} (victim {victim_uri})")
+    say(f"registering {shown(config)} in MLflow as {name} (victim {victim_uri})")
     with secret_in_env(secret):
         reg = register(config, victim_uri, name=name, provenance={"sweep_parent_run": res.parent_run_id,
                                                                    "sweep_key": res.sweep_key})

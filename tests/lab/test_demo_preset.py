@@ -24,3 +24,13 @@ def test_the_demo_sweeps_what_its_thief_does_with_both_gates_at_three_seeds():
     assert (small.budget, small.epochs, small.ood_gated_scores) == (300, 3, ("max_prob", "gaussian"))
     assert demo.DemoConfig().sweep_overrides == demo.DEMO_SWEEP and demo.DemoConfig().sweep_overrides is not \
         demo.DEMO_SWEEP
+
+
+def test_the_demo_prints_a_gaussian_gate_without_its_statistics():
+    config = {"name": "ood_gated", "tau": 3e-4, "score": "gaussian",
+              "gaussian": {"means": [[1.5], [2.5]], "precision_tril": [[1.0]]}, "inside": {"name": "label_only"},
+              "outside": {"name": "mad", "epsilon": 2.0, "norm": "l1"}}
+    text = demo.shown(config)
+    assert "<fitted: 2 class means" in text and "1.5" not in text and '"tau": 0.0003' in text
+    assert config["gaussian"]["means"] == [[1.5], [2.5]]  # the config itself is untouched
+    assert demo.shown({"name": "label_only"}) == '{"name": "label_only"}'
