@@ -8,10 +8,14 @@ Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``) and holds every 
 received it (defaults included, shell-quoted: ``''`` for an empty string). The entry points log what they
 resolved through :func:`log_params`: a key MLflow already logged with another value gets its resolved value
 under ``resolved.<key>``; :func:`run_params` reads a run's params back with the resolved values on top.
+A value longer than MLflow allows for a param (``MAX_PARAM_VAL_LENGTH``, 6,000 characters: e.g. an ood_gated
+config whose Gaussian gate has K x K statistics for K >= 14 classes) is logged as its SHA-256 digest
+(:func:`param_text`); the entry points keep the full value in an artifact (defense.json).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,6 +87,19 @@ def start_run(run_name: str, tracking_uri: str | None = None, experiment: str = 
     return start_or_resume(run_name)
 
 
+def param_text(value: Any) -> str:
+    """``str(value)``, or for a value too long for an MLflow param its digest and length (what a reader needs to
+    match it against the run's artifact): ``sha256:<hex> (<n> characters; ...)``."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    text = str(value)
+    if len(text) <= MAX_PARAM_VAL_LENGTH:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"sha256:{digest} ({len(text)} characters, over MLflow's {MAX_PARAM_VAL_LENGTH} for a param; the run's " \
+           f"artifacts hold the value)"
+
+
 def log_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Log resolved parameter values to the active run; return what was logged (key -> string).
 
@@ -95,7 +112,7 @@ def log_params(params: Mapping[str, Any]) -> dict[str, str]:
     existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
     todo: dict[str, str] = {}
     for key, value in params.items():
-        text = str(value)
+        text = param_text(value)
         if key not in existing:
             todo[key] = text
         elif existing[key] != text:

@@ -443,6 +443,7 @@ def run_point(job: PointJob, victim, shared: SharedWork | None, target: Tracking
     from mlflow.tracking import MlflowClient
 
     from mlflow_project.lab.evaluate import evaluate, log_evaluation
+    from mlflow_project.lifecycle import tracking
 
     torch.set_num_threads(job.threads)
     if mlflow.get_tracking_uri() != target.uri:
@@ -467,7 +468,7 @@ def run_point(job: PointJob, victim, shared: SharedWork | None, target: Tracking
                 os.kill(os.getpid(), signal.SIGKILL)
         result = (evaluate_fn or evaluate)(job.cfg, victim=victim, progress=False, shared=shared)
         log_evaluation(result)
-        mlflow.log_param("defense_config", json.dumps(job.defense, sort_keys=True))
+        tracking.log_params({"defense_config": json.dumps(job.defense, sort_keys=True)})
         mlflow.set_tags({KIND_TAG: POINT_KIND, "stealguard.label": job.label})
     return _flat_row(job.defense, result.metrics, status="new", point_key=job.key, run_id=child.info.run_id,
                      seed=job.seed, seconds=result.seconds.get("total", math.nan), threads=job.threads)
