@@ -27,7 +27,7 @@ which score separates the thief's queries from benign traffic on this victim.
 
 :func:`calibrate_tau`: the largest tau at which an (inside, outside) pair stays within a benign drop (the sweep's
 ``--ood-gated-max-drop``), for the max-probability gate or, given :func:`fit_gaussian`'s statistics, the Gaussian
-score's (plugins.ood.PosteriorGaussian; ``--fit-gaussian`` prints them as an ood_gated config's ``gaussian``).
+score's (plugins.ood.PosteriorGaussian; ``--fit-gaussian PATH`` writes them, an ood_gated config's ``gaussian``).
 
 The victim is the paper preset's unless ``--victim`` names one; defenses that need a misinformation model get
 the sweep's (trained once and cached beside the victim).
