@@ -176,3 +176,9 @@ def gaussian_typicality(y: torch.Tensor, gaussian: PosteriorGaussian) -> torch.T
     d = mahalanobis_sq(y, gaussian)
     dof = torch.full_like(d, (gaussian.num_classes - 1) / 2)
     return torch.special.gammaincc(dof, d / 2)
+
+
+def in_distribution_score(y: torch.Tensor, gaussian: PosteriorGaussian | None = None) -> torch.Tensor:
+    """The score ood_gated's gate thresholds, per row (B,), float64: :func:`max_prob`, or with ``gaussian`` its
+    :func:`gaussian_typicality`; higher means more in-distribution."""
+    return max_prob(y) if gaussian is None else gaussian_typicality(y, gaussian)

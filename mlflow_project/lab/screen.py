@@ -50,7 +50,7 @@ from mlflow_project.lab.evaluate import defender_metrics, parse_defense
 from mlflow_project.lab.oracles import build_victim_defense
 from mlflow_project.lab.training import predict_probs
 from plugins.measures import measures
-from plugins.ood import PosteriorGaussian, fit_posterior_gaussian, gaussian_typicality
+from plugins.ood import PosteriorGaussian, fit_posterior_gaussian, in_distribution_score
 
 
 def gate_rates(probs_test: torch.Tensor, test_y: torch.Tensor, probs_queries: torch.Tensor,
@@ -137,7 +137,7 @@ def calibrate_tau(victim, inside: Mapping[str, Any], outside: Mapping[str, Any],
     answers = [build_victim_defense(victim.model, dict(c), spec.num_classes, surrogate_seed=surrogate_seed,
                                     misinformation=misinformation)(probs, test_x).probs for c in (inside, outside)]
     top1_in, top1_out = (a.argmax(1) == test_y for a in answers)
-    conf = probs.max(1).values if gaussian is None else gaussian_typicality(probs, gaussian)
+    conf = probs.max(1).values if gaussian is None else in_distribution_score(probs, gaussian)
     victim_acc = (probs.argmax(1) == test_y).double().mean().item()
     for tau in sorted(taus, reverse=True):
         gated = conf < tau
@@ -193,9 +193,9 @@ def screen(victim, configs: Sequence[Mapping[str, Any]], queryset: str, budget: 
     if fractions:
         gaussian = fit_gaussian(victim)
         correct = probs_test.argmax(1) == test_y
-        for name, score in (("max_prob", lambda p: p.double().amax(1)),
-                            ("gaussian", lambda p: gaussian_typicality(p, gaussian))):
-            scores[name] = score_rates(score(probs_test), correct, score(probs_queries), fractions)
+        for name, stats in (("max_prob", None), ("gaussian", gaussian)):
+            scores[name] = score_rates(in_distribution_score(probs_test, stats), correct,
+                                       in_distribution_score(probs_queries, stats), fractions)
     return {"rows": rows, "gate": gate_rates(probs_test, test_y, probs_queries, taus), "scores": scores,
             "queries": len(queries), "victim_accuracy": (probs_test.argmax(1) == test_y).double().mean().item()}
 

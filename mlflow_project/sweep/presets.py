@@ -256,8 +256,7 @@ def defense_grid(preset: Preset, calibrated_taus: Mapping[tuple[str, str, str], 
     grid += [{"name": "gradient_redirection", "epsilon": float(e), "target": target}
              for e in preset.gradient_redirection_epsilons for target in GRADIENT_REDIRECTION_TARGETS]
     gates = ood_gated_gates(preset)
-    if gaussian is None and "gaussian" in preset.ood_gated_scores and (preset.ood_gated_taus or
-                                                                       preset.ood_gated_max_drop > 0):
+    if gaussian is None and has_gaussian_points(preset):
         raise ValueError("ood_gated_scores: score 'gaussian' needs the statistics fitted on the victim "
                          "(sweep.run.fit_ood_gaussian); none given")
     grid += [ood_gated_config(float(t), *gate, preset.ood_gated_epsilon, gaussian) for t in preset.ood_gated_taus
@@ -295,6 +294,11 @@ def inner_config(name: str, epsilon: float) -> dict[str, Any]:
     if name in ("mad", "mad_argmax"):
         return {"name": name, "epsilon": float(epsilon), "norm": "l1"}
     return {"name": name}
+
+
+def has_gaussian_points(preset: Preset) -> bool:
+    """Whether the grid has ood_gated points with score ``gaussian`` (fixed taus or calibrated ones)."""
+    return "gaussian" in preset.ood_gated_scores and bool(preset.ood_gated_taus or preset.ood_gated_max_drop > 0)
 
 
 def ood_gated_gates(preset: Preset) -> list[tuple[str, str, str]]:

@@ -199,7 +199,9 @@ def needs_misinformation(defense: Mapping[str, Any]) -> bool:
 def fit_ood_gaussian(preset: Preset, vict) -> dict[str, Any] | None:
     """The Gaussian gate's statistics on the victim (:func:`mlflow_project.lab.screen.fit_gaussian`), as the dict
     an ood_gated config holds, when the preset has ood_gated points with score ``gaussian``; else None."""
-    if "gaussian" not in preset.ood_gated_scores or not (preset.ood_gated_taus or preset.ood_gated_max_drop > 0):
+    from mlflow_project.sweep.presets import has_gaussian_points
+
+    if not has_gaussian_points(preset):
         return None
     from mlflow_project.lab.screen import fit_gaussian
 
@@ -215,16 +217,16 @@ def calibrate_ood_gated(preset: Preset, vict, victim_path: str, progress: bool,
     from mlflow_project.sweep.presets import inner_config, ood_gated_gates
     from plugins.ood import PosteriorGaussian
 
+    stats = None if gaussian is None else PosteriorGaussian.model_validate(gaussian)
     taus: dict[tuple[str, str, str], float] = {}
     for inside, outside, score in ood_gated_gates(preset):
         configs = [inner_config(name, preset.ood_gated_epsilon) for name in (inside, outside)]
         misinformation = resolve_misinformation(preset, vict, victim_path, progress) \
             if any(needs_misinformation(c) for c in configs) else None
-        if score == "gaussian" and gaussian is None:
+        if score == "gaussian" and stats is None:
             raise ValueError("calibrate_ood_gated: score 'gaussian' needs the fitted statistics (fit_ood_gaussian)")
         found = calibrate_tau(vict, *configs, preset.ood_gated_max_drop, surrogate_seed=preset.surrogate_seed,
-                              misinformation=misinformation,
-                              gaussian=PosteriorGaussian.model_validate(gaussian) if score == "gaussian" else None)
+                              misinformation=misinformation, gaussian=stats if score == "gaussian" else None)
         taus[(inside, outside, score)] = found["tau"]
         print(f"ood_gated_max_drop {preset.ood_gated_max_drop:g}: tau {found['tau']:g} for inside={inside}, "
               f"outside={outside}, score={score} (benign drop {found['drop']:.2f} points; the gate takes "

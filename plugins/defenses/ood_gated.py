@@ -39,7 +39,7 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from plugins.base import Budget, Defense, DefenseConfig, DefenseOutput, check_num_classes, secret_field
-from plugins.ood import PosteriorGaussian, gaussian_typicality, max_prob
+from plugins.ood import PosteriorGaussian, in_distribution_score
 from plugins.registry import build_defense, defense_class, register, validate_config, with_secret
 
 INNER = ("inside", "outside")
@@ -139,15 +139,9 @@ class OodGated(Defense):
             return None
         return Budget(norm=a.norm, epsilon=max(a.epsilon, b.epsilon), space=a.space)
 
-    def in_distribution_score(self, y: torch.Tensor) -> torch.Tensor:
-        """The gate's score s per row (B,), float64: max_k y_k, or the Gaussian typicality."""
-        if self.config.gaussian is not None:
-            return gaussian_typicality(y, self.config.gaussian)
-        return max_prob(y)
-
     def perturb(self, y: torch.Tensor, inputs: Any) -> DefenseOutput:
         b = y.shape[0]
-        conf = self.in_distribution_score(y) if b else torch.zeros(0, dtype=torch.float64)
+        conf = in_distribution_score(y, self.config.gaussian) if b else torch.zeros(0, dtype=torch.float64)
         score = 1.0 - conf
         if self.config.nu is not None:
             h = torch.sigmoid(self.config.nu * (self.config.tau - conf))
