@@ -21,6 +21,10 @@ momentum (:mod:`mlflow_project.lab.training`).
 - ``jb_release_augmentation``: the JB steps exactly as the authors' release computes them, where they differ
   from the paper's text (jbda / jbself: :func:`release_augmentation`; jbtop3: :func:`release_top3`), so that
   what those differences do to the clone can be measured.
+- ``budget_ladder`` (knockoff): the clone is first trained on the first n of its queries for each n of the ladder
+  (ascending, below the budget), the weights carried from stage to stage with a fresh optimiser each, then on all
+  of them, as the authors' release (knockoffnets ``knockoff/adversary/train.py --budgets 50,100,...``) trains one
+  model through its list of budgets; every stage trains ``epochs`` epochs. The twin is trained the same way.
 - suffix ``_argmax`` (e.g. ``knockoff_argmax``): the attacker trains on one-hot rows of the returned top-1
   labels (:class:`oracles.ArgmaxOracle`).
 - ``art_copycat`` / ``art_knockoff``: IBM ART's CopycatCNN and KnockoffNets (random strategy), an attacker
@@ -40,6 +44,7 @@ batch 128, lr 0.05 (cosine), momentum 0.9, weight decay 5e-4; JB substitutes are
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -83,6 +88,7 @@ class AttackConfig:
     # measure what it changes
     jb_release_augmentation: bool = False
     schedule: str = "cosine"  # the clone's learning-rate schedule (training.SCHEDULES)
+    budget_ladder: tuple[int, ...] = ()  # knockoff: train on these prefixes of the queries first (module doc)
     pixel_mean: float = 0.0  # the victim's normalisation, so JB steps and clipping happen in [0, 1] pixels
     pixel_std: float = 1.0
 
@@ -97,6 +103,10 @@ class AttackConfig:
             raise ValueError(f"jb_tau: must be >= 1; got {self.jb_tau}")
         if not self.pixel_std > 0:
             raise ValueError(f"pixel_std: must be > 0; got {self.pixel_std}")
+        object.__setattr__(self, "budget_ladder", ladder(self.budget_ladder, self.budget))
+        if self.budget_ladder and (self.base != "knockoff" or self.art):
+            raise ValueError(f"budget_ladder: applies to knockoff and knockoff_argmax only (the release trains its "
+                             f"Knockoff clones that way); got attack {self.name!r}")
         if self.jb_release_augmentation and self.base not in JB_ATTACKS:
             raise ValueError(f"jb_release_augmentation: applies to {', '.join(JB_ATTACKS)} (and their _argmax "
                              f"variants) only; got attack {self.name!r}")
@@ -127,6 +137,21 @@ class AttackConfig:
                        else self.jb_round_weight_decay)
 
 
+def ladder(value, budget: int) -> tuple[int, ...]:
+    """``budget_ladder`` as a tuple of strictly ascending query counts in [1, budget); raises naming the field."""
+    try:
+        if isinstance(value, str | bytes):
+            raise TypeError
+        steps = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget_ladder: a list of query counts, e.g. [50, 100, 500, 1000, 10000]; got {value!r}") \
+            from None
+    if any(n < 1 or n >= budget for n in steps) or any(a >= b for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"budget_ladder: strictly ascending query counts, each >= 1 and below the budget "
+                         f"({budget}); got {list(steps)}")
+    return steps
+
+
 @dataclass
 class AttackResult:
     clone: nn.Module  # trained on the rows the oracle returned (one-hot for the _argmax attacks)
@@ -139,13 +164,18 @@ class AttackResult:
     top1_clone: nn.Module | None = None  # the twin trained on the top-1 labels of the same answers
 
 
+Watch = Callable[[str, int, nn.Module], None]  # (clone kind "soft" | "top1", epoch from 0, the clone)
+
+
 def run_attack(oracle, pool: torch.Tensor, make_clone: Callable[[], nn.Module], cfg: AttackConfig,
-               progress: bool = True, twin: bool = True) -> AttackResult:
+               progress: bool = True, twin: bool = True, watch: Watch | None = None) -> AttackResult:
     """Run attack ``cfg`` against ``oracle`` with the query set ``pool`` (N x input shape).
 
     ``make_clone()`` returns a freshly initialised clone (the victim's architecture by default). The oracle's
     own budget, when set, must allow ``cfg.budget`` queries. ``twin``: also train the top-1 twin (see the
-    module doc; no further queries).
+    module doc; no further queries). ``watch(kind, epoch, clone)`` is called after every epoch of the final
+    clone's training and of its twin's (the last stage of a ``budget_ladder``); ART's attacks train inside ART and
+    do not call it.
     """
     from mlflow_project.lab.oracles import ArgmaxOracle
 
@@ -162,11 +192,11 @@ def run_attack(oracle, pool: torch.Tensor, make_clone: Callable[[], nn.Module], 
 
         result = run_art_attack(oracle, pool, make_clone, cfg, twin=twin)
     elif cfg.base == "knockoff":
-        result = _knockoff(oracle, pool, make_clone, cfg, progress)
+        result = _knockoff(oracle, pool, make_clone, cfg, progress, watch)
     else:
-        result = _jacobian(oracle, pool, make_clone, cfg, progress)
+        result = _jacobian(oracle, pool, make_clone, cfg, progress, watch)
     if twin and result.top1_clone is None:
-        result.top1_clone = result.clone if cfg.argmax else train_top1_twin(result, make_clone, cfg, progress)
+        result.top1_clone = result.clone if cfg.argmax else train_top1_twin(result, make_clone, cfg, progress, watch)
     result.queries = oracle.queries - start
     result.seconds = time.perf_counter() - t0
     return result
@@ -177,8 +207,20 @@ def top1_rows(y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(y.argmax(dim=1), y.shape[1]).to(y.dtype)
 
 
+def train_clone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, desc: str, progress: bool,
+                watch: Watch | None = None, kind: str = "soft") -> list[float]:
+    """Train an attack's final clone (or its twin, ``kind="top1"``) in place on (x, y), through
+    ``cfg.budget_ladder``'s prefixes first (stages the transfer set does not exceed are skipped); returns the last
+    stage's per-epoch losses. ``watch`` sees every epoch of the last stage."""
+    for n in cfg.budget_ladder:
+        if n < len(x):
+            train_classifier(model, x[:n], y[:n], cfg.train_config(), desc=f"{desc} ({n} queries)", progress=progress)
+    hook = None if watch is None else (lambda epoch, _loss: watch(kind, epoch, model))
+    return train_classifier(model, x, y, cfg.train_config(), desc=desc, progress=progress, on_epoch=hook)
+
+
 def train_top1_twin(result: AttackResult, make_clone: Callable[[], nn.Module], cfg: AttackConfig,
-                    progress: bool = False) -> nn.Module:
+                    progress: bool = False, watch: Watch | None = None) -> nn.Module:
     """The top-1 attacker's clone: the same transfer set relabelled with its top-1 classes, trained from the same
     initialisation with the same settings as ``result.clone``. When every answer already is one-hot (label_only,
     misinformation answering top-1 only) that training would repeat the clone's exactly: the clone is returned."""
@@ -187,8 +229,7 @@ def train_top1_twin(result: AttackResult, make_clone: Callable[[], nn.Module], c
         return result.clone
     torch.manual_seed(cfg.seed)
     twin = make_clone()
-    train_classifier(twin, result.transfer_x, labels, cfg.train_config(),
-                     desc=f"{cfg.name}: top-1 twin", progress=progress)
+    train_clone(twin, result.transfer_x, labels, cfg, f"{cfg.name}: top-1 twin", progress, watch, "top1")
     return twin
 
 
@@ -205,13 +246,13 @@ def knockoff_queries(pool: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
     return pool[torch.randperm(len(pool), generator=gen)[: min(cfg.budget, len(pool))]]
 
 
-def _knockoff(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
+def _knockoff(oracle, pool, make_clone, cfg: AttackConfig, progress: bool, watch: Watch | None) -> AttackResult:
     x = knockoff_queries(pool, cfg)
     n = len(x)
     y = query_in_batches(oracle, x, cfg.query_batch_size, progress, f"{cfg.name}: querying")
     torch.manual_seed(cfg.seed)
     clone = make_clone()
-    losses = train_classifier(clone, x, y, cfg.train_config(), desc=f"{cfg.name}: clone", progress=progress)
+    losses = train_clone(clone, x, y, cfg, f"{cfg.name}: clone", progress, watch)
     return AttackResult(clone=clone, queries=0, transfer_x=x, transfer_y=y, rounds=1,
                         history=[{"round": 0, "transfer_size": n, "loss": losses[-1] if losses else float("nan")}])
 
@@ -367,7 +408,7 @@ def _release_step(xb: torch.Tensor, logp: torch.Tensor, labels: torch.Tensor, cf
     return torch.minimum(torch.maximum(step, -x), 1.0 - x)
 
 
-def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> AttackResult:
+def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool, watch: Watch | None) -> AttackResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     n_seed = min(cfg.jb_seed_size, cfg.budget, len(pool))
     x = pool[torch.randperm(len(pool), generator=gen)[:n_seed]]
@@ -422,7 +463,7 @@ def _jacobian(oracle, pool, make_clone, cfg: AttackConfig, progress: bool) -> At
     # the final clone: trained from scratch on the whole transfer set with the full clone settings
     torch.manual_seed(cfg.seed)
     clone = make_clone()
-    train_classifier(clone, x, y, cfg.train_config(), desc=f"{cfg.name}: clone", progress=progress)
+    train_clone(clone, x, y, cfg, f"{cfg.name}: clone", progress, watch)
     return AttackResult(clone=clone, queries=0, transfer_x=x, transfer_y=y, rounds=round_ + 1, history=history)
 
 

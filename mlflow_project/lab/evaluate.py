@@ -57,7 +57,7 @@ from torch import nn
 
 from mlflow_project.cli import integer
 from mlflow_project.lab import data
-from mlflow_project.lab.attacks import ATTACKS, AttackConfig, run_attack
+from mlflow_project.lab.attacks import ART_ATTACKS, ATTACKS, AttackConfig, run_attack
 from mlflow_project.lab.models import build_model
 from mlflow_project.lab.oracles import (
     HTTPOracle,
@@ -67,7 +67,7 @@ from mlflow_project.lab.oracles import (
     lab_monitor,
     serve_benign,
 )
-from mlflow_project.lab.training import predict_logits, predict_probs
+from mlflow_project.lab.training import accuracy, predict_logits, predict_probs
 from plugins import measures
 from plugins.measures import expected_calibration_error, negative_log_likelihood
 
@@ -110,6 +110,7 @@ class EvalConfig:
     monitor: Mapping[str, Any] | None = None  # the per-client monitor's config (plugins.monitor); None: no monitor
     attacker_clients: int = 1  # with a monitor: client ids the thief splits its budget over
     benign_clients: int = 20  # with a monitor: clients the benign test set is replayed by
+    track_epochs: bool = False  # score both clones on the test set after every epoch (epoch_accuracy, *_best_epoch)
 
     def __post_init__(self) -> None:
         if "monitor" in self.defense:  # a sweep point: {"name": ..., "monitor": {...}}
@@ -146,6 +147,9 @@ class EvalConfig:
             raise ValueError("url: oracle=http needs the prediction URL (e.g. http://127.0.0.1:8080/predictions/m)")
         if self.budget < 1:
             raise ValueError(f"budget: must be >= 1; got {self.budget}")
+        if self.track_epochs and self.attack in ART_ATTACKS:
+            raise ValueError(f"track_epochs: {self.attack} trains its clone inside ART, which reports no epochs; "
+                             f"allowed with: {', '.join(a for a in ATTACKS if a not in ART_ATTACKS)}")
 
     def params(self) -> dict[str, Any]:
         d = asdict(self)
@@ -175,6 +179,8 @@ class EvalResult:
     per_row: dict[str, torch.Tensor]  # the defense's per-row measures on the test set
     history: list[dict]
     per_class: list[dict] = field(default_factory=list)  # see class_breakdown (logged as per_class.json)
+    # with track_epochs: each clone's test accuracy after every epoch of its (last stage of) training
+    epoch_accuracy: dict[str, list[float]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -326,9 +332,18 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     def make_clone() -> nn.Module:
         return build_model(clone_arch, num_classes=spec.num_classes)
 
-    res = run_attack(oracle, pool, make_clone, acfg, progress=progress)
+    curves: dict[str, list[float]] = {"soft": [], "top1": []}
+
+    def watch(kind: str, _epoch: int, clone: nn.Module) -> None:
+        curves[kind].append(accuracy(clone, test_x, test_y))
+
+    res = run_attack(oracle, pool, make_clone, acfg, progress=progress, watch=watch if cfg.track_epochs else None)
     preds = clone_predictions(res, test_x)
     metrics.update(attacker_metrics(res, test_x, test_y, victim_top1, preds))
+    if cfg.track_epochs:
+        if res.top1_clone is res.clone:  # the twin is the clone itself (one-hot answers): one training, one curve
+            curves["top1"] = list(curves["soft"])
+        metrics.update(best_epoch_metrics(curves))
     if len(res.transfer_x):
         undefended = predict_probs(model, res.transfer_x).argmax(1)
         metrics["query_top1_flip_rate"] = (res.transfer_y.argmax(1) != undefended).double().mean().item()
@@ -343,7 +358,8 @@ def evaluate(cfg: EvalConfig, victim: Victim | None = None, progress: bool = Tru
     best = strongest_kind(metrics)
     strongest = res.clone if best == "soft" else res.top1_clone
     per_class = class_breakdown(res.transfer_y, preds[best], victim_top1, test_y) if len(res.transfer_x) else []
-    return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class)
+    return EvalResult(cfg, metrics, seconds, victim, strongest, per_row, res.history, per_class,
+                      curves if cfg.track_epochs else {})
 
 
 def defender_metrics(probs: torch.Tensor, tilde: torch.Tensor, test_y: torch.Tensor,
@@ -384,6 +400,24 @@ def clone_predictions(res, test_x: torch.Tensor) -> dict[str, torch.Tensor]:
     ``{"soft": ..., "top1": ...}``, predicted once for every measure that needs it."""
     return {kind: predict_logits(clone, test_x).argmax(1) for kind, clone in (("soft", res.clone),
                                                                               ("top1", res.top1_clone))}
+
+
+def best_epoch_metrics(curves: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """From each clone's per-epoch test accuracy: its best epoch's accuracy and which epoch (1-based), and the
+    stronger of the two best (``attacker_accuracy_strongest_best_epoch``). This is the checkpoint a trainer
+    that keeps the epoch of best test accuracy reports (the authors' release does, knockoffnets'
+    ``train_model``): selected on the test set itself, so an upper bound, not a measurement of the last clone."""
+    out: dict[str, float] = {}
+    for kind in ("soft", "top1"):
+        curve = list(curves[kind])
+        if not curve:
+            raise ValueError(f"best_epoch_metrics: no epochs recorded for the {kind} clone")
+        best = max(range(len(curve)), key=curve.__getitem__)
+        out[f"attacker_accuracy_{kind}_best_epoch"] = curve[best]
+        out[f"attacker_best_epoch_{kind}"] = float(best + 1)
+    out["attacker_accuracy_strongest_best_epoch"] = max(out["attacker_accuracy_soft_best_epoch"],
+                                                        out["attacker_accuracy_top1_best_epoch"])
+    return out
 
 
 def strongest_kind(metrics: Mapping[str, float]) -> str:
@@ -522,6 +556,9 @@ def log_evaluation(r: EvalResult) -> None:
     mlflow.log_metrics({f"seconds_{k}": v for k, v in r.seconds.items()})
     for h in r.history:
         mlflow.log_metric("attack_transfer_size", h["transfer_size"], step=h["round"])
+    for kind, curve in r.epoch_accuracy.items():
+        for epoch, acc in enumerate(curve, start=1):
+            mlflow.log_metric(f"attacker_epoch_accuracy_{kind}", acc, step=epoch)
     mlflow.log_dict(dict(r.config.defense), DEFENSE_ARTIFACT)
     if r.per_class:
         mlflow.log_dict({"classes": r.per_class}, "per_class.json")

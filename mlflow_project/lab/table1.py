@@ -12,6 +12,18 @@ nested MLflow run under one parent and one row of ``--out`` (CSV), appended as s
 skips the rows whose key is already in the CSV, so an interrupted run continues where it stopped. The table
 printed at the end puts the mean [min-max] over seeds next to the paper's (Orekondy et al. 2020, Table 1).
 
+Every row also scores both clones on the test set after each epoch (MLflow step metrics
+``attacker_epoch_accuracy_soft`` / ``_top1``) and records each clone's best epoch (``*_best_epoch`` columns): the
+checkpoint the authors' release keeps (knockoffnets' ``train_model`` saves the epoch of best test accuracy), chosen
+on the test set, so an upper bound beside the last epoch's measurement. The release trains Knockoff's clone
+differently from the paper's text; to run it that way:
+
+    python -m mlflow_project.lab.table1 --attacks knockoff --knockoff-querysets handwriting --epochs 50 \
+        --clone-lr 0.01 --attack-options '{"weight_decay": 0.0005, "budget_ladder": [50, 100, 500, 1000, 10000]}'
+
+(its README's ``knockoff/adversary/train.py --budgets 50,100,500,1000,10000,60000 --epochs 50`` at the script's
+defaults lr 0.01, momentum 0.5, weight decay 5e-4, batch 64, one model trained through the budgets in turn.)
+
 The victim: ``--victim`` (an export directory or model URI), else the paper preset's (the lab's saved victim,
 or one trained once and cached, as the sweep does), so the Table 1 row and the paper sweeps share it.
 """
@@ -34,8 +46,10 @@ from mlflow_project.lab import evaluate as ev
 # Orekondy et al. (ICLR 2020), Table 1, undefended accuracies (%) for the FashionMNIST victim.
 PAPER_FASHION_MNIST = {"victim": 92.0, "jbda": 38.7, "jbself": 45.8, "jbtop3": 68.7, "knockoff": 69.2}
 JB_ATTACKS = ("jbda", "jbself", "jbtop3")
-COLUMNS = ("key", "attack", "queryset", "budget", "epochs", "seed", "victim_accuracy", "attacker_accuracy_soft",
-           "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_agreement_soft",
+COLUMNS = ("key", "attack", "queryset", "budget", "epochs", "lr", "seed", "victim_accuracy", "attacker_accuracy_soft",
+           "attacker_accuracy_top1", "attacker_accuracy_strongest", "attacker_accuracy_soft_best_epoch",
+           "attacker_accuracy_top1_best_epoch", "attacker_accuracy_strongest_best_epoch", "attacker_best_epoch_soft",
+           "attacker_best_epoch_top1", "attacker_agreement_soft",
            "attacker_agreement_top1", "query_top1_flip_rate", "query_label_entropy", "query_confidence_mean", "queries",
            "paper", "seconds", "threads", "run_id", "attack_options", "per_class")
 
@@ -55,11 +69,16 @@ def rows(dataset: str, budget: int, knockoff_querysets: list[str], attacks: list
 
 
 def row_key(victim_hash: str, attack: str, queryset: str, budget: int, epochs: int, seed: int,
-            options: dict[str, Any]) -> str:
+            options: dict[str, Any], lr: float | None = None) -> str:
+    """A row's identity. ``lr``: the clone's, when it is not the paper preset's (None: the preset's, so the rows
+    measured before ``--clone-lr`` existed keep their keys)."""
     from mlflow_project.sweep.run import PROTOCOL_VERSION, stable_hash
 
-    return stable_hash({"victim": victim_hash, "attack": attack, "queryset": queryset, "budget": budget,
-                        "epochs": epochs, "seed": seed, "options": options, "protocol": PROTOCOL_VERSION})
+    ident = {"victim": victim_hash, "attack": attack, "queryset": queryset, "budget": budget, "epochs": epochs,
+             "seed": seed, "options": options, "protocol": PROTOCOL_VERSION}
+    if lr is not None:
+        ident["lr"] = lr
+    return stable_hash(ident)
 
 
 def parse_attack_options(text: str) -> dict[str, Any]:
@@ -88,6 +107,17 @@ def read_done(path: Path) -> list[dict[str, Any]]:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to the CSV at ``path`` (header :data:`COLUMNS`). A file written with an older header is
+    first rewritten under the current one (the columns it lacked left empty), so every row stays aligned."""
+    if path.exists():
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is not None and tuple(header) != COLUMNS:
+            old = read_done(path)
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
@@ -97,38 +127,56 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Mean [min-max] over seeds per (attack, attack options, query set, budget): the soft and top-1 clones and
-    the strongest of the two per seed, next to the paper's number. A row with attack options is labelled by
-    them (``jbda [release]`` for ``jb_release_augmentation``)."""
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    """Mean [min-max] over seeds per (attack, attack options, query set, budget, clone epochs and lr): the soft
+    and top-1 clones and the strongest of the two per seed, next to the paper's number, and the strongest at its
+    best epoch where the rows recorded one (the checkpoint the authors' release keeps: chosen on the test set, so
+    an upper bound). A row with attack options or a clone training other than the paper preset's is labelled by
+    them (``jbda [release]`` for ``jb_release_augmentation``, ``e50 lr0.01``)."""
+    from mlflow_project.sweep.presets import PAPER_PROTOCOL
+
+    groups: dict[tuple[str, str, str, str, str, str], list[dict[str, Any]]] = {}
     for r in results:
         options = r.get("attack_options") or "{}"
-        groups.setdefault((r["attack"], options, r["queryset"], str(r["budget"])), []).append(r)
+        epochs = str(int(float(r["epochs"]))) if r.get("epochs") not in (None, "") else ""
+        lr = f"{float(r.get('lr') or PAPER_PROTOCOL['clone_lr']):g}"  # rows from before the column: the preset's
+        groups.setdefault((r["attack"], options, r["queryset"], str(r["budget"]), epochs, lr), []).append(r)
 
     def cell(mine: list[dict[str, Any]], key: str) -> str:
+        if any(r.get(key) in (None, "") for r in mine):
+            return "-"
         vals = [100 * float(r[key]) for r in mine]
         mean = sum(vals) / len(vals)
         return f"{mean:5.1f} [{min(vals):.1f}-{max(vals):.1f}]" if len(vals) > 1 else f"{mean:5.1f}"
 
     lines = [f"{'attack':16s} {'queryset':12s} {'queries':>8s} {'seeds':>5s} {'soft %':>18s} {'top-1 %':>18s} "
-             f"{'strongest %':>18s} {'paper %':>8s} {'gap (strongest)':>16s}"]
+             f"{'strongest %':>18s} {'paper %':>8s} {'gap (strongest)':>16s} {'best epoch %':>18s}"]
     victim = [100 * float(r["victim_accuracy"]) for r in results]
     if victim:
         lines.append(f"{'victim':16s} {'-':12s} {'-':>8s} {'-':>5s} {victim[0]:18.1f} {'':>18s} {'':>18s} "
                      f"{PAPER_FASHION_MNIST['victim']:8.1f}")
-    for (attack, options, queryset, budget), mine in groups.items():
+    for (attack, options, queryset, budget, epochs, lr), mine in groups.items():
         paper = PAPER_FASHION_MNIST.get(attack, math.nan)
         strongest = sum(100 * float(r["attacker_accuracy_strongest"]) for r in mine) / len(mine)
-        lines.append(f"{attack_label(attack, options):16s} {queryset:12s} {int(float(budget)):8d} {len(mine):5d} "
-                     f"{cell(mine, 'attacker_accuracy_soft'):>18s} {cell(mine, 'attacker_accuracy_top1'):>18s} "
-                     f"{cell(mine, 'attacker_accuracy_strongest'):>18s} {paper:8.1f} {strongest - paper:+16.1f}")
+        lines.append(f"{attack_label(attack, options, epochs, lr):16s} {queryset:12s} {int(float(budget)):8d} "
+                     f"{len(mine):5d} {cell(mine, 'attacker_accuracy_soft'):>18s} "
+                     f"{cell(mine, 'attacker_accuracy_top1'):>18s} {cell(mine, 'attacker_accuracy_strongest'):>18s} "
+                     f"{paper:8.1f} {strongest - paper:+16.1f} "
+                     f"{cell(mine, 'attacker_accuracy_strongest_best_epoch'):>18s}")
     return "\n".join(lines)
 
 
-def attack_label(attack: str, options: str) -> str:
+def attack_label(attack: str, options: str, epochs: str = "", lr: str = "") -> str:
+    """A row's label: the attack, ``[release]`` for the release's JB augmentation, the clone's epochs and lr
+    where they are not the paper preset's, and any other attack option as ``key=value``."""
+    from mlflow_project.sweep.presets import PAPER_PROTOCOL
+
     doc = json.loads(options) if options else {}
     if doc.pop("jb_release_augmentation", False):
         attack += " [release]"
+    if epochs and int(float(epochs)) != PAPER_PROTOCOL["epochs"]:
+        attack += f" e{int(float(epochs))}"
+    if lr and float(lr) != PAPER_PROTOCOL["clone_lr"]:
+        attack += f" lr{float(lr):g}"
     return attack + "".join(f" {k}={v}" for k, v in sorted(doc.items()))
 
 
@@ -151,6 +199,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="Knockoff's transfer sets (the handwriting set stands in for EMNIST)")
     p.add_argument("--budget", type=integer, default=0, help="queries per attack (default: the paper preset's, 50,000)")
     p.add_argument("--epochs", type=integer, default=0, help="clone training epochs (default: the paper preset's, 30)")
+    p.add_argument("--clone-lr", type=float, default=0.0,
+                   help="the clone's SGD learning rate (default 0: the paper preset's, 0.1; the release trains "
+                        "Knockoff's at 0.01)")
     p.add_argument("--threads", type=integer, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--attack-options", default="",
                    help='JSON object of attack settings over the paper preset\'s (attacks.AttackConfig fields), e.g. '
@@ -174,6 +225,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     preset = get_preset("paper")
     budget, epochs = a.budget or preset.budget, a.epochs or preset.epochs
+    if a.clone_lr < 0:
+        raise SystemExit(f"--clone-lr: must be > 0 (or 0 for the paper preset's {preset.clone_lr}); got {a.clone_lr}")
+    lr = a.clone_lr or preset.clone_lr
+    key_lr = None if lr == preset.clone_lr else lr
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     if not seeds:
         raise SystemExit("--seeds: give at least one seed, e.g. 0 or 0,1,2")
@@ -189,24 +244,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     todo = [(attack, q, b, seed) for seed in seeds for attack, q, b in
             rows(dataset, budget, [q for q in a.knockoff_querysets.split(",") if q], a.attacks.split(","))]
     tracking.setup(a.tracking_uri)
-    results = [r for r in done if r["key"] in {row_key(vhash, *t[:3], epochs, t[3], options) for t in todo}]
+    results = [r for r in done if r["key"] in {row_key(vhash, *t[:3], epochs, t[3], options, key_lr) for t in todo}]
     with tracking.start_or_resume(f"table1-{dataset}"):
         mlflow.set_tags({"stealguard.kind": "table1"})
         for attack, queryset, b, seed in todo:
-            key = row_key(vhash, attack, queryset, b, epochs, seed, options)
+            key = row_key(vhash, attack, queryset, b, epochs, seed, options, key_lr)
             if key in done_keys:
                 print(f"skip {attack} {queryset} seed {seed}: already in {out}", flush=True)
                 continue
             cfg = ev.EvalConfig(dataset=dataset, victim=victim_ref, defense={"name": "identity"}, attack=attack,
-                                queryset=queryset, budget=b, epochs=epochs, seed=seed, lr=preset.clone_lr,
-                                batch_size=preset.clone_batch_size, attack_options=options)
+                                queryset=queryset, budget=b, epochs=epochs, seed=seed, lr=lr,
+                                batch_size=preset.clone_batch_size, attack_options=options, track_epochs=True)
             t0 = time.perf_counter()
             with mlflow.start_run(run_name=f"{attack}-{queryset}-{b}-seed{seed}", nested=True) as run:
                 r = ev.evaluate(cfg, victim=victim, progress=not a.no_progress)
                 ev.log_evaluation(r)
             row = {**r.metrics, "key": key, "attack": attack, "queryset": queryset, "budget": b, "epochs": epochs,
-                   "seed": seed, "paper": PAPER_FASHION_MNIST.get(attack, ""), "seconds": time.perf_counter() - t0,
-                   "threads": torch.get_num_threads(), "run_id": run.info.run_id,
+                   "lr": lr, "seed": seed, "paper": PAPER_FASHION_MNIST.get(attack, ""),
+                   "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "run_id": run.info.run_id,
                    "attack_options": json.dumps(extra, sort_keys=True),
                    "per_class": json.dumps(r.per_class)}  # evaluate.class_breakdown: what the queries elicited
             append_row(out, row)

@@ -298,3 +298,59 @@ def test_unknown_attack_and_bad_budget_are_refused():
         AttackConfig(name="fgsm")
     with pytest.raises(ValueError, match="budget: must be >= 1"):
         AttackConfig(name="knockoff", budget=0)
+
+
+def test_budget_ladder_trains_one_clone_through_the_prefixes_as_a_plain_loop_would(digits_victim, pool):
+    """budget_ladder (the release's Knockoff training): the clone is trained on the first 30, then the first 80
+    queries, then all of them, one model carried through with a fresh optimiser per stage. A slow reference made
+    of plain train_classifier calls from the same initialisation gives the same weights, bit for bit; the twin is
+    trained the same way on the top-1 rows; watch sees the last stage's epochs only, of each clone."""
+    from mlflow_project.lab.attacks import knockoff_queries, top1_rows
+
+    cfg = tiny("knockoff", 150, digits_victim.spec, budget_ladder=[30, 80])
+    assert cfg.budget_ladder == (30, 80)  # a JSON list becomes a tuple (the config stays hashable)
+    seen: list[tuple[str, int]] = []
+    res = run_attack(LocalOracle(digits_victim.model, budget=150), pool, make_clone_for(digits_victim), cfg,
+                     progress=False, watch=lambda kind, epoch, model: seen.append((kind, epoch)))
+    x = knockoff_queries(pool, cfg)
+    assert torch.equal(res.transfer_x, x)
+    for rows, clone in ((res.transfer_y, res.clone), (top1_rows(res.transfer_y), res.top1_clone)):
+        torch.manual_seed(cfg.seed)
+        ref = make_clone_for(digits_victim)()
+        for n in (30, 80, 150):
+            train_classifier(ref, x[:n], rows[:n], cfg.train_config(), progress=False)
+        for a, b in zip(ref.state_dict().values(), clone.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    assert seen == [("soft", 0), ("soft", 1), ("top1", 0), ("top1", 1)]  # 2 epochs each, the last stage only
+    plain = run_attack(LocalOracle(digits_victim.model, budget=150), pool, make_clone_for(digits_victim),
+                       tiny("knockoff", 150, digits_victim.spec), progress=False)
+    assert not torch.equal(next(iter(plain.clone.parameters())), next(iter(res.clone.parameters())))
+
+
+def test_budget_ladder_skips_stages_the_pool_does_not_reach(digits_victim, pool):
+    """A pool smaller than a stage (Knockoff caps its queries at the pool): that stage and those above it would
+    repeat the full training, so they are skipped."""
+    small = pool[:60]
+    cfg = tiny("knockoff", 150, digits_victim.spec, budget_ladder=[30, 100])
+    res = run_attack(LocalOracle(digits_victim.model, budget=150), small, make_clone_for(digits_victim), cfg,
+                     progress=False)
+    torch.manual_seed(cfg.seed)
+    ref = make_clone_for(digits_victim)()
+    for n in (30, 60):
+        train_classifier(ref, res.transfer_x[:n], res.transfer_y[:n], cfg.train_config(), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), res.clone.state_dict().values(),
+                                                  strict=True))
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"budget_ladder": [100, 50]}, "strictly ascending"),
+    ({"budget_ladder": [50, 50]}, "strictly ascending"),
+    ({"budget_ladder": [0, 50]}, ">= 1 and below the budget"),
+    ({"budget_ladder": [50, 150]}, "below the budget \\(150\\)"),
+    ({"budget_ladder": "50,100"}, "a list of query counts"),
+    ({"budget_ladder": [50], "name": "jbda"}, "applies to knockoff and knockoff_argmax only"),
+    ({"budget_ladder": [50], "name": "art_knockoff"}, "applies to knockoff and knockoff_argmax only"),
+])
+def test_budget_ladder_is_validated_with_what_is_allowed(kw, match):
+    with pytest.raises(ValueError, match=f"budget_ladder: .*{match}"):
+        AttackConfig(**{"name": "knockoff", "budget": 150, **kw})

@@ -135,3 +135,38 @@ def test_class_breakdown_lines_up_answer_shares_with_recalls():
     assert [r["answer_share"] for r in out] == pytest.approx([0.75, 0.25, 0.0])
     assert [r["clone_recall"] for r in out] == pytest.approx([1.0, 1.0, 0.0])  # class 2 never elicited, never learnt
     assert [r["victim_recall"] for r in out] == pytest.approx([1.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("defense", [{"name": "identity"}, {"name": "label_only"}])
+def test_track_epochs_scores_each_clone_after_every_epoch(digits_victim, defense):
+    """track_epochs: one test accuracy per epoch and clone; the last is the clone's own attacker accuracy, the best
+    epoch's is the curve's maximum (and where it is). Under label_only the twin is the clone, one curve for both."""
+    cfg = ev.EvalConfig(dataset="digits", defense=defense, attack="knockoff", budget=200, epochs=4,
+                        batch_size=32, track_epochs=True)
+    r = ev.evaluate(cfg, victim=digits_victim, progress=False)
+    m = r.metrics
+    for kind in ("soft", "top1"):
+        curve = r.epoch_accuracy[kind]
+        assert len(curve) == 4 and curve[-1] == m[f"attacker_accuracy_{kind}"]
+        assert m[f"attacker_accuracy_{kind}_best_epoch"] == max(curve)
+        assert curve[int(m[f"attacker_best_epoch_{kind}"]) - 1] == max(curve)
+    assert m["attacker_accuracy_strongest_best_epoch"] == max(max(r.epoch_accuracy["soft"]),
+                                                              max(r.epoch_accuracy["top1"]))
+    assert (r.epoch_accuracy["soft"] == r.epoch_accuracy["top1"]) == (defense["name"] == "label_only")
+    plain = ev.evaluate(ev.EvalConfig(**{**cfg.__dict__, "track_epochs": False}), victim=digits_victim,
+                        progress=False)
+    assert plain.epoch_accuracy == {} and "attacker_accuracy_soft_best_epoch" not in plain.metrics
+    assert plain.metrics["attacker_accuracy_soft"] == m["attacker_accuracy_soft"]  # watching changes no weight
+
+
+def test_best_epoch_metrics_and_art_refusal():
+    got = ev.best_epoch_metrics({"soft": [0.2, 0.5, 0.4], "top1": [0.3, 0.3, 0.45]})
+    assert got == {"attacker_accuracy_soft_best_epoch": 0.5, "attacker_best_epoch_soft": 2.0,
+                   "attacker_accuracy_top1_best_epoch": 0.45, "attacker_best_epoch_top1": 3.0,
+                   "attacker_accuracy_strongest_best_epoch": 0.5}
+    assert ev.best_epoch_metrics({"soft": [0.3, 0.3], "top1": [0.1, 0.1]})["attacker_best_epoch_soft"] == 1.0
+    with pytest.raises(ValueError, match="no epochs recorded for the top1 clone"):
+        ev.best_epoch_metrics({"soft": [0.1], "top1": []})
+    with pytest.raises(ValueError, match="track_epochs: art_copycat trains its clone inside ART.*allowed with: "
+                                         "knockoff"):
+        ev.EvalConfig(dataset="digits", attack="art_copycat", track_epochs=True)

@@ -99,6 +99,62 @@ def test_table1_attack_options_run_the_release_augmentation_as_its_own_rows(digi
     assert bad.returncode != 0 and "--attack-options: unknown ['jb_steps']; allowed:" in bad.stderr
 
 
+def test_table1_clone_lr_and_budget_ladder_are_their_own_rows_with_best_epoch_columns(digits_victim_dir, tmp_path):
+    """The release's Knockoff training through the real CLI: -P clone_lr and a budget_ladder attack option make a
+    row of their own (its key, its lr column, its label), and every row records each clone's best epoch."""
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    out = tmp_path / "table1.csv"
+    params = {"victim": str(digits_victim_dir), "seeds": "0", "attacks": "knockoff", "knockoff_querysets": "digits",
+              "budget": 120, "epochs": 3, "threads": 1, "out": str(out)}
+    mlflow_run("table1", params, uri)
+    release = {**params, "clone_lr": 0.01, "attack_options": '{"budget_ladder": [30, 60], "weight_decay": 0.0005}'}
+    proc = mlflow_run("table1", release, uri)
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows] == [0.1, 0.01] and rows[0]["key"] != rows[1]["key"]
+    assert json.loads(rows[1]["attack_options"]) == {"budget_ladder": [30, 60], "weight_decay": 0.0005}
+    for r in rows:
+        for kind in ("soft", "top1"):
+            assert float(r[f"attacker_accuracy_{kind}_best_epoch"]) >= float(r[f"attacker_accuracy_{kind}"])
+            assert 1 <= float(r[f"attacker_best_epoch_{kind}"]) <= 3
+        assert float(r["attacker_accuracy_strongest_best_epoch"]) == max(
+            float(r["attacker_accuracy_soft_best_epoch"]), float(r["attacker_accuracy_top1_best_epoch"]))
+    assert "knockoff e3 lr0.01 budget_ladder=[30, 60] weight_decay=0.0005" in proc.stdout
+    assert "best epoch %" in proc.stdout
+    assert mlflow_run("table1", release, uri).stdout.count("skip ") == 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    (run,) = [r for r in client.search_runs(ids) if r.data.params.get("lr") == "0.01"]
+    for kind in ("soft", "top1"):  # one step per epoch, in MLflow
+        history = client.get_metric_history(run.info.run_id, f"attacker_epoch_accuracy_{kind}")
+        assert [h.step for h in history] == [1, 2, 3]
+        assert max(h.value for h in history) == pytest.approx(float(rows[1][f"attacker_accuracy_{kind}_best_epoch"]))
+
+
+def test_table1_csv_written_under_an_older_header_is_migrated_on_append(tmp_path):
+    """append_row owns the CSV: a file whose header predates the current columns is rewritten under them before
+    the new row goes in, so no value lands under another column's name."""
+    from mlflow_project.lab import table1
+
+    path = tmp_path / "t.csv"
+    old = ["key", "attack", "queryset", "budget", "epochs", "seed", "attacker_accuracy_strongest"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(old)
+        w.writerow(["k0", "knockoff", "handwriting", "50000", "30", "0", "0.537"])
+    table1.append_row(path, {"key": "k1", "attack": "knockoff", "queryset": "handwriting", "budget": 50000,
+                             "epochs": 50, "lr": 0.01, "seed": 1, "attacker_accuracy_strongest": 0.6,
+                             "attacker_accuracy_strongest_best_epoch": 0.65})
+    with path.open() as f:
+        assert next(csv.reader(f)) == list(table1.COLUMNS)
+    first, second = table1.read_done(path)
+    assert (first["key"], first["epochs"], first["lr"], first["attacker_accuracy_strongest"]) == ("k0", "30", "",
+                                                                                                   "0.537")
+    assert (second["lr"], second["attacker_accuracy_strongest_best_epoch"]) == ("0.01", "0.65")
+
+
 def test_table1_report_groups_rows_by_attack_options_and_shows_the_strongest(tmp_path, capsys):
     from mlflow_project.lab import table1
 
@@ -116,6 +172,6 @@ def test_table1_report_groups_rows_by_attack_options_and_shows_the_strongest(tmp
     plain = next(line for line in lines if line.startswith("jbda  "))
     release = next(line for line in lines if line.startswith("jbda [release]"))
     assert "76.0 [74.0-78.0]" in plain and plain.split()[3] == "2"  # strongest per seed: 78 and 74
-    assert release.split()[-2:] == ["38.7", "+1.3"]  # 40.0 strongest vs the paper's 38.7
+    assert release.split()[-3:] == ["38.7", "+1.3", "-"]  # 40.0 strongest vs the paper's 38.7; no epochs kept
     with pytest.raises(SystemExit, match="no rows"):
         table1.main(["--report", str(tmp_path / "none.csv")])
