@@ -95,6 +95,7 @@ class ClientMonitor:
             return None
         try:
             cfg = parse_monitor(section, "stealguard.monitor")
+            cfg.ood.check_classes(model.num_classes, "stealguard.monitor")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         harden = None

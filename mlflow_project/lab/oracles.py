@@ -145,6 +145,7 @@ def lab_monitor(victim: nn.Module, monitor: Mapping[str, Any], num_classes: int,
     from plugins.monitor import MemoryStore, parse_monitor
 
     cfg = parse_monitor(monitor)
+    cfg.ood.check_classes(num_classes)
     harden = build_victim_defense(victim, cfg.harden, num_classes, surrogate_seed) if cfg.action == "harden" else None
     return ClientMonitor(cfg, MemoryStore("lab", limits(cfg)), harden)
 

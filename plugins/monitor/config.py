@@ -10,7 +10,7 @@
       ttl_seconds: 86400           # a client idle this long is forgotten (state and flag)
       max_clients: 10000           # more clients than this: the least recently seen is evicted
       prada: {delta: 0.95, min_distances: 100, window: 1000, max_per_class: 50, outlier_std: 3.0, test_every: 10}
-      ood: {threshold: 0.5, share: 0.4, min_queries: 100}
+      ood: {threshold: 0.5, share: 0.4, min_queries: 100}   # score: max_prob (default) | gaussian
       watermark: {enabled: false, fraction: 0.005, key_env: STEALGUARD_WATERMARK_KEY, max_records: 10000}
 
 Every failure is a ValueError naming ``monitor.<field>`` and what is allowed.
@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from plugins.ood import DEFAULT_OOD_THRESHOLD
+from plugins.ood import DEFAULT_OOD_THRESHOLD, PosteriorGaussian
 
 ACTIONS = ("observe", "harden", "block")
 DEFAULT_STORE = "sqlite:///var/tmp/stealguard/monitor.sqlite"
@@ -68,12 +68,34 @@ class PradaConfig(_Strict):
 
 
 class OODConfig(_Strict):
-    """The client's share of queries that look out-of-distribution (plugins.ood: 1 - max prob > threshold)."""
+    """The client's share of queries that look out-of-distribution: a row does when ``1 - s > threshold``, ``s``
+    its in-distribution score (plugins.ood.in_distribution_score): the victim's maximum probability
+    (``score: max_prob``, the default), or with ``score: gaussian`` the posterior Gaussian's typicality under the
+    fitted statistics in ``gaussian`` (ood_gated's gate score; ``lab.screen --fit-gaussian`` writes them), where a
+    benign row is rarely below 1e-3, so thresholds sit near 1 (e.g. 0.999)."""
 
     threshold: float = Field(default=DEFAULT_OOD_THRESHOLD, ge=0.0, lt=1.0)
     share: float = Field(default=0.4, gt=0.0, le=1.0, description="flag when the OOD share exceeds this")
     min_queries: int = Field(default=100, ge=1, description="no OOD decision before this many queries")
     enabled: bool = True
+    score: Literal["max_prob", "gaussian"] = "max_prob"
+    gaussian: PosteriorGaussian | None = Field(
+        default=None, description="score: gaussian's fitted statistics (plugins.ood.PosteriorGaussian)")
+
+    @model_validator(mode="after")
+    def _score_has_its_statistics(self) -> OODConfig:
+        if self.score == "gaussian" and self.gaussian is None:
+            raise ValueError("score: gaussian needs the fitted statistics in gaussian: {means, precision_tril} "
+                             "(python -m mlflow_project.lab.screen --fit-gaussian PATH writes them)")
+        if self.score == "max_prob" and self.gaussian is not None:
+            raise ValueError("gaussian: statistics are given but score is max_prob; set score: gaussian or drop them")
+        return self
+
+    def check_classes(self, num_classes: int, field: str = "monitor") -> None:
+        """Raise (naming ``<field>.ood.gaussian``) when the Gaussian score's class count is not the model's."""
+        if self.gaussian is not None and self.gaussian.num_classes != num_classes:
+            raise ValueError(f"{field}.ood.gaussian: fitted for {self.gaussian.num_classes} classes; the model has "
+                             f"{num_classes}")
 
 
 class WatermarkConfig(_Strict):

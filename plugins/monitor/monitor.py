@@ -7,8 +7,9 @@
     verdict.action                             # observe | harden | block, from the config
 
 A client is flagged for ``prada`` when W < delta on its distance window, or for ``ood_share`` when more than
-``ood.share`` of its (at least ``ood.min_queries``) queries look OOD (``plugins.ood``: 1 - max_k y_k above
-``ood.threshold``). A flag lasts until the client's state expires (``ttl_seconds`` without a query) or is evicted.
+``ood.share`` of its (at least ``ood.min_queries``) queries look OOD (``plugins.ood``: 1 - s above
+``ood.threshold``, s the maximum probability or, with ``ood.score: gaussian``, the posterior Gaussian's
+typicality). A flag lasts until the client's state expires (``ttl_seconds`` without a query) or is evicted.
 Rows are grouped by client, and the whole batch is one ``store.update_many`` call (one SQLite transaction, two
 Redis round trips without contention). PRADA's W is recomputed every ``prada.test_every`` new distances
 (:func:`plugins.monitor.prada.retest`).
@@ -26,7 +27,7 @@ import torch
 from plugins.monitor import prada
 from plugins.monitor.config import MonitorConfig
 from plugins.monitor.store import MonitorStore
-from plugins.ood import ood_score
+from plugins.ood import in_distribution_score
 
 REASONS = ("prada", "ood_share")
 
@@ -52,7 +53,7 @@ class ExtractionMonitor:
         now = time.time() if now is None else now
         rows = x.detach().to(torch.float32).reshape(x.shape[0], -1).cpu().numpy()
         classes = y.argmax(dim=1).cpu().numpy()
-        ood = (ood_score(y) > self.config.ood.threshold).cpu().numpy()
+        ood = (1.0 - in_distribution_score(y, self.config.ood.gaussian) > self.config.ood.threshold).cpu().numpy()
         owners = np.asarray(clients, dtype=object)
         flagged_rows = np.zeros(len(clients), dtype=bool)
         verdict = Verdict(action=self.config.action, flagged_rows=flagged_rows)

@@ -108,6 +108,29 @@ def test_monitor_config_errors_fail_the_load(serve, tmp_path):
         serve({"name": "identity"}, monitor={"key": "s3cret"})
 
 
+def test_gaussian_ood_score_flags_atypical_clients_and_a_class_count_mismatch_fails_the_load(serve, tmp_path):
+    """monitor.ood.score: gaussian, fitted on the served victim's posteriors of its own input distribution
+    (uniform rows here): a client sending rows 40 times brighter (posteriors no in-distribution row has) is
+    flagged for ood_share, one sending rows like the fitted ones is not; statistics fitted for another class count
+    than the archive's model refuse to load, naming the field."""
+    from plugins.ood import fit_posterior_gaussian
+
+    plain = serve({"name": "identity"})
+    gen = torch.Generator().manual_seed(7)
+    y = plain.victim_probs(torch.rand((4000, *plain.net.input_shape), generator=gen))
+    # a random-init net's top-1 covers a few classes only: spread the rows over all K so each has a mean
+    g = fit_posterior_gaussian(y, labels=torch.arange(len(y)) % y.shape[1])
+    ood = {"min_queries": 8, "share": 0.5, "threshold": 0.999, "score": "gaussian", "gaussian": g.model_dump()}
+    s = serve({"name": "identity"}, monitor={"store": f"sqlite:///{tmp_path}/monitor-g.sqlite", "action": "observe",
+                                             "ood": ood, "prada": FLAG_AFTER_8["prada"]})
+    send(s, [("thief", 40 * rows(s, 8, 0)), ("benign", rows(s, 8, 1))])
+    assert [(f.client, f.reason) for f in s.handler.monitor.store.flagged()] == [("thief", "ood_share")]
+    other = fit_posterior_gaussian(torch.softmax(torch.randn(500, 3, generator=gen) * 3, dim=1)).model_dump()
+    with pytest.raises(ConfigError, match=r"stealguard\.monitor\.ood\.gaussian: fitted for 3 classes; the model "
+                                          r"has \d+"):
+        serve({"name": "identity"}, monitor={"ood": {**ood, "gaussian": other}})
+
+
 def test_watermark_answers_wrong_top1_records_and_never_leaks_the_key(serve, tmp_path, monkeypatch, caplog):
     secret = "deploy-time watermark secret 0123456789"
     monitor = {"store": f"sqlite:///{tmp_path}/wm.sqlite", "prada": {"min_distances": 5000, "window": 5000},

@@ -216,3 +216,51 @@ def test_summary_codec_round_trips_reads_format_1_and_refuses_others():
     assert np.array_equal(decode_summary(json.dumps(old))["D"], s["D"])
     with pytest.raises(StoreError, match=r"summary format 7 is not readable .* reads format 1.* and 2"):
         decode_summary(json.dumps({**old, "v": 7}))
+
+
+def _posteriors(n: int, scale: float, seed: int, k: int = 10) -> torch.Tensor:
+    """softmax(scale * onehot(c) + N(0, 1)) rows, c uniform: a victim's confident posteriors at `scale`."""
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, k, (n,), generator=gen)
+    logits = scale * torch.nn.functional.one_hot(c, k).double() + torch.randn(n, k, generator=gen, dtype=torch.float64)
+    return torch.softmax(logits, dim=1)
+
+
+def test_ood_share_with_the_gaussian_score_flags_what_max_prob_calls_confident():
+    """ood.score: gaussian. Rows far more confident than the victim ever is on its own data (logit gap 30 where
+    its training rows have 5) have max probability ~1, so the max_prob score never calls them OOD; the posterior
+    Gaussian does (typicality ~0), and flags the client, while rows like the fitted ones pass."""
+    from plugins.ood import fit_posterior_gaussian, gaussian_typicality
+
+    g = fit_posterior_gaussian(_posteriors(4000, 5.0, seed=0))
+    extreme, typical = _posteriors(60, 30.0, seed=1), _posteriors(60, 5.0, seed=2)
+    assert bool((extreme.max(1).values > 0.999).all()) and bool((gaussian_typicality(extreme, g) < 1e-3).all())
+    base = {"share": 0.4, "min_queries": 50}
+    prada_off = {"min_distances": 5000, "window": 5000}
+    gauss = parse_monitor({"ood": {**base, "threshold": 0.999, "score": "gaussian", "gaussian": g.model_dump()},
+                           "prada": prada_off})
+    assert gauss.ood.gaussian == g
+    x = torch.rand(60, 4)
+    # batches of 16: the first to reach min_queries (50) is the last, at 60 rows
+    assert _feed(ExtractionMonitor(gauss, MemoryStore()), "thief", x, extreme) == (60, "ood_share")
+    assert _feed(ExtractionMonitor(gauss, MemoryStore()), "benign", x, typical) is None
+    plain = parse_monitor({"ood": {**base, "threshold": 0.5}, "prada": prada_off})
+    assert _feed(ExtractionMonitor(plain, MemoryStore()), "thief", x, extreme) is None
+
+
+def test_ood_gaussian_score_config_is_validated_with_what_is_allowed():
+    from plugins.ood import fit_posterior_gaussian
+
+    g = fit_posterior_gaussian(_posteriors(500, 5.0, seed=0, k=3)).model_dump()
+    with pytest.raises(ValueError, match=r"monitor\.ood: score: gaussian needs the fitted statistics in gaussian"):
+        parse_monitor({"ood": {"score": "gaussian"}})
+    with pytest.raises(ValueError, match=r"monitor\.ood: gaussian: statistics are given but score is max_prob"):
+        parse_monitor({"ood": {"gaussian": g}})
+    with pytest.raises(ValueError, match=r"monitor\.ood\.score: .*'max_prob' or 'gaussian'"):
+        parse_monitor({"ood": {"score": "entropy"}})
+    cfg = parse_monitor({"ood": {"score": "gaussian", "gaussian": g, "threshold": 0.999}})
+    cfg.ood.check_classes(3)
+    with pytest.raises(ValueError, match=r"^serve\.ood\.gaussian: fitted for 3 classes; the model has 10$"):
+        cfg.ood.check_classes(10, "serve")
+    with pytest.raises(ValueError, match="must be B x 3"):  # the score itself refuses other batches too
+        ExtractionMonitor(cfg, MemoryStore()).observe(["a"], torch.rand(1, 4), _posteriors(1, 5.0, seed=3))
