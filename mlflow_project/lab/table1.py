@@ -148,16 +148,19 @@ def table(results: list[dict[str, Any]]) -> str:
         mean = sum(vals) / len(vals)
         return f"{mean:5.1f} [{min(vals):.1f}-{max(vals):.1f}]" if len(vals) > 1 else f"{mean:5.1f}"
 
-    lines = [f"{'attack':16s} {'queryset':12s} {'queries':>8s} {'seeds':>5s} {'soft %':>18s} {'top-1 %':>18s} "
+    labels = {key: attack_label(key[0], key[1], key[4], key[5]) for key in groups}
+    width = max([16, *map(len, labels.values())])
+    lines = [f"{'attack':{width}s} {'queryset':12s} {'queries':>8s} {'seeds':>5s} {'soft %':>18s} {'top-1 %':>18s} "
              f"{'strongest %':>18s} {'paper %':>8s} {'gap (strongest)':>16s} {'best epoch %':>18s}"]
     victim = [100 * float(r["victim_accuracy"]) for r in results]
     if victim:
-        lines.append(f"{'victim':16s} {'-':12s} {'-':>8s} {'-':>5s} {victim[0]:18.1f} {'':>18s} {'':>18s} "
+        lines.append(f"{'victim':{width}s} {'-':12s} {'-':>8s} {'-':>5s} {victim[0]:18.1f} {'':>18s} {'':>18s} "
                      f"{PAPER_FASHION_MNIST['victim']:8.1f}")
-    for (attack, options, queryset, budget, epochs, lr), mine in groups.items():
+    for key, mine in groups.items():
+        attack, _, queryset, budget = key[:4]
         paper = PAPER_FASHION_MNIST.get(attack, math.nan)
         strongest = sum(100 * float(r["attacker_accuracy_strongest"]) for r in mine) / len(mine)
-        lines.append(f"{attack_label(attack, options, epochs, lr):16s} {queryset:12s} {int(float(budget)):8d} "
+        lines.append(f"{labels[key]:{width}s} {queryset:12s} {int(float(budget)):8d} "
                      f"{len(mine):5d} {cell(mine, 'attacker_accuracy_soft'):>18s} "
                      f"{cell(mine, 'attacker_accuracy_top1'):>18s} {cell(mine, 'attacker_accuracy_strongest'):>18s} "
                      f"{paper:8.1f} {strongest - paper:+16.1f} "
@@ -177,7 +180,10 @@ def attack_label(attack: str, options: str, epochs: str = "", lr: str = "") -> s
         attack += f" e{int(float(epochs))}"
     if lr and float(lr) != PAPER_PROTOCOL["clone_lr"]:
         attack += f" lr{float(lr):g}"
-    return attack + "".join(f" {k}={v}" for k, v in sorted(doc.items()))
+    def text(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    return attack + "".join(f" {k}={text(v)}" for k, v in sorted(doc.items()))
 
 
 def report(paths: list[str]) -> str:

@@ -119,7 +119,7 @@ def test_table1_clone_lr_and_budget_ladder_are_their_own_rows_with_best_epoch_co
             assert 1 <= float(r[f"attacker_best_epoch_{kind}"]) <= 3
         assert float(r["attacker_accuracy_strongest_best_epoch"]) == max(
             float(r["attacker_accuracy_soft_best_epoch"]), float(r["attacker_accuracy_top1_best_epoch"]))
-    assert "knockoff e3 lr0.01 budget_ladder=[30, 60] weight_decay=0.0005" in proc.stdout
+    assert "knockoff e3 lr0.01 budget_ladder=30,60 weight_decay=0.0005 " in proc.stdout
     assert "best epoch %" in proc.stdout
     assert mlflow_run("table1", release, uri).stdout.count("skip ") == 1
     from mlflow.tracking import MlflowClient
