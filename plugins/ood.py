@@ -179,6 +179,6 @@ def gaussian_typicality(y: torch.Tensor, gaussian: PosteriorGaussian) -> torch.T
 
 
 def in_distribution_score(y: torch.Tensor, gaussian: PosteriorGaussian | None = None) -> torch.Tensor:
-    """The score ood_gated's gate thresholds, per row (B,), float64: :func:`max_prob`, or with ``gaussian`` its
-    :func:`gaussian_typicality`; higher means more in-distribution."""
+    """The score ood_gated's gate and the monitor's OOD share threshold, per row (B,), float64: :func:`max_prob`,
+    or with ``gaussian`` its :func:`gaussian_typicality`; higher means more in-distribution."""
     return max_prob(y) if gaussian is None else gaussian_typicality(y, gaussian)
